@@ -1,0 +1,152 @@
+"""`alignkit <command>`: argument parsing only; each command calls one function.
+
+Training stages take `--config FILE.yaml` plus dotted `key=value` overrides, e.g.
+
+    alignkit sft --config configs/sft.yaml train.lr=3e-4 data.path=my.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# command -> module with a `Config` dataclass and a `run(cfg) -> dict` function
+STAGES = {
+    "pretrain": ("alignkit.train.pretrain", "pre-train a causal LM (and its BPE tokenizer) on a text corpus"),
+    "sft": ("alignkit.train.sft", "supervised fine-tuning on (prompt, response) pairs, loss on responses only"),
+    "eval": ("alignkit.eval.gold", "generate on held-out world prompts and score them with the gold judge"),
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from alignkit.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError]
+    try:
+        from alignkit.data.load import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _add_stage(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, (_, help_text) in STAGES.items():
+        _add_stage(sub, name, help_text)
+
+    p = sub.add_parser("world", help="write the built-in world's data sets")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=int, default=10000, help="number of preference pairs")
+    p.add_argument("--label-noise", type=float, default=0.1, help="probability a gold label is flipped")
+
+    p = sub.add_parser("judge", help="score a response with the world's gold judge")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--response", required=True)
+    p.add_argument("--seed", type=int, default=0, help="the world's seed")
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+
+    p = sub.add_parser("data", help="data tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("inspect", help="detect a file's format, count records, report problems")
+    q.add_argument("path")
+    q.add_argument("--kind", choices=["sft", "preference", "unpaired", "prompt"])
+    q.add_argument("--tokenizer", help="local tokenizer directory for length statistics")
+    q.add_argument("--strict", action="store_true", help="stop at the first malformed record")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in world")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for tests (about a minute)")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _run_stage(name: str, args: argparse.Namespace) -> None:
+    from alignkit.config import load_config, to_dict
+
+    module = importlib.import_module(STAGES[name][0])
+    cfg = load_config(module.Config, args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return
+    result = module.run(cfg)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from alignkit.data.load import format_inspect, inspect_file
+
+    tokenizer = None
+    if args.tokenizer:
+        from alignkit.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    report = inspect_file(args.path, args.kind, tokenizer, on_error="raise" if args.strict else "skip")
+    print(json.dumps(report, default=str) if args.json else format_inspect(report))
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in STAGES:
+        _run_stage(args.command, args)
+        return 0
+    if args.command == "world":
+        from alignkit.world import write_world
+
+        summary = write_world(args.out, seed=args.seed, n_pairs=args.pairs, label_noise=args.label_noise)
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    if args.command == "judge":
+        from alignkit.world import judge_cli
+
+        verdict = judge_cli(args.prompt, args.response, seed=args.seed)
+        if args.json:
+            print(json.dumps(verdict))
+        else:
+            print(f"score {verdict['total']:.3f}  ({verdict.get('reason', '')})")
+        return 0
+    if args.command == "data":
+        return _inspect(args)
+    if args.command == "demo":
+        from alignkit.pipeline import demo
+
+        summary = demo(args.out, quick=args.quick, seed=args.seed)
+        print(f"wrote {summary['report']}")
+        return 0
+    raise UserError(f"unknown command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except _user_errors() as e:
+        msg = str(e)
+        if isinstance(e, FileNotFoundError) and e.filename:
+            msg = f"file not found: {e.filename}"
+        print(f"alignkit: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

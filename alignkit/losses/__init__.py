@@ -1,0 +1,1 @@
+"""Pure loss functions of tensors: no models, no I/O, only torch."""
