@@ -1,0 +1,219 @@
+"""Rollout generation behind one small protocol, so a vLLM backend can replace the HF one.
+
+    gen = HFGenerator(model, tokenizer)
+    out = gen.generate([[12, 40, 7], [5, 9]], SamplingParams(max_new_tokens=32, seed=0))
+    out[0]             # response ids of prompt 0, up to and including EOS if one was produced
+    out.finished[0]    # True when that response ended with EOS (False: cut at max_new_tokens)
+
+Legend for shapes: B: rows in a batch, P: longest prompt in the batch, T: tokens so far, V: vocab.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token."""
+
+    max_new_tokens: int = 64
+    """Most tokens generated per prompt (EOS included)."""
+    temperature: float = 1.0
+    """Logits are divided by this; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    greedy: bool = False
+    """Always take the most likely token (ignores temperature, top_p, top_k, seed)."""
+    seed: int | None = None
+    """Seed of the sampling RNG; the same seed, prompts and batch size give the same tokens."""
+    stop_at_eos: bool = True
+    """End a response at its first EOS; False always generates max_new_tokens (benchmarks)."""
+
+
+class Generations(list):
+    """Response token ids per prompt (a plain `list[list[int]]`), plus `finished`: one bool per
+    prompt, True when the response ends with EOS, False when max_new_tokens cut it."""
+
+    def __init__(self, ids: list[list[int]], finished: list[bool]):
+        super().__init__(ids)
+        self.finished = finished
+
+
+class Generator(Protocol):
+    """Anything that turns prompt token ids into response token ids."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
+        """Responses in the order of `prompts`, without padding, each up to and including its
+        EOS when one was produced (see Generations.finished)."""
+        ...
+
+
+def _core_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (peft forwards kwargs unchanged)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if ids is None:
+        ids = getattr(_core_model(model).config, "eos_token_id", None)
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set the logits of tokens outside the top-k / nucleus (top-p) set to -inf.
+
+    logits: (B, V). The most likely token is always kept.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # (B, V)
+        drop_sorted[:, 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class HFGenerator:
+    """Batched sampling from a transformers causal LM with our own decoding loop.
+
+    Prompts are sorted by length and cut into batches of `batch_size` to limit padding; each batch
+    is left-padded, positions count only real tokens (cumsum(mask) - 1), and with `use_cache` the
+    KV cache of the previous step is reused so each step feeds one new token per row. Without the
+    cache every step recomputes the whole sequence (slower; kept for the benchmark and tests).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, batch_size: int = 64, use_cache: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.use_cache = use_cache
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        if pad is None:
+            pad = getattr(_core_model(model).config, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        params = inspect.signature(_core_model(model).forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache`; support both
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_last = "logits_to_keep" in params
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
+        if params.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
+        device = next(self.model.parameters()).device
+        rng = None
+        if params.seed is not None:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(params.seed)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        ids: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), self.batch_size):
+                    rows = order[start : start + self.batch_size]
+                    out, done = self._generate_batch([prompts[i] for i in rows], params, device, rng)
+                    for j, i in enumerate(rows):
+                        ids[i], finished[i] = out[j], done[j]
+        finally:
+            self.model.train(was_training)
+        return Generations(ids, finished)
+
+    def _next_token(
+        self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None
+    ) -> torch.Tensor:
+        """logits: (B, V) float -> (B,) token ids."""
+        if params.greedy or params.temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(-1)
+
+    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+            kwargs["use_cache"] = True
+        else:
+            kwargs["use_cache"] = False
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs).logits[:, -1, :]  # (B, V)
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=_core_model(self.model).config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
+    def _generate_batch(self, prompts, params, device, rng) -> tuple[list[list[int]], list[bool]]:
+        B, P = len(prompts), max(len(p) for p in prompts)
+        seq = torch.full((B, P), self.pad_id, dtype=torch.long, device=device)  # (B, P), left-padded
+        mask = torch.zeros((B, P), dtype=torch.long, device=device)
+        for r, p in enumerate(prompts):
+            seq[r, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+            mask[r, P - len(p) :] = 1
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)  # response tokens kept per row
+        new_tokens = []
+        cache = self._new_cache() if self.use_cache else None
+        step_ids = seq
+        for _ in range(params.max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            if cache is not None and new_tokens:
+                positions = positions[:, -1:]  # only the token fed this step
+            logits = self._forward(step_ids, mask, positions, cache)
+            token = self._next_token(logits, params, rng)  # (B,)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            new_tokens.append(token)
+            lengths += (~done).long()
+            if params.stop_at_eos and len(eos):
+                done = done | torch.isin(token, eos)
+            # finished rows keep feeding pad with mask 1: their outputs are dropped, and other
+            # rows never attend across rows, so this changes nothing and keeps shapes simple
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+            if cache is not None:
+                step_ids = token[:, None]
+            else:
+                seq = torch.cat([seq, token[:, None]], dim=1)
+                step_ids = seq
+            if bool(done.all()):
+                break
+        gen = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(B)]
+        lens = lengths.tolist()
+        out = [row[:n] for row, n in zip(gen, lens)]
+        finished = [params.stop_at_eos and n > 0 and row[-1] in self.eos_ids for row, n in zip(out, lens)]
+        return out, finished
+
+
+def generate_text(
+    model: Any, tokenizer: Any, prompts: list[str], params: SamplingParams, batch_size: int = 64
+) -> list[str]:
+    """Generate from text prompts. Prompts are tokenised as they are (only what the tokenizer adds
+    by itself, e.g. a BOS); responses are decoded without special tokens (EOS, pad)."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    out = HFGenerator(model, tokenizer, batch_size=batch_size).generate(ids, params)
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in out]

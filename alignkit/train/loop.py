@@ -1,0 +1,472 @@
+"""The one training loop. Every stage builds its data and model, defines one `step`, and calls `train`.
+
+    def step(model, batch) -> StepOutput:   # batch: whatever `collate` returns, on the device
+        logits = model(batch.input_ids).logits
+        losses = token_losses(logits, batch.labels)            # (B, T), 0 where masked
+        return StepOutput(loss=losses.sum(), weight=batch.mask.sum(), metrics={})
+
+The loop owns everything else: sharding each global batch over processes and accumulation
+steps, exact loss normalisation, AdamW + schedule, clipping, precision, accelerate/DDP,
+atomic checkpoints with exact resume, the NaN guard, metrics.jsonl / TensorBoard / tqdm.
+See docs/training-loop.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.config import TrainConfig, to_dict
+from alignkit.train import checkpoint as ckpt
+
+
+@dataclass
+class StepOutput:
+    """What a stage's `step(model, batch)` returns for one micro-batch."""
+
+    loss: torch.Tensor
+    """SUM of the per-item losses of the micro-batch: a differentiable scalar."""
+    weight: float | torch.Tensor
+    """How many items that sum covers (response tokens, pairs, ...); the loop divides by the global total."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Per-micro-batch MEANS of extra metrics, averaged by the loop weighted by `weight`.
+    The key "ntokens" is special: a COUNT of tokens processed, summed for throughput."""
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    step: int
+    """Optimizer steps done (including those before a resume)."""
+    metrics: dict[str, float]
+    """The last logged metrics line."""
+    wall_time_s: float
+    """Seconds spent in `train` by this call."""
+    peak_memory_mb: float
+    """Peak CUDA memory allocated, or the process's peak RSS on CPU."""
+    out_dir: Path
+    """The run's output directory."""
+    checkpoint: Path | None
+    """The final `checkpoints/step-N` directory."""
+    final_dir: Path | None
+    """The exported model (`out_dir/final`, written by `save_fn` or as model.safetensors)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside `obj` (tensor, dict, list/tuple, NamedTuple, dataclass) to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        moved = {f.name: to_device(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
+        new = object.__new__(type(obj))
+        new.__dict__.update(getattr(obj, "__dict__", {}))
+        for k, v in moved.items():
+            object.__setattr__(new, k, v)  # works for frozen dataclasses too
+        return new
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(to_device(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if isinstance(obj, Mapping):
+        moved = {k: to_device(v, device) for k, v in obj.items()}
+        try:
+            return type(obj)(moved)
+        except TypeError:
+            return moved
+    return obj
+
+
+def count_tokens(batch: Any) -> int | None:
+    """Input tokens in a collated batch: the sum of its `attention_mask`, if it has one."""
+    mask = (
+        batch.get("attention_mask") if isinstance(batch, Mapping) else getattr(batch, "attention_mask", None)
+    )
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) else None
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `params`; weight decay only on matrices (ndim >= 2), never on biases or norm weights."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+class Schedule:
+    """LR multiplier of optimizer step s (0-based): linear warm-up to 1, then cosine / linear / constant.
+
+    warm-up: (s + 1) / warmup for s < warmup; after it, with p = (s - warmup) / (total - warmup):
+    cosine 0.5 * (1 + cos(pi * p)), linear 1 - p, constant 1. The last step keeps a non-zero LR.
+    A callable object (not a lambda) so LambdaLR can save it in a checkpoint.
+    """
+
+    def __init__(self, kind: str, warmup: int, total: int):
+        if kind not in ("cosine", "linear", "constant"):
+            raise ValueError(f"unknown schedule '{kind}' (expected cosine, linear or constant)")
+        self.kind, self.warmup, self.total = kind, warmup, total
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        p = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * p)) if self.kind == "cosine" else 1.0 - p
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with `cfg.warmup_steps` of linear warm-up then `cfg.schedule` decay over `total_steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, Schedule(cfg.schedule, cfg.warmup_steps, total_steps))
+
+
+def split_batch(indices: Sequence[int], n: int) -> list[list[int]]:
+    """Cut a global batch into `n` contiguous chunks, sizes differing by at most one (first ones larger)."""
+    base, extra = divmod(len(indices), n)
+    out, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        out.append(list(indices[start : start + size]))
+        start += size
+    return out
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    # Under torchrun on CPU a plain Accelerator() trains each rank alone; cpu=True gives gloo DDP.
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if precision == "bf16" else "no")
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines of steps after `step` (written by a run that died before its next checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def train(
+    model: nn.Module,
+    step: Callable[[nn.Module, Any], StepOutput],
+    dataset: Sequence,
+    collate: Callable[[list], Any],
+    plan: Callable[[int], list[list[int]]],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    save_fn: Callable[[nn.Module, Path], None] | None = None,
+    accelerator=None,
+    trainable_params: Iterable[nn.Parameter] | None = None,
+    on_log: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train `model` with `step` over the global batches `plan(epoch)` gives; see the module docstring.
+
+    plan(epoch) must be a pure function of `epoch` (seed any shuffling with it): resume replays it.
+    step(model, batch) gets the wrapped (DDP) model and the collated micro-batch on the device.
+    save_fn(model, dir), if given, exports the final unwrapped model to `out_dir/final` (rank 0);
+    otherwise its weights go there as model.safetensors. on_log(step, metrics) runs on rank 0
+    after each metrics line (and after that step's checkpoint, if any).
+    """
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    acc = accelerator if accelerator is not None else _make_accelerator(cfg)
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    accum = max(1, cfg.grad_accum)
+    ckpt_root = out_dir / ckpt.CHECKPOINTS
+    metrics_path = out_dir / "metrics.jsonl"
+    if main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_tmp(ckpt_root)
+
+    if cfg.max_steps > 0:
+        total = cfg.max_steps
+    else:
+        total = sum(len(plan(e)) for e in range(cfg.epochs))
+    _seed(cfg.seed + rank)
+
+    params = (
+        list(trainable_params)
+        if trainable_params is not None
+        else [p for p in model.parameters() if p.requires_grad]
+    )
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    model, optimizer = acc.prepare(model, optimizer)
+    raw = acc.unwrap_model(model)
+    trainable_ids = {id(p) for p in params}
+    model.train()
+
+    step_n, epoch, pos, items_seen, tokens_seen = 0, 0, 0, 0, 0
+    last_ckpt: Path | None = None
+    if cfg.resume:
+        last_ckpt = ckpt.latest(ckpt_root)
+        if last_ckpt is not None:
+            state = ckpt.read_checkpoint(last_ckpt, raw)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            # this run's schedule shapes the remaining steps (identical on a plain resume; a changed
+            # max_steps re-shapes the rest instead of keeping the saved horizon)
+            fn = Schedule(cfg.schedule, cfg.warmup_steps, total)
+            scheduler.lr_lambdas = [fn] * len(optimizer.param_groups)
+            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                g["lr"] = base * fn(scheduler.last_epoch)
+            rngs = state["rng"]
+            # a different world size keeps the fresh per-rank seed for ranks without a saved state
+            if rank < len(rngs):
+                ckpt.set_rng_state(rngs[rank])
+            ts = state["trainer_state"]
+            step_n, epoch, pos = ts["step"], ts["epoch"], ts["batch_in_epoch"]
+            items_seen, tokens_seen = ts["items_seen"], ts["tokens_seen"]
+            if main:
+                _truncate_metrics(metrics_path, step_n)
+                print(f"alignkit: resumed from {last_ckpt} (step {step_n})", file=sys.stderr)
+    elif main:
+        # a fresh run replaces an old one in the same directory; its checkpoints would confuse a resume
+        for _, old in ckpt.step_dirs(ckpt_root):
+            ckpt.remove(old)
+        metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "tb", ignore_errors=True)
+    acc.wait_for_everyone()
+
+    writer = None
+    if main and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step_n + 1 if step_n else None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total, initial=step_n, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True
+    )
+
+    def save(n: int) -> Path:
+        rngs = [ckpt.rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+        path = ckpt_root / f"step-{n}"
+        if main:
+            trainer_state = {
+                "step": n,
+                "epoch": epoch,
+                "batch_in_epoch": pos,
+                "items_seen": items_seen,
+                "tokens_seen": tokens_seen,
+                "total_steps": total,
+                "world_size": world,
+                "config": to_dict(cfg),
+            }
+            ckpt.write_checkpoint(
+                path,
+                model=raw,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                rng_states=rngs,
+                trainer_state=trainer_state,
+                trainable=trainable_ids,
+            )
+            ckpt.prune(ckpt_root, cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    def diverged(what: str, value: float) -> TrainingDiverged:
+        good = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+        return TrainingDiverged(f"step {step_n + 1}: {what} is {value}; {good}")
+
+    batches = plan(epoch) if step_n < total else []
+    last_metrics: dict[str, float] = {}
+    window_t, window_items, window_tokens, window_tok_known = time.perf_counter(), 0, 0, True
+    try:
+        while step_n < total:
+            if pos >= len(batches):
+                if pos:
+                    epoch, pos = epoch + 1, 0
+                batches = plan(epoch)
+                if not batches:
+                    raise ValueError(f"plan({epoch}) returned no batches")
+            global_batch = batches[pos]
+            if not global_batch:
+                raise ValueError(f"plan({epoch}) batch {pos} is empty")
+            mine = split_batch(global_batch, world * accum)[rank * accum : (rank + 1) * accum]
+            runs = [(idx, True) for idx in mine[:-1] if idx]
+            if mine[-1]:
+                runs.append((mine[-1], True))
+            elif world > 1:
+                # DDP syncs in the last backward: a rank with nothing left runs a zero-weight copy
+                runs.append(([global_batch[0]], False))
+
+            loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+            weight, items, tokens, tok_known = 0.0, 0, 0, True
+            msum: dict[str, float] = {}
+            for i, (idx, real) in enumerate(runs):
+                batch = to_device(collate([dataset[j] for j in idx]), acc.device)
+                sync = acc.no_sync(model) if i < len(runs) - 1 else contextlib.nullcontext()
+                with sync:
+                    with acc.autocast():
+                        out = step(model, batch)
+                    acc.backward(out.loss if real else out.loss * 0.0)
+                metrics = dict(out.metrics)
+                ntok = metrics.pop("ntokens", None)
+                if not real:
+                    for k in metrics:
+                        msum.setdefault(k, 0.0)
+                    continue
+                w = float(out.weight)
+                loss_sum += out.loss.detach().to(torch.float64)
+                weight += w
+                items += len(idx)
+                ntok = count_tokens(batch) if ntok is None else ntok
+                if ntok is None:
+                    tok_known = False
+                else:
+                    tokens += int(ntok)
+                for k, v in metrics.items():
+                    msum[k] = msum.get(k, 0.0) + float(v) * w
+
+            keys = sorted(msum)
+            stats = torch.tensor(
+                [0.0, weight, items, tokens, 0.0 if tok_known else 1.0] + [msum[k] for k in keys],
+                dtype=torch.float64,
+                device=acc.device,
+            )
+            stats[0] = loss_sum
+            if world > 1:
+                torch.distributed.all_reduce(stats)
+            g_loss, g_weight, g_items, g_tokens, tok_missing = stats[:5].tolist()
+            extra = stats[5:].tolist()
+            if not math.isfinite(g_loss):
+                raise diverged("loss", g_loss)
+            if g_weight <= 0:
+                raise diverged("the total weight of the batch", g_weight)
+
+            # DDP averaged the grads over ranks; make them d(global sum)/d(theta) / global weight
+            scale = world / g_weight
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(grad_norm):
+                raise diverged("grad_norm", grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_n += 1
+            pos += 1
+            items_seen += int(g_items)
+            tokens_seen += int(g_tokens)
+            window_items += int(g_items)
+            window_tokens += int(g_tokens)
+            window_tok_known = window_tok_known and tok_missing == 0
+            loss = g_loss / g_weight
+            now = time.perf_counter()
+            dt = max(now - window_t, 1e-9)
+            rate = (
+                {"tok_s": f"{window_tokens / dt:.0f}"}
+                if window_tok_known
+                else {"it_s": f"{window_items / dt:.1f}"}
+            )
+            bar.set_postfix(loss=f"{loss:.4f}", **rate, refresh=False)
+            bar.update(1)
+
+            last = step_n == total
+            if last or (cfg.log_every > 0 and step_n % cfg.log_every == 0):
+                line = {
+                    "step": step_n,
+                    "epoch": epoch + pos / len(batches),
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "items_per_s": window_items / dt,
+                }
+                if window_tok_known:
+                    line["tokens_per_s"] = window_tokens / dt
+                line.update({k: v / g_weight for k, v in zip(keys, extra)})
+                last_metrics = line
+                if main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(line) + "\n")
+                    if writer is not None:
+                        for k, v in line.items():
+                            if k != "step":
+                                writer.add_scalar(k, v, step_n)
+                        writer.flush()
+                window_t, window_items, window_tokens, window_tok_known = time.perf_counter(), 0, 0, True
+            if last or (cfg.save_every > 0 and step_n % cfg.save_every == 0):
+                last_ckpt = save(step_n)
+            if main and on_log is not None and last_metrics.get("step") == step_n:
+                on_log(step_n, last_metrics)
+
+        if last_ckpt is None or last_ckpt.name != f"step-{step_n}":
+            last_ckpt = save(step_n)
+        final_dir = out_dir / "final"
+        if main:
+            with ckpt.atomic_dir(final_dir) as tmp:
+                if save_fn is not None:
+                    save_fn(raw, tmp)
+                else:
+                    ckpt.save_weights(raw, tmp / "model.safetensors")
+        acc.wait_for_everyone()
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    return TrainResult(
+        step=step_n,
+        metrics=last_metrics,
+        wall_time_s=time.perf_counter() - t_start,
+        peak_memory_mb=_peak_memory_mb(),
+        out_dir=out_dir,
+        checkpoint=last_ckpt,
+        final_dir=final_dir,
+    )
