@@ -27,7 +27,7 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from alignkit.config import ConfigError
 
-    errors: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError, FileExistsError]
     try:
         from alignkit.data.load import DataError
 

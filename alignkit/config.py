@@ -101,6 +101,8 @@ class TrainConfig:
     """Write metrics every N optimizer steps."""
     resume: bool = False
     """Continue from the last checkpoint in the output directory."""
+    overwrite: bool = False
+    """A fresh run where an earlier run left checkpoints replaces them (otherwise: an error)."""
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = True

@@ -119,7 +119,8 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     pre_cfg = load_config(
         pretrain.Config,
         _preset("pretrain"),
-        [f"corpus={world_dir / 'pretrain.jsonl'}", f"out={out / 'base'}", f"train.seed={seed}"] + q("pretrain"),
+        [f"corpus={world_dir / 'pretrain.jsonl'}", f"out={out / 'base'}", f"train.seed={seed}",
+         "train.overwrite=true"] + q("pretrain"),
     )
     pre, wall, mem = _timed(pretrain.run, pre_cfg)
     summary["stages"]["base"] = {**evaluate(Path(pre["model"])), "wall_s": wall, "peak_mem_mb": mem,
@@ -130,7 +131,7 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
         sft.Config,
         _preset("sft"),
         [f"model.path={pre['model']}", f"data.path={world_dir / 'sft.jsonl'}", f"out={out / 'sft'}",
-         f"train.seed={seed}"] + q("sft"),
+         f"train.seed={seed}", "train.overwrite=true"] + q("sft"),
     )
     res, wall, mem = _timed(sft.run, sft_cfg)
     summary["stages"]["sft"] = {**evaluate(Path(res["model"])), "wall_s": wall + 0.0, "peak_mem_mb": mem,

@@ -267,12 +267,18 @@ def train(
             if main:
                 _truncate_metrics(metrics_path, step_n)
                 print(f"alignkit: resumed from {last_ckpt} (step {step_n})", file=sys.stderr)
-    elif main:
-        # a fresh run replaces an old one in the same directory; its checkpoints would confuse a resume
-        for _, old in ckpt.step_dirs(ckpt_root):
-            ckpt.remove(old)
-        metrics_path.unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "tb", ignore_errors=True)
+    else:
+        old_steps = ckpt.step_dirs(ckpt_root)  # every rank checks, so all of them stop together
+        if old_steps and not cfg.overwrite:
+            raise FileExistsError(
+                f"{ckpt_root} already holds checkpoints of an earlier run; set train.resume=true to "
+                "continue it, train.overwrite=true to replace it, or choose another output directory"
+            )
+        if main:  # an old run's checkpoints and metrics would confuse a later resume
+            for _, old in old_steps:
+                ckpt.remove(old)
+            metrics_path.unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "tb", ignore_errors=True)
     acc.wait_for_everyone()
 
     writer = None
