@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", help="local tokenizer directory for length statistics")
     q.add_argument("--strict", action="store_true", help="stop at the first malformed record")
     q.add_argument("--json", action="store_true", help="print one JSON object")
+    q = dsub.add_parser("lint", help="data-quality report for preference pairs; optionally write a cleaned file")
+    q.add_argument("path")
+    q.add_argument("--out", help="directory for cleaned.jsonl, flagged.jsonl and lint.json")
+    q.add_argument("--tokenizer", help="local tokenizer directory (token lengths, truncation counts)")
+    q.add_argument("--max-prompt-len", type=int, default=256)
+    q.add_argument("--max-len", type=int, default=512)
+    q.add_argument("--near-threshold", type=float, default=0.8, help="similarity above which a pair is near-identical")
+    q.add_argument("--strict", action="store_true", help="stop at the first malformed record")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in world")
     p.add_argument("--out", default="runs/demo", help="output directory")
@@ -93,15 +102,23 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from alignkit.data.load import format_inspect, inspect_file
-
+def _data(args: argparse.Namespace) -> int:
     tokenizer = None
     if args.tokenizer:
         from alignkit.models.load import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    report = inspect_file(args.path, args.kind, tokenizer, on_error="raise" if args.strict else "skip")
+    on_error = "raise" if args.strict else "skip"
+    if args.data_command == "lint":
+        from alignkit.data.lint import format_lint, lint_file
+
+        report = lint_file(args.path, out_dir=args.out, tokenizer=tokenizer, max_prompt_len=args.max_prompt_len,
+                           max_len=args.max_len, on_error=on_error, near_threshold=args.near_threshold)
+        print(json.dumps(report, default=str) if args.json else format_lint(report))
+        return 0
+    from alignkit.data.load import format_inspect, inspect_file
+
+    report = inspect_file(args.path, args.kind, tokenizer, on_error=on_error)
     print(json.dumps(report, default=str) if args.json else format_inspect(report))
     return 0
 
@@ -126,7 +143,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"score {verdict['total']:.3f}  ({verdict.get('reason', '')})")
         return 0
     if args.command == "data":
-        return _inspect(args)
+        return _data(args)
     if args.command == "demo":
         from alignkit.pipeline import demo
 

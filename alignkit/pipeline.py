@@ -1,7 +1,10 @@
-"""The demo pipeline on the built-in world: world -> tokenizer + pre-training -> SFT -> eval.
+"""The demo pipeline on the built-in world.
+
+    world -> tokenizer + pre-training (base) -> SFT -> reward model -> DPO -> PPO / GRPO -> report
 
 Each stage reads its preset from configs/, runs in this process, and adds an entry to
-OUT/summary.json (`{"stages": {"base": {...}, "sft": {...}}}`) and a row to OUT/report.md.
+OUT/summary.json (`{"stages": {"base": {...}, "sft": {...}, ...}}`); report.md and report.html
+are re-rendered after every stage, so a run stopped half-way still leaves a readable report.
 """
 
 from __future__ import annotations
@@ -9,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,117 +28,118 @@ QUICK = {
     "pretrain": ["train.max_steps=60", "vocab_size=512", "model.preset=nano", "train.log_every=20"],
     "sft": ["train.max_steps=40", "train.log_every=20"],
     "eval": ["limit=48", "max_new_tokens=24"],
+    "reward": ["train.max_steps=30", "train.log_every=10"],
+    "dpo": ["train.max_steps=20", "train.log_every=10"],
 }
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _preset(name: str):
+def _preset(name: str) -> Path:
     path = CONFIGS / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(path)
     return path
 
 
-def _timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    with PeakMemory() as mem:
-        result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start, mem.peak_mb
+class Demo:
+    """State shared by the demo's stages: the world, the eval prompts, the summary."""
 
+    def __init__(self, out: Path, quick: bool, seed: int):
+        from alignkit.eval import gold
+        from alignkit.world import load_world, write_world
 
-def render_report(summary: dict) -> str:
-    stages = summary["stages"]
-    cats = sorted({c for s in stages.values() for c in s.get("per_category", {})})
-    lines = [
-        "# alignkit demo report",
-        "",
-        f"World seed {summary['seed']}, {'quick' if summary['quick'] else 'full'} run on {summary['machine']}.",
-        "Gold score: mean score of the gold judge over held-out prompts (0 worst, 1 best).",
-        "",
-        "| stage | gold score | " + " | ".join(cats) + " | wall s | peak MB |",
-        "|---|---|" + "---|" * len(cats) + "---|---|",
-    ]
-    for name, s in stages.items():
-        per = s.get("per_category", {})
-        cells = " | ".join(f"{per[c]:.3f}" if c in per else "" for c in cats)
-        lines.append(f"| {name} | {s['gold_score']:.3f} | {cells} | {s['wall_s']:.1f} | {s['peak_mem_mb']:.0f} |")
-    lines += ["", "Training wall time and peak memory are for the stage that made the model; "
-              "'base' is the pre-trained model, 'sft' the fine-tuned one.", ""]
-    return "\n".join(lines)
+        self.out, self.quick, self.seed = out, quick, seed
+        out.mkdir(parents=True, exist_ok=True)
+        self.summary: dict = {
+            "seed": seed,
+            "quick": quick,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (", CUDA" if torch.cuda.is_available() else ""),
+            "stages": {},
+            "report": str(out / "report.md"),
+        }
+        self.world_dir = out / "world"
+        start = time.perf_counter()
+        info = write_world(self.world_dir, seed=seed, n_pairs=2000 if quick else 10000)
+        self.summary["world"] = {"dir": str(self.world_dir), "wall_s": time.perf_counter() - start,
+                                 "counts": info.get("counts", {})}
+        self.world = load_world(self.world_dir)
+        self.eval_cfg = load_config(gold.Config, _preset("eval"), [f"model={out}", f"world={self.world_dir}"]
+                                    + self.q("eval"))
+        prompts = gold.read_eval_prompts(self.world_dir)
+        if self.eval_cfg.limit and self.eval_cfg.limit < len(prompts):
+            stride = len(prompts) / self.eval_cfg.limit  # every category keeps its share
+            prompts = [prompts[int(i * stride)] for i in range(self.eval_cfg.limit)]
+        self.prompts = prompts
+        self.scores: dict[str, list[float]] = {}  # stage -> per-prompt gold score, for win rates
+
+    def q(self, stage: str) -> list[str]:
+        return QUICK.get(stage, []) if self.quick else []
+
+    def config(self, module, preset: str, overrides: list[str]):
+        return load_config(module.Config, _preset(preset),
+                           overrides + [f"train.seed={self.seed}", "train.overwrite=true"] + self.q(preset))
+
+    def save(self) -> None:
+        from alignkit.eval.gold import write_text_atomic
+        from alignkit.eval.report import write_reports
+
+        write_text_atomic(self.out / "summary.json", json.dumps(self.summary, indent=2, default=str))
+        write_reports(self.out, self.summary)
+
+    def run_stage(self, name: str, fn: Callable[[], dict]) -> dict:
+        """Run a training stage, timing it and measuring its peak memory."""
+        start = time.perf_counter()
+        with PeakMemory() as mem:
+            result = fn()
+        entry = {"wall_s": time.perf_counter() - start, "peak_mem_mb": mem.peak_mb, "dir": name}
+        if isinstance(result, dict) and result.get("final_loss") is not None:
+            entry["train_loss"] = result["final_loss"]
+        self.summary["stages"][name] = entry
+        return result
+
+    def evaluate(self, name: str, model_dir: str | Path, kl_to_sft: bool = True) -> None:
+        """Gold score of a model on the held-out prompts, its win rate and KL against SFT."""
+        from alignkit.eval import gold
+        from alignkit.eval.winrate import win_rate
+        from alignkit.models.load import load_model, load_tokenizer
+
+        model_dir = Path(model_dir)
+        model, tok = load_model(model_dir), load_tokenizer(model_dir)
+        scores, rows = gold.evaluate(model, tok, self.world, self.prompts, self.eval_cfg)
+        gold.write_jsonl_atomic(self.out / name / "eval_responses.jsonl", rows)
+        self.scores[name] = [r["score"] for r in rows]
+        entry = self.summary["stages"].setdefault(name, {"dir": name})
+        entry.update(scores)
+        entry["model"] = str(model_dir)
+        if name != "sft" and "sft" in self.scores:
+            outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(self.scores[name], self.scores["sft"])]
+            rate, lo, hi = win_rate(outcomes)
+            entry["win_rate_vs_sft"] = {"rate": rate, "lo": lo, "hi": hi, "n": len(outcomes)}
+            if kl_to_sft:
+                from alignkit.eval.policy_kl import sequence_kl
+
+                ref = load_model(self.summary["stages"]["sft"]["model"])
+                entry["kl"] = sequence_kl(model, ref, tok, self.prompts, self.eval_cfg.max_new_tokens, self.seed)
+        elif name == "sft":
+            entry["kl"] = 0.0
+        self.save()
 
 
 def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     """Run the pipeline; returns the summary (also written to OUT/summary.json)."""
-    from alignkit.eval import gold
     from alignkit.train import pretrain, sft
-    from alignkit.world import load_world, write_world
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    summary: dict = {
-        "seed": seed,
-        "quick": quick,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (", CUDA" if torch.cuda.is_available() else ""),
-        "stages": {},
-        "report": str(out / "report.md"),
-    }
+    d = Demo(out, quick, seed)
+    world = d.world_dir
 
-    def save() -> None:
-        write_json_atomic(out / "summary.json", summary)
-        (out / "report.md").write_text(render_report(summary))
+    res = d.run_stage("base", lambda: pretrain.run(d.config(
+        pretrain, "pretrain", [f"corpus={world / 'pretrain.jsonl'}", f"out={out / 'base'}"])))
+    d.evaluate("base", res["model"], kl_to_sft=False)
+    base_model = res["model"]
 
-    world_dir = out / "world"
-    world_info, world_s, _ = _timed(write_world, world_dir, seed=seed, n_pairs=2000 if quick else 10000)
-    summary["world"] = {"wall_s": world_s, "dir": str(world_dir)}
-    world = load_world(world_dir)
-    prompts = gold.read_eval_prompts(world_dir)  # all; --quick keeps an even subset below
-
-    def q(stage: str) -> list[str]:
-        return QUICK[stage] if quick else []
-
-    eval_cfg = load_config(gold.Config, _preset("eval"), [f"model={out}", f"world={world_dir}"] + q("eval"))
-    if eval_cfg.limit and eval_cfg.limit < len(prompts):
-        stride = len(prompts) / eval_cfg.limit  # every category keeps its share
-        prompts = [prompts[int(i * stride)] for i in range(eval_cfg.limit)]
-
-    def evaluate(model_dir: Path) -> dict:
-        from alignkit.models.load import load_model, load_tokenizer
-
-        model, tok = load_model(model_dir), load_tokenizer(model_dir)
-        scores, rows = gold.evaluate(model, tok, world, prompts, eval_cfg)
-        gold.write_jsonl_atomic(model_dir.parent / "eval_responses.jsonl", rows)
-        return scores
-
-    pre_cfg = load_config(
-        pretrain.Config,
-        _preset("pretrain"),
-        [f"corpus={world_dir / 'pretrain.jsonl'}", f"out={out / 'base'}", f"train.seed={seed}",
-         "train.overwrite=true"] + q("pretrain"),
-    )
-    pre, wall, mem = _timed(pretrain.run, pre_cfg)
-    summary["stages"]["base"] = {**evaluate(Path(pre["model"])), "wall_s": wall, "peak_mem_mb": mem,
-                                 "train_loss": pre.get("final_loss")}
-    save()
-
-    sft_cfg = load_config(
-        sft.Config,
-        _preset("sft"),
-        [f"model.path={pre['model']}", f"data.path={world_dir / 'sft.jsonl'}", f"out={out / 'sft'}",
-         f"train.seed={seed}", "train.overwrite=true"] + q("sft"),
-    )
-    res, wall, mem = _timed(sft.run, sft_cfg)
-    summary["stages"]["sft"] = {**evaluate(Path(res["model"])), "wall_s": wall + 0.0, "peak_mem_mb": mem,
-                                "train_loss": res.get("final_loss"), "padding_fraction": res.get("padding_fraction")}
-    summary["world"]["counts"] = {k: v for k, v in world_info.items() if isinstance(v, int)}
-    save()
-    return summary
+    res = d.run_stage("sft", lambda: sft.run(d.config(
+        sft, "sft", [f"model.path={base_model}", f"data.path={world / 'sft.jsonl'}", f"out={out / 'sft'}"])))
+    d.summary["stages"]["sft"]["padding_fraction"] = res.get("padding_fraction")
+    d.evaluate("sft", res["model"])
+    d.save()
+    return d.summary

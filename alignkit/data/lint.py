@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import statistics
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -62,10 +62,14 @@ REASONS: dict[str, Reason] = {
 
 @dataclass(frozen=True)
 class Flag:
-    """One reason a pair was flagged, with a short human detail ("similarity 0.83")."""
+    """One reason a pair was flagged, with a short human detail ("similarity 0.83").
+
+    other: the index of the pair this one repeats or contradicts.
+    """
 
     reason: str
     detail: str = ""
+    other: int | None = None
 
 
 def _ws(text: str) -> str:
@@ -73,45 +77,92 @@ def _ws(text: str) -> str:
 
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-_NEGATION = re.compile(r"\b(?:not|no|never|cannot|nothing|none|nobody|neither|nor)\b|n['’]t\b")
+_NEGATION = re.compile(r"\b(?:not|no|never|cannot|nothing|none|nobody|neither|nor)\b|n't\b")
+# Words that shape a sentence without carrying its answer; lower case, compared case-folded.
+# Contraction pieces are here because the tokeniser splits "don't" into don ' t; negations are
+# here because `near_identical` counts them separately.
+FUNCTION_WORDS = frozenset(
+    """
+    a an the this that these those it its i me my we us our you your he him his she her they them
+    their there here what which who whom whose when where why how if then than so as such
+    is are was were be been being am do does did done have has had having can could will would
+    shall should may might must of in on at to for from by with about into onto over under up
+    down out off through and or but also just very too quite really only even still yet
+    yes sure ok okay well oh hi hello please thanks thank sorry let s t re ll ve d m
+    not no never nor cannot
+    """.split()
+)
 
 
 def _tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.casefold())
+    return _TOKEN.findall(text.replace("’", "'"))
+
+
+def _is_content(token: str) -> bool:
+    return token[0].isalnum() and token.casefold() not in FUNCTION_WORDS
+
+
+def _matcher(a: str, b: str) -> difflib.SequenceMatcher:
+    return difflib.SequenceMatcher(None, _tokens(a), _tokens(b), autojunk=False)
 
 
 def similarity(a: str, b: str, floor: float = 0.0) -> float:
-    """Similarity of two responses in [0, 1]: difflib's ratio 2*M/(len(a)+len(b)) over word and
-    punctuation tokens of the case-folded texts (M: tokens in matching blocks).
+    """Similarity of two responses in [0, 1]: difflib's ratio 2*M/(len(a)+len(b)) over the
+    word and punctuation tokens of the texts (M: tokens in matching blocks).
 
     Tokens rather than characters, so a shared stem in two different words is not a match;
-    punctuation is a token of its own, so "2+2 equals 4." vs "2+2 is 4." is 5 of 6 tokens: 0.83.
+    punctuation is a token of its own, so "2+2 equals 4." vs "2+2 is 4." shares 5 of 6 tokens:
+    0.83. Case counts ("LEMON" is not "Lemon": for a format instruction it is the whole answer).
     floor: when the O(n) multiset upper bound (`quick_ratio`) is below it, that bound is returned
     instead of running the alignment (which is quadratic in the worst case).
     """
-    ta, tb = _tokens(a), _tokens(b)
-    if not ta and not tb:
+    return _ratio(_matcher(a, b), floor)
+
+
+def _ratio(matcher: difflib.SequenceMatcher, floor: float = 0.0) -> float:
+    if not matcher.a and not matcher.b:
         return 1.0
-    matcher = difflib.SequenceMatcher(None, ta, tb, autojunk=False)
     bound = matcher.quick_ratio()
     return bound if bound < floor else matcher.ratio()
+
+
+def _changes_content(matcher: difflib.SequenceMatcher) -> bool:
+    """True when an edit adds, drops or swaps a content word (see `near_identical`)."""
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        old = [t for t in matcher.a[i1:i2] if _is_content(t)]
+        new = [t for t in matcher.b[j1:j2] if _is_content(t)]
+        if not old and not new:
+            continue  # punctuation or function words only
+        if tag == "replace" and (not old or not new):
+            continue  # a content word reworded into function words: "equals" -> "is"
+        return True
+    return False
 
 
 def near_identical(a: str, b: str, threshold: float = NEAR_THRESHOLD) -> float | None:
     """The similarity of `a` and `b` when they say the same thing in other words, else None.
 
-    Near-identical: `similarity` >= threshold, the same numbers, and the same number of
-    negations. The last two keep minimal pairs that differ in content, which are good training
-    signal: "7 plus 5 is 12." vs "7 plus 5 is 13.", or "I can help." vs "I can't help.".
+    Near-identical: the same words, differing only in punctuation ("Paris" vs "Paris.", at any
+    similarity); or `similarity` >= threshold, the same number of negations, and no edit that
+    changes content. Content words are all words but `FUNCTION_WORDS` (numbers and names
+    included); an edit may reword a content word into function words ("2+2 equals 4." vs
+    "2+2 is 4.") or change punctuation ("You're welcome." vs "You're welcome!"), but may not
+    add, drop or swap one. Such minimal pairs are good training signal and are kept:
+    "7 plus 5 is 12." vs "... 13.", "The capital of X is Nudoburg." vs "... Tozuvik.",
+    "I can help." vs "I can't help.", "Use a knife." vs "Use a knife. Obviously.".
     """
-    score = similarity(a, b, floor=threshold)
+    matcher = _matcher(a, b)
+    words_a, words_b = [t for t in matcher.a if t[0].isalnum()], [t for t in matcher.b if t[0].isalnum()]
+    if words_a == words_b:
+        return _ratio(matcher)
+    score = _ratio(matcher, floor=threshold)
     if score < threshold:
         return None
-    fa, fb = a.casefold(), b.casefold()
-    if Counter(_NUMBER.findall(fa)) != Counter(_NUMBER.findall(fb)):
+    if len(_NEGATION.findall(a.casefold())) != len(_NEGATION.findall(b.casefold())):
         return None
-    if len(_NEGATION.findall(fa)) != len(_NEGATION.findall(fb)):
+    if _changes_content(matcher):
         return None
     return score
 
@@ -162,16 +213,18 @@ class LengthBias:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        frac = self.chosen_longer_frac
+        def num(x: float, digits: int) -> float | None:
+            return None if math.isnan(x) else round(x, digits)  # NaN is not JSON
+
         return {
             "unit": self.unit,
             "pairs": self.pairs,
             "chosen_longer": self.chosen_longer,
             "rejected_longer": self.rejected_longer,
             "ties": self.ties,
-            "chosen_longer_frac": None if frac != frac else round(frac, 4),
-            "mean_chosen": round(self.mean_chosen, 1),
-            "mean_rejected": round(self.mean_rejected, 1),
+            "chosen_longer_frac": num(self.chosen_longer_frac, 4),
+            "mean_chosen": num(self.mean_chosen, 1),
+            "mean_rejected": num(self.mean_rejected, 1),
         }
 
 
@@ -185,6 +238,7 @@ class LintReport:
         responses_truncated (a pair can add two), would_drop (a response left with no token;
         `tokenize_preference` drops such a pair), plus the limits.
     lines: source position of each pair (`unit`: line, record or row) when read from a file.
+    reasons: the reasons checked ("truncated" only with a tokenizer and limits).
     """
 
     records: list[PreferencePair]
@@ -222,6 +276,13 @@ class LintReport:
     def where(self, i: int) -> int | None:
         return self.lines[i] if self.lines is not None else None
 
+    def describe(self, flag: Flag) -> str:
+        """The flag's detail, naming the other pair by its source position when known."""
+        if flag.other is None:
+            return flag.detail
+        where = f"{self.unit} {self.lines[flag.other]}" if self.lines is not None else f"pair {flag.other}"
+        return f"{flag.detail} {where}"
+
     def flagged_row(self, i: int) -> dict[str, Any]:
         """Pair `i` as it goes into the flagged file: position, reasons, details, the pair."""
         fl = self.flags.get(i, [])
@@ -229,7 +290,7 @@ class LintReport:
             "index": i,
             self.unit: self.where(i),
             "reasons": [f.reason for f in fl],
-            "details": {f.reason: f.detail for f in fl if f.detail},
+            "details": {f.reason: self.describe(f) for f in fl if f.detail},
             "removed": any(REASONS[f.reason].blocking for f in fl),
             **_row(self.records[i]),
         }
@@ -247,7 +308,7 @@ class LintReport:
                         {
                             "index": i,
                             self.unit: self.where(i),
-                            "detail": f.detail,
+                            "detail": self.describe(f),
                             "prompt": _clip(prompt_text(pair.prompt)),
                             "chosen": _clip(pair.chosen),
                             "rejected": _clip(pair.rejected),
@@ -338,8 +399,8 @@ def lint_preferences(
     """Flag problem pairs in `records` (see the module docstring for the reasons).
 
     Duplicates and contradictions compare the prompt (plain text via `prompt_text`) and both
-    responses after whitespace normalisation. A pair whose two responses are identical is never
-    "contradictory" with itself.
+    responses after whitespace normalisation. A pair with an empty response, or whose two
+    responses are identical, is never "contradictory".
     tokenizer: when given, length bias is also measured in response tokens; with `limits` too,
         pairs the limits cut are flagged "truncated" (prompt rendering as in training).
     """
@@ -359,19 +420,20 @@ def lint_preferences(
         else:
             score = near_identical(p.chosen, p.rejected, near_threshold)
             if score is not None:
-                found.append(Flag("near_identical", f"similarity {score:.2f}"))
+                why = "" if score >= near_threshold else " (punctuation only)"
+                found.append(Flag("near_identical", f"similarity {score:.2f}{why}"))
         key = (_ws(prompt_text(p.prompt)), chosen, rejected)
         keys.append(key)
         if key in first:
-            found.append(Flag("duplicate", f"of pair {first[key]}"))
+            found.append(Flag("duplicate", "of", first[key]))
         else:
             first[key] = i
         if found:
             flags[i] = found
     for i, (prompt, chosen, rejected) in enumerate(keys):
         j = first.get((prompt, rejected, chosen))
-        if chosen != rejected and j is not None:
-            flags.setdefault(i, []).append(Flag("contradictory", f"reversed in pair {j}"))
+        if j is not None and chosen and rejected and chosen != rejected:
+            flags.setdefault(i, []).append(Flag("contradictory", "reversed in", j))
 
     length = [
         LengthBias.measure("chars", [len(p.chosen) for p in records], [len(p.rejected) for p in records])
@@ -466,6 +528,7 @@ def lint_file(
         "format": result.format,
         "skipped": len(result.skipped),
         "skip_reasons": result.skip_reasons(),
+        "skipped_at": [s.line for s in result.skipped[:20]],
         **report.to_dict(),
     }
     if out_dir is not None:
@@ -484,10 +547,12 @@ def format_lint(report: dict[str, Any]) -> str:
     out = []
     if "path" in report:
         out.append(f"file      {report['path']}  ({report['format']})")
-        skipped = (
-            f"  (+{report['skipped']} skipped on load: {report['skip_reasons']})" if report["skipped"] else ""
-        )
-        out.append(f"records   {n}{skipped}")
+        out.append(f"records   {n}")
+        if report["skipped"]:
+            at = ", ".join(map(str, report["skipped_at"])) + (", ..." if report["skipped"] > 20 else "")
+            out.append(
+                f"skipped   {report['skipped']} on load {report['skip_reasons']} at {report['unit']} {at}"
+            )
     else:
         out.append(f"records   {n}")
     out.append(f"flagged   {report['flagged']} ({report['flagged_frac']:.1%})")

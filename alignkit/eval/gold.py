@@ -41,16 +41,26 @@ class Config:
     """Sampling seed."""
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Write rows to a temporary file in the same directory, then rename over `path`."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, then rename over `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other users
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically."""
+    write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
 def score_responses(world, prompts: list[str], responses: list[str]) -> tuple[dict, list[dict]]:
@@ -107,5 +117,5 @@ def run(cfg: Config) -> dict:
     if cfg.out:
         out = Path(cfg.out)
         write_jsonl_atomic(out / "responses.jsonl", rows)
-        (out / "scores.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out / "scores.json", json.dumps(summary, indent=2))
     return summary

@@ -289,7 +289,8 @@ def train(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=total, initial=step_n, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True
+        total=total, initial=step_n, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 15.0,  # a log file gets a line every 15 s, not every step
     )
 
     def save(n: int) -> Path:

@@ -99,14 +99,16 @@ class HFLM:
 
     # -- tokenisation -------------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt: str, room: int) -> list[int]:
-        """Prompt ids (BOS first when the tokenizer adds one), left-cut to at most `room` tokens."""
+    def _encode(self, prompt: str) -> list[int]:
+        """Prompt ids, BOS first when the tokenizer adds one (the safe-boundary rule)."""
         from alignkit.data.tokenize import encode_prompt
 
-        ids, _ = encode_prompt(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt)[0]
+
+    def _left_cut(self, ids: list[int], room: int) -> list[int]:
+        """The last `room` ids (a leading BOS is kept)."""
         if len(ids) <= room:
             return ids
-        self.truncated += 1
         bos = self.tokenizer.bos_token_id
         if ids and ids[0] == bos and room > 1:
             return [bos] + ids[len(ids) - (room - 1) :]
@@ -116,6 +118,8 @@ class HFLM:
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         encoded = []
+        full: dict[str, list[int]] = {}  # prompts repeat across options: tokenise each once
+        cut: set[str] = set()
         for prompt, cont in requests:
             cont_ids = self.tokenizer(cont, add_special_tokens=False)["input_ids"]
             if not cont_ids:
@@ -124,7 +128,12 @@ class HFLM:
                 raise ValueError(
                     f"continuation of {len(cont_ids)} tokens does not fit the model's {self.max_length}"
                 )
-            prompt_ids = self._prompt_ids(prompt, self.max_length - len(cont_ids))
+            if prompt not in full:
+                full[prompt] = self._encode(prompt)
+            prompt_ids = self._left_cut(full[prompt], self.max_length - len(cont_ids))
+            if len(prompt_ids) < len(full[prompt]) and prompt not in cut:
+                cut.add(prompt)
+                self.truncated += 1
             if not prompt_ids:
                 raise ValueError("empty prompt and no BOS: the first continuation token has no context")
             encoded.append((prompt_ids, cont_ids))
@@ -146,21 +155,41 @@ class HFLM:
         for start in range(0, len(order), self.batch_size):
             yield order[start : start + self.batch_size]
 
-    def _pad(self, rows: list[list[int]], device):
+    def _pad(self, rows: list[list[int]], device, left: bool = False):
+        """(B, T) ids and attention mask, padded on the right (or the left)."""
         import torch
 
         T = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), T), dtype=torch.long, device=device)  # (B, T), right-padded
+        ids = torch.zeros((len(rows), T), dtype=torch.long, device=device)
         mask = torch.zeros((len(rows), T), dtype=torch.long, device=device)
         for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long, device=device)
-            mask[b, : len(r)] = 1
+            span = slice(T - len(r), T) if left else slice(0, len(r))
+            ids[b, span] = torch.tensor(r, dtype=torch.long, device=device)
+            mask[b, span] = 1
         return ids, mask
+
+    def _last_logits(self, ids, mask):
+        """(B, V) next-token logits after the last column of left-padded rows. Only that position
+        goes through the output head when the model supports `logits_to_keep` (with a 100k+
+        vocabulary the full (B, T, V) logits would dominate memory)."""
+        import inspect
+
+        from alignkit.models.logprobs import forward_logits, position_ids_from_mask
+
+        forward = getattr(_core_model(self.model), "forward", None)
+        if forward is not None and "logits_to_keep" in inspect.signature(forward).parameters:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1]
+        return forward_logits(self.model, ids, mask)[:, -1]
 
     def _score_single(self, encoded, groups: dict[tuple[int, ...], list[int]], out: list[float]) -> None:
         import torch
-
-        from alignkit.models.logprobs import forward_logits
 
         if not groups:
             return
@@ -169,10 +198,8 @@ class HFLM:
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             for rows in self._batches(prompts):
-                ids, mask = self._pad([prompts[r] for r in rows], device)
-                logits = forward_logits(self.model, ids, mask)  # (B, T, V)
-                last = mask.sum(-1) - 1  # (B,) position of each prompt's last token
-                lp = logits[torch.arange(len(rows), device=device), last].float().log_softmax(-1)  # (B, V)
+                ids, mask = self._pad([prompts[r] for r in rows], device, left=True)
+                lp = self._last_logits(ids, mask).float().log_softmax(-1)  # (B, V)
                 for b, r in enumerate(rows):
                     for i in members[r]:
                         out[i] = float(lp[b, encoded[i][1][0]])
@@ -210,7 +237,11 @@ class HFLM:
                 f"max_new_tokens={opts.max_new_tokens} leaves no room for a prompt in the model's "
                 f"{self.max_length} positions"
             )
-        ids = [self._prompt_ids(p, room) for p in prompts]
+        ids = []
+        for p in prompts:
+            full = self._encode(p)
+            ids.append(self._left_cut(full, room))
+            self.truncated += len(ids[-1]) < len(full)
         ids = [i for i in ids for _ in range(opts.n)]  # each prompt n times, adjacent
         greedy = opts.temperature <= 0
         params = SamplingParams(

@@ -1,0 +1,333 @@
+"""Stage 3a, the reward model: a scalar head on the SFT model, fitted with the Bradley-Terry loss.
+
+One forward over the [chosen; rejected] stack, r = RewardModel(x, y) on the last real token,
+loss = -log sigmoid(r_c - r_r [- margin]) (Ouyang et al. 2022, Eq. 1; see
+alignkit.losses.reward), handed to the one training loop. After training, the mean and std of
+the rewards of a sample of the training responses are stored with the model
+(reward_stats.json) so PPO and evaluation normalise rewards the same way.
+
+    alignkit reward --config configs/reward.yaml model.path=runs/sft/final \\
+        data.path=runs/world/preferences.jsonl out=runs/reward
+    alignkit reward eval model=runs/reward/final data.path=runs/world/preferences_eval.jsonl \\
+        world=runs/world
+
+Metrics (per logged step): loss, accuracy, margin (mean r_c - r_r), reward/mean, reward/min,
+reward/max (over the chosen and rejected rows of the step; with several micro-batches, min and
+max are averaged over them). docs/reward.md explains them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, required
+from alignkit.data.batching import PreferenceBatch, bucketed_batches, collate_preference, padding_fraction
+from alignkit.data.load import load_records
+from alignkit.data.records import PreferencePair
+from alignkit.data.tokenize import TokenizedPair, TruncationLimits, tokenize_preference
+from alignkit.losses.reward import bradley_terry_loss, expected_calibration_error
+from alignkit.models.heads import MODES, RewardModel, RewardStats, write_reward_dir
+from alignkit.train.loop import StepOutput, train
+
+
+@dataclass(frozen=True)
+class Config:
+    """Reward model training settings. Defaults reach >= 80% gold accuracy on the world in minutes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """`model.path`: the SFT (or base) model the reward model starts from (required)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_len=64, max_len=128))
+    """`data.path`: preference pairs (required); `data.eval_path`: held-out pairs scored after training."""
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, epochs=1, warmup_steps=10, log_every=25)
+    )
+    """Training loop settings."""
+    mode: Literal["head", "full", "lora"] = "full"
+    """What trains: the head only (backbone frozen), everything, or LoRA adapters + the head (needs model.lora_r > 0)."""
+    backbone: Literal["auto", "causal_lm", "seq_cls"] = "auto"
+    """How model.path is loaded: 'auto' picks seq_cls for a *ForSequenceClassification checkpoint."""
+    use_margin: bool = True
+    """Use the records' `margin` (Llama 2 margin loss) when they carry one."""
+    use_soft_label: bool = True
+    """Use the records' `soft_label` (cross-entropy against P(chosen better)) when they carry one."""
+    center_coef: float = 0.0
+    """Weight of the reward-centring term (r_c + r_r)^2 (Eisenstein et al. 2023 use 0.01)."""
+    stats_pairs: int = 1000
+    """Training pairs (both responses) scored after training for reward_stats.json (0: all)."""
+    eval_batch_size: int = 64
+    """Pairs per forward when scoring (statistics and held-out evaluation)."""
+    world: str | None = None
+    """Optional world directory: adds agreement with the gold judge to the held-out evaluation."""
+    out: str = "runs/reward"
+    """Output directory; the reward model is saved to OUT/final."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"config key 'mode': expected one of {list(MODES)}, got {self.mode!r}")
+        if self.mode == "lora" and self.model.lora_r <= 0:
+            raise ConfigError("config key 'model.lora_r' must be > 0 with mode 'lora' (for example model.lora_r=8)")
+        if self.mode != "lora" and self.model.lora_r > 0:
+            raise ConfigError(
+                f"config key 'model.lora_r' is {self.model.lora_r} but mode is '{self.mode}': set mode=lora or model.lora_r=0"
+            )
+        if self.center_coef < 0:
+            raise ConfigError(f"config key 'center_coef' must be >= 0, got {self.center_coef}")
+        if self.stats_pairs < 0 or self.eval_batch_size < 1:
+            raise ConfigError("config keys 'stats_pairs' (>= 0) and 'eval_batch_size' (>= 1) are out of range")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation of a trained reward model (`alignkit reward eval`)."""
+
+    model: str = required()
+    """A reward model directory (OUT/final of `alignkit reward`)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_len=64, max_len=128))
+    """`data.path`: preference pairs with trusted labels (required)."""
+    world: str | None = None
+    """Optional world directory: adds agreement with the gold judge."""
+    batch_size: int = 64
+    """Pairs per forward."""
+    out: str | None = None
+    """JSON file to write; default MODEL/eval-<data file name>.json."""
+
+
+def reward_step(
+    model: torch.nn.Module, batch: PreferenceBatch, use_margin: bool = True, use_soft_label: bool = True,
+    center_coef: float = 0.0,
+) -> StepOutput:
+    """Bradley-Terry loss of one [chosen; rejected] micro-batch: the per-pair SUM and the pair count."""
+    rewards = model(batch.input_ids, batch.attention_mask)  # (2B,)
+    r_c, r_r = batch.split(rewards)  # (B,), (B,)
+    out = bradley_terry_loss(
+        r_c,
+        r_r,
+        margin=batch.margin if use_margin else None,
+        soft_label=batch.soft_label if use_soft_label else None,
+        center_coef=center_coef,
+    )
+    r = rewards.detach().float()
+    acc, margin, mean, lo, hi, ntok = torch.stack(
+        [out.accuracy.mean(), out.margin.mean(), r.mean(), r.min(), r.max(), batch.attention_mask.sum().float()]
+    ).tolist()
+    metrics = {"accuracy": acc, "margin": margin, "reward/mean": mean, "reward/min": lo, "reward/max": hi}
+    return StepOutput(loss=out.losses.sum(), weight=r_c.shape[0], metrics={**metrics, "ntokens": ntok})
+
+
+@torch.no_grad()
+def score_pairs(
+    model: torch.nn.Module, items: Sequence[TokenizedPair], pad_id: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) rewards of the chosen and of the rejected responses, in the order of `items`.
+
+    Pairs go through in length-sorted batches (little padding); the model is left in eval mode.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    r_c = torch.empty(len(items), dtype=torch.float32)
+    r_r = torch.empty(len(items), dtype=torch.float32)
+    lengths = [len(x) for x in items]
+    for idx in bucketed_batches(lengths, batch_size, seed=0, epoch=0, shuffle=False):
+        batch = collate_preference([items[i] for i in idx], pad_id)
+        rewards = model(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu()
+        c, r = batch.split(rewards)
+        index = torch.tensor(idx)
+        r_c[index], r_r[index] = c, r
+    return r_c, r_r
+
+
+def preference_metrics(
+    r_c: torch.Tensor, r_r: torch.Tensor, soft_label: torch.Tensor | None = None, n_bins: int = 10
+) -> dict[str, float]:
+    """Held-out metrics of (N,) chosen / rejected rewards.
+
+    accuracy and loss as in `bradley_terry_loss` (soft labels respected); margin = mean r_c - r_r;
+    ece = expected calibration error of P = sigmoid(r_a - r_b) over BOTH orders of every pair
+    (labels p and 1 - p, p = soft label or 1), so the labelled winner is not always "a".
+    """
+    out = bradley_terry_loss(r_c, r_r, soft_label=soft_label)
+    d = r_c - r_r
+    p = torch.ones_like(d) if soft_label is None else soft_label.to(d.dtype)
+    probs = torch.cat([torch.sigmoid(d), torch.sigmoid(-d)])
+    labels = torch.cat([p, 1.0 - p])
+    rewards = torch.cat([r_c, r_r])
+    return {
+        "n_pairs": int(d.numel()),
+        "accuracy": float(out.accuracy.mean()),
+        "loss": float(out.losses.mean()),
+        "margin": float(d.mean()),
+        "ece": expected_calibration_error(probs, labels, n_bins),
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std(unbiased=False)),
+    }
+
+
+def gold_metrics(world, pairs: Sequence[PreferencePair], r_c: torch.Tensor, r_r: torch.Tensor) -> dict[str, float]:
+    """Agreement with the world's gold judge.
+
+    gold_agreement: fraction of pairs (gold ties left out) where the reward model and the gold
+    judge pick the same winner. label_gold_agreement: the same for the data's labels (1 - the
+    label noise). gold_pearson: correlation of rewards with gold scores over all responses.
+    """
+    g_c = torch.tensor([world.score(p.prompt, p.chosen) for p in pairs], dtype=torch.float64)
+    g_r = torch.tensor([world.score(p.prompt, p.rejected) for p in pairs], dtype=torch.float64)
+    gd = g_c - g_r
+    decided = gd != 0
+    n = int(decided.sum())
+    rd = (r_c - r_r).double()
+    agree = ((rd > 0) == (gd > 0))[decided].double()
+    g = torch.cat([g_c, g_r])
+    r = torch.cat([r_c, r_r]).double()
+    pearson = float(torch.corrcoef(torch.stack([g, r]))[0, 1]) if g.std() > 0 and r.std() > 0 else 0.0
+    return {
+        "gold_pairs": n,
+        "gold_agreement": float(agree.mean()) if n else float("nan"),
+        "label_gold_agreement": float((gd[decided] > 0).double().mean()) if n else float("nan"),
+        "gold_pearson": pearson,
+    }
+
+
+def _tokenize_aligned(tokenizer, pairs: Sequence[PreferencePair], limits: TruncationLimits):
+    """Tokenise pairs, keeping the records that survive next to their items."""
+    kept_pairs, items = [], []
+    for p in pairs:
+        toks, _ = tokenize_preference(tokenizer, [p], limits)
+        if toks:
+            kept_pairs.append(p)
+            items.append(toks[0])
+    return kept_pairs, items
+
+
+def _soft_labels(items: Sequence[TokenizedPair]) -> torch.Tensor | None:
+    if all(x.soft_label is None for x in items):
+        return None
+    return torch.tensor([1.0 if x.soft_label is None else x.soft_label for x in items])
+
+
+def evaluate_pairs(
+    model: RewardModel, tokenizer, data: DataConfig, path: str, batch_size: int = 64, world_dir: str | None = None
+) -> dict:
+    """Score the pairs of `path` with `model` and return `preference_metrics` (+ `gold_metrics`)."""
+    loaded = load_records(path, kind="preference", on_error=data.on_error, limit=data.limit)
+    limits = TruncationLimits(max_prompt_len=data.max_prompt_len, max_len=data.max_len)
+    pairs, items = _tokenize_aligned(tokenizer, loaded.records, limits)
+    if not items:
+        raise ValueError(f"{path}: no preference pair left to evaluate after tokenisation")
+    r_c, r_r = score_pairs(model, items, tokenizer.pad_token_id, batch_size)
+    result = {"data": str(path), "skipped": len(loaded.skipped), "dropped": len(loaded.records) - len(items)}
+    result.update(preference_metrics(r_c, r_r, _soft_labels(items)))
+    cats = sorted({p.category for p in pairs if p.category})
+    if cats:
+        right = (r_c > r_r).double()
+        result["accuracy_by_category"] = {
+            c: float(right[torch.tensor([p.category == c for p in pairs])].mean()) for c in cats
+        }
+    if world_dir:
+        from alignkit.world import load_world
+
+        result.update(gold_metrics(load_world(world_dir), pairs, r_c, r_r))
+    return result
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run(cfg: Config) -> dict:
+    """Train a reward model; returns a summary (the model is at OUT/final)."""
+    from alignkit.models.load import load_tokenizer
+
+    if not cfg.model.path:
+        raise ConfigError("config key 'model.path' is required (the SFT model directory)")
+    if not cfg.data.path:
+        raise ConfigError("config key 'data.path' is required (the preference data file)")
+    out = Path(cfg.out)
+    loaded = load_records(cfg.data.path, kind="preference", on_error=cfg.data.on_error, limit=cfg.data.limit)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"the tokenizer of {cfg.model.tokenizer or cfg.model.path} has no pad or eos token")
+    limits = TruncationLimits(max_prompt_len=cfg.data.max_prompt_len, max_len=cfg.data.max_len)
+    items, trunc = tokenize_preference(tokenizer, loaded.records, limits)
+    if not items:
+        raise ValueError(f"{cfg.data.path}: no preference pair left after tokenisation")
+
+    torch.manual_seed(cfg.train.seed)
+    model = RewardModel.from_pretrained(
+        cfg.model.path, mode=cfg.mode, backbone=cfg.backbone, lora=cfg.model, seed=cfg.train.seed
+    )
+    pad_id = tokenizer.pad_token_id
+    lengths = [len(x) for x in items]
+
+    def plan(epoch: int) -> list[list[int]]:
+        return bucketed_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch)
+
+    def step(m: torch.nn.Module, batch: PreferenceBatch) -> StepOutput:
+        return reward_step(m, batch, cfg.use_margin, cfg.use_soft_label, cfg.center_coef)
+
+    n_ref = len(items) if cfg.stats_pairs == 0 else min(cfg.stats_pairs, len(items))
+    ref = [items[i] for i in sorted(random.Random(cfg.train.seed).sample(range(len(items)), n_ref))]
+    stats_box: list[RewardStats] = []
+
+    def save_fn(m: RewardModel, d: Path) -> None:
+        r_c, r_r = score_pairs(m, ref, pad_id, cfg.eval_batch_size)
+        stats = RewardStats.of(torch.cat([r_c, r_r]))
+        stats_box.append(stats)
+        write_reward_dir(m, tokenizer, d, stats, extra={"base_model": str(cfg.model.path)})
+
+    result = train(
+        model, step, items, lambda b: collate_preference(b, pad_id), plan, cfg.train, out,
+        save_fn=save_fn, trainable_params=model.trainable_parameters(),
+    )
+    summary = {
+        "model": str(result.final_dir),
+        "mode": cfg.mode,
+        "records": len(loaded.records),
+        "skipped": len(loaded.skipped),
+        "format": loaded.format,
+        "truncation": trunc.report(),
+        "padding_fraction": padding_fraction(lengths, plan(0)),
+        "final_loss": result.metrics.get("loss"),
+        "final_accuracy": result.metrics.get("accuracy"),
+        "steps": result.step,
+        "wall_s": result.wall_time_s,
+        "peak_mem_mb": result.peak_memory_mb,
+        "reward_stats": stats_box[-1].__dict__ if stats_box else None,
+    }
+    if cfg.data.eval_path:
+        ev = evaluate_pairs(model, tokenizer, cfg.data, cfg.data.eval_path, cfg.eval_batch_size, cfg.world)
+        _write_json(out / "eval.json", ev)
+        summary["eval"] = ev
+    return summary
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """`alignkit reward eval`: held-out accuracy, margin, ECE (+ gold agreement), written to JSON."""
+    from alignkit.models.heads import load_reward_model
+    from alignkit.models.load import load_tokenizer
+
+    if not cfg.model:
+        raise ConfigError("config key 'model' is required (a reward model directory)")
+    if not cfg.data.path:
+        raise ConfigError("config key 'data.path' is required (held-out preference pairs)")
+    model = load_reward_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    result = evaluate_pairs(model, tokenizer, cfg.data, cfg.data.path, cfg.batch_size, cfg.world)
+    result["model"] = str(cfg.model)
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / f"eval-{Path(cfg.data.path).name.split('.')[0]}.json"
+    _write_json(out, result)
+    result["out"] = str(out)
+    return result
+
+
+evaluate = run_eval
