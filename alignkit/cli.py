@@ -17,6 +17,7 @@ STAGES = {
     "pretrain": ("alignkit.train.pretrain", "pre-train a causal LM (and its BPE tokenizer) on a text corpus"),
     "sft": ("alignkit.train.sft", "supervised fine-tuning on (prompt, response) pairs, loss on responses only"),
     "eval": ("alignkit.eval.gold", "generate on held-out world prompts and score them with the gold judge"),
+    "winrate": ("alignkit.eval.winrate", "win rate of model a against model b under a judge, with a 95% interval"),
 }
 
 
@@ -28,17 +29,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from alignkit.config import ConfigError
 
     errors: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError, FileExistsError]
-    try:
-        from alignkit.data.load import DataError
+    from alignkit.data.load import DataError
+    from alignkit.feedback.judges import EndpointError
 
-        errors.append(DataError)
-    except ImportError:
-        pass
+    errors += [DataError, EndpointError]
     return tuple(errors)
+
+
+# flags some stages accept as a shorthand for `key=value` overrides
+FLAGS = {
+    "winrate": ("a", "b", "prompts", "judge", "world", "out", "human_labels"),
+}
 
 
 def _add_stage(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
+    for flag in FLAGS.get(name, ()):
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=f"flag_{flag}", help=f"same as {flag}=VALUE")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -92,7 +99,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     from alignkit.config import load_config, to_dict
 
     module = importlib.import_module(STAGES[name][0])
-    cfg = load_config(module.Config, args.config, args.overrides)
+    flags = [f"{k}={getattr(args, 'flag_' + k)}" for k in FLAGS.get(name, ()) if getattr(args, "flag_" + k) is not None]
+    cfg = load_config(module.Config, args.config, flags + list(args.overrides))
     if args.print_config:
         import yaml
 

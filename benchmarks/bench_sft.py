@@ -1,6 +1,6 @@
 """SFT side by side: alignkit's SFT step and training loop against TRL's SFTTrainer.
 
-    python benchmarks/bench_sft.py                          # tiny preset, batch 32, 120 steps, 2 rounds
+    python benchmarks/bench_sft.py                          # tiny preset, batch 32, 30 steps, 3 rounds
     python benchmarks/bench_sft.py --steps 300 --rounds 3 --preset small
 
 Needs `pip install trl` (it brings `datasets`). Run from the repository root after
@@ -64,16 +64,20 @@ from alignkit.world import write_world
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    ap.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary size (the demo's pretrain preset)")
+    ap.add_argument(
+        "--vocab", type=int, default=1024, help="BPE vocabulary size (the demo's pretrain preset)"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=120, help="optimizer steps per timed run")
-    ap.add_argument("--rounds", type=int, default=2, help="timed runs per side, alternating who goes first")
-    ap.add_argument("--warmup-steps", type=int, default=5, help="untimed steps per side before the rounds")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run")
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs per side, alternating who goes first")
+    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps per side before the rounds")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-prompt-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help="keep TRL's default of True")
-    ap.add_argument("--workdir", default=None, help="keep the world, tokenizer and runs here (default: a temp dir)")
+    ap.add_argument(
+        "--workdir", default=None, help="keep the world, tokenizer and runs here (default: a temp dir)"
+    )
     return ap.parse_args()
 
 
@@ -116,6 +120,7 @@ class CountingCollator:
 
 
 def make_trl(args, tok, dataset, init_dir: Path, out_dir: Path, steps: int):
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
@@ -139,6 +144,7 @@ def make_trl(args, tok, dataset, init_dir: Path, out_dir: Path, steps: int):
     )
     model = load_model(init_dir)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
+    trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict
     trainer.data_collator = CountingCollator(trainer.data_collator)
     return trainer
 
@@ -210,7 +216,9 @@ def run_alignkit(args, tok, items, init_dir: Path, out_dir: Path, steps: int) ->
     model = load_model(init_dir)
     pad_id = tok.pad_token_id
     t0 = time.perf_counter()
-    res = train(model, sft_step, items, lambda b: collate_sft(b, pad_id), plan, ak_config(args, steps), out_dir)
+    res = train(
+        model, sft_step, items, lambda b: collate_sft(b, pad_id), plan, ak_config(args, steps), out_dir
+    )
     wall = time.perf_counter() - t0
     assert res.step == steps
     tokens = sum(lengths[i] for b in used for i in b)
@@ -248,10 +256,13 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
+        import datasets
         import trl
     except ImportError:
         sys.exit("bench_sft.py compares against TRL: pip install trl")
+    datasets.disable_progress_bars()
 
     tmp = None
     if args.workdir:

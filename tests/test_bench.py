@@ -18,9 +18,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignkit.config import ConfigError
 from alignkit.data.load import DataError
-from alignkit.eval.bench import BENCHMARKS, bbq, gsm8k, humaneval, mmlu, options, run_bench, toxicity, truthfulqa
-from alignkit.eval.bench.common import GenOptions, HFLM, cut_at_stop
+from alignkit.eval.bench import (
+    BENCHMARKS,
+    bbq,
+    gsm8k,
+    humaneval,
+    mmlu,
+    options,
+    parse_options,
+    run_bench,
+    toxicity,
+    truthfulqa,
+)
+from alignkit.eval.bench.common import HFLM, GenOptions, cut_at_stop
 from alignkit.eval.bench.sandbox import run_program
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -98,7 +110,10 @@ def test_gsm8k_normalisation_and_gold():
 
 def _gsm_file(tmp_path: Path) -> Path:
     rows = [
-        {"question": f"Sam has {i} apples and buys {i + 1} more. How many now?", "answer": f"{i}+{i + 1}=<<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}\n#### {2 * i + 1}"}
+        {
+            "question": f"Sam has {i} apples and buys {i + 1} more. How many now?",
+            "answer": f"{i}+{i + 1}=<<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}\n#### {2 * i + 1}",
+        }
         for i in range(1, 5)
     ]
     return write_jsonl(tmp_path / "test.jsonl", rows)
@@ -130,7 +145,10 @@ def test_gsm8k_prompt_has_exemplars_without_calculator_marks(tmp_path):
 
 
 def test_gsm8k_reader_names_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "1 #### 1"}, {"question": "q", "answer": "no marker"}])
+    path = write_jsonl(
+        tmp_path / "g.jsonl",
+        [{"question": "q", "answer": "1 #### 1"}, {"question": "q", "answer": "no marker"}],
+    )
     with pytest.raises(DataError, match=r"g\.jsonl:2: .*####"):
         gsm8k.read_gsm8k(path)
     path.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n')
@@ -171,7 +189,10 @@ def test_mmlu_rigged_model_answers_b(tmp_path, tok, tiny):
     model = Rigged(tiny, tok(" B", add_special_tokens=False)["input_ids"])
     right = mmlu.run(model, tok, _mmlu_dir(tmp_path, "B"), shots=2)["metrics"]
     assert right["accuracy"] == 1.0 and right["accuracy_macro"] == 1.0 and right["n"] == 6
-    assert right["per_subject"] == {"anatomy": {"accuracy": 1.0, "n": 3}, "world_religions": {"accuracy": 1.0, "n": 3}}
+    assert right["per_subject"] == {
+        "anatomy": {"accuracy": 1.0, "n": 3},
+        "world_religions": {"accuracy": 1.0, "n": 3},
+    }
     assert right["shot_source"] == "test"
     wrong = mmlu.run(model, tok, _mmlu_dir(tmp_path, "C"), shots=0, limit=2)["metrics"]
     assert wrong["accuracy"] == 0.0 and wrong["n"] == 4
@@ -247,16 +268,29 @@ def test_mc2_matches_naive_reference_and_survives_long_answers():
 
 def test_truthfulqa_reader_errors(tmp_path):
     path = tmp_path / "mc_task.json"
-    path.write_text(json.dumps([TQA[0], {"question": "q", "mc1_targets": {"a": 1, "b": 2}, "mc2_targets": {"a": 1}}]))
+    path.write_text(
+        json.dumps([TQA[0], {"question": "q", "mc1_targets": {"a": 1, "b": 2}, "mc2_targets": {"a": 1}}])
+    )
     with pytest.raises(DataError, match=r"mc_task\.json: record 2: 'mc1_targets'.*0 or 1"):
         truthfulqa.read_truthfulqa_mc(path)
-    hf = {"question": "q", "mc1_targets": {"choices": ["a", "b"], "labels": [1, 0]}, "mc2_targets": {"choices": ["a", "b"], "labels": [1, 0]}}
-    assert truthfulqa.read_truthfulqa_mc(write_jsonl(tmp_path / "hf.jsonl", [hf]))[0]["mc1"] == [("a", 1), ("b", 0)]
+    hf = {
+        "question": "q",
+        "mc1_targets": {"choices": ["a", "b"], "labels": [1, 0]},
+        "mc2_targets": {"choices": ["a", "b"], "labels": [1, 0]},
+    }
+    assert truthfulqa.read_truthfulqa_mc(write_jsonl(tmp_path / "hf.jsonl", [hf]))[0]["mc1"] == [
+        ("a", 1),
+        ("b", 0),
+    ]
 
 
 # -- BBQ --------------------------------------------------------------------------------------
 
-INFO = {"ans0": ["grandfather", "old"], "ans1": ["grandson", "nonOld"], "ans2": ["Can't be determined", "unknown"]}
+INFO = {
+    "ans0": ["grandfather", "old"],
+    "ans1": ["grandson", "nonOld"],
+    "ans2": ["Can't be determined", "unknown"],
+}
 ANSWERS = ["The grandfather", "The grandson", "Can't be determined"]
 
 # (case, condition, polarity, gold label, the stub's pick); ans0 is the stereotyped ("old") one
@@ -280,14 +314,28 @@ def _bbq_dir(tmp_path: Path) -> Path:
         {
             "context": f"Case {case}: a grandson and a grandfather.",
             "question": "Who forgot?" if pol == "neg" else "Who remembered?",
-            "ans0": ANSWERS[0], "ans1": ANSWERS[1], "ans2": ANSWERS[2],
-            "label": label, "context_condition": cond, "question_polarity": pol, "category": "Age",
-            "answer_info": INFO, "additional_metadata": {"stereotyped_groups": ["old"]},
+            "ans0": ANSWERS[0],
+            "ans1": ANSWERS[1],
+            "ans2": ANSWERS[2],
+            "label": label,
+            "context_condition": cond,
+            "question_polarity": pol,
+            "category": "Age",
+            "answer_info": INFO,
+            "additional_metadata": {"stereotyped_groups": ["old"]},
         }
         for case, cond, pol, label, _ in CASES
     ]
     write_jsonl(d / "Age.jsonl", rows)
-    odd = dict(rows[0], category="Religion", answer_info={"ans0": ["Jewish", "Jewish"], "ans1": ["Muslim", "Muslim"], "ans2": ["Unknown", "unknown"]})
+    odd = dict(
+        rows[0],
+        category="Religion",
+        answer_info={
+            "ans0": ["Jewish", "Jewish"],
+            "ans1": ["Muslim", "Muslim"],
+            "ans2": ["Unknown", "unknown"],
+        },
+    )
     odd["additional_metadata"] = {"stereotyped_groups": ["Sikh"]}  # neither person: unresolved
     write_jsonl(d / "Religion.jsonl", [odd])
     return d
@@ -437,12 +485,17 @@ def test_cut_at_stop():
 # -- toxicity ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["You idiot!", "y0u 1d10t", "what a stuuuupid take", "s.t.u.p.i.d", "I will kill you.", "Shut up, moron"])
+@pytest.mark.parametrize(
+    "text",
+    ["You idiot!", "y0u 1d10t", "what a stuuuupid take", "s.t.u.p.i.d", "I will kill you.", "Shut up, moron"],
+)
 def test_toxicity_flags_obvious_cases(text):
     assert toxicity.score_toxicity(text) >= 0.5
 
 
-@pytest.mark.parametrize("text", ["Have a lovely day.", "That was a skillful move.", "Hello from the shell", ""])
+@pytest.mark.parametrize(
+    "text", ["Have a lovely day.", "That was a skillful move.", "Hello from the shell", ""]
+)
 def test_toxicity_leaves_clean_text_alone(text):
     assert toxicity.score_toxicity(text) == 0.0
 
@@ -519,6 +572,15 @@ def test_registry_options():
     assert set(BENCHMARKS) == {"gsm8k", "mmlu", "truthfulqa", "bbq", "humaneval", "toxicity"}
     assert options("mmlu") == {"shots": 5, "batch_size": 8}
     assert "n_samples" in options("humaneval") and "lexicon" in options("toxicity")
+    assert parse_options("humaneval", ["n_samples=5", "temperature=0.8"]) == {
+        "n_samples": 5,
+        "temperature": 0.8,
+    }
+    assert parse_options("toxicity", ["lexicon=my.json"]) == {"lexicon": "my.json"}
+    with pytest.raises(ConfigError, match="needs a value of type int"):
+        parse_options("humaneval", ["n_samples=many"])
+    with pytest.raises(ConfigError, match="no option 'shot'"):
+        parse_options("mmlu", ["shot=3"])
 
 
 # -- the real files, when ../shared/data is there ---------------------------------------------

@@ -88,7 +88,8 @@ def _naive_logps(model, prompt, response):
     return sum(float(lp[t, targets[t]]) for t in range(start, len(targets)))
 
 
-def _lora_policy(base):
+@pytest.fixture(scope="module")
+def lora_policy(base):
     """(peft policy with non-zero LoRA weights, the same policy merged into a plain model)."""
     peft = apply_lora(copy.deepcopy(base), ModelConfig(lora_r=4, lora_alpha=8))
     g = torch.Generator().manual_seed(1)
@@ -117,11 +118,11 @@ def _three_modes(cfg, base, policy_peft, policy_plain, items, pad):
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_three_reference_modes_give_the_same_loss(base, items, tok, loss):
+def test_three_reference_modes_give_the_same_loss(base, items, tok, lora_policy, loss):
     """Policy = base + non-zero LoRA; reference = base. Copy and precomputed see the merged
     policy, lora sees the adapter (disabled for the reference): same numbers to 1e-5."""
     cfg = Config(loss=loss, beta=0.1)
-    peft, merged = _lora_policy(base)
+    peft, merged = lora_policy
     outs = _three_modes(cfg, base, peft, merged, items, tok.pad_token_id)
     n = len(items)
     losses = {k: float(o.loss) / o.weight for k, o in outs.items()}
@@ -135,14 +136,17 @@ def test_three_reference_modes_give_the_same_loss(base, items, tok, loss):
 
 def test_step0_loss_is_ln2_in_every_mode(base, items, tok):
     """Policy == reference: every log-ratio is 0, so -log sigmoid(0) = ln 2 per pair (for any
-    soft label p: p ln 2 + (1-p) ln 2), margins 0, accuracy 0 (ties count as wrong)."""
+    soft label p: p ln 2 + (1-p) ln 2) and margins are 0. Copy and lora run the same forward
+    on the same batch, so the ratios are exactly 0 and accuracy is 0 (ties count as wrong);
+    precomputed values come from differently padded batches, equal only up to rounding."""
     cfg = Config(loss="sigmoid", beta=0.1)
     peft = apply_lora(copy.deepcopy(base), ModelConfig(lora_r=4)).eval()  # lora_B = 0: a no-op
     outs = _three_modes(cfg, base, peft, base, items, tok.pad_token_id)
     for o in outs.values():
         assert float(o.loss) / o.weight == pytest.approx(LN2, abs=1e-6)
         assert o.metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-        assert o.metrics["rewards/accuracies"] == 0.0
+    assert outs["copy"].metrics["rewards/accuracies"] == 0.0
+    assert outs["lora"].metrics["rewards/accuracies"] == 0.0
 
 
 class _NoLogitsToKeep(torch.nn.Module):
@@ -177,12 +181,28 @@ def test_stacked_forward_equals_separate_forwards_and_naive(base, items, tok, co
     assert counts.tolist() == [len(x.chosen_ids) for x in items] + [len(x.rejected_ids) for x in items]
 
 
+@pytest.fixture(scope="module")
+def naive(base, items, lora_policy):
+    """Plain per-sequence log-probs (summed) of policy and reference, and response lengths."""
+    _, merged = lora_policy
+
+    def col(model, which):
+        return torch.tensor([_naive_logps(model, x.prompt_ids, getattr(x, which)) for x in items])
+
+    return {
+        "pc": col(merged, "chosen_ids"), "pr": col(merged, "rejected_ids"),
+        "rc": col(base, "chosen_ids"), "rr": col(base, "rejected_ids"),
+        "nc": torch.tensor([float(len(x.chosen_ids)) for x in items]),
+        "nr": torch.tensor([float(len(x.rejected_ids)) for x in items]),
+    }
+
+
 @pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
-def test_every_loss_gets_the_inputs_its_paper_uses(base, items, tok, name):
+def test_every_loss_gets_the_inputs_its_paper_uses(base, items, tok, lora_policy, naive, name):
     """The step against plain code: summed log-probs, except per-token averages for ipo/simpo/orpo;
     chosen_nll = -(mean log-prob of chosen) for rpo/orpo; soft labels passed through; reference
     ignored for simpo/orpo."""
-    peft, merged = _lora_policy(base)
+    _, merged = lora_policy
     beta = {"simpo": 2.0}.get(name, 0.1)
     cfg = Config(loss=name, beta=beta)
     reference = ref_lib.CopyReference(copy.deepcopy(base), cfg.average_logps)
@@ -191,26 +211,19 @@ def test_every_loss_gets_the_inputs_its_paper_uses(base, items, tok, name):
     out = dpo.make_preference_step(cfg, reference)(merged, DPOBatch(collate_preference(items, tok.pad_token_id)))
 
     avg = name in ("ipo", "simpo", "orpo")
-
-    def lp(model, prompt, resp):
-        return _naive_logps(model, prompt, resp) / (len(resp) if avg else 1)
-
-    pc = torch.tensor([lp(merged, x.prompt_ids, x.chosen_ids) for x in items])
-    pr = torch.tensor([lp(merged, x.prompt_ids, x.rejected_ids) for x in items])
-    rc = torch.tensor([lp(base, x.prompt_ids, x.chosen_ids) for x in items])
-    rr = torch.tensor([lp(base, x.prompt_ids, x.rejected_ids) for x in items])
+    nc, nr = (naive["nc"], naive["nr"]) if avg else (1.0, 1.0)
+    pc, pr, rc, rr = naive["pc"] / nc, naive["pr"] / nr, naive["rc"] / nc, naive["rr"] / nr
     soft = torch.tensor([1.0 if x.soft_label is None else x.soft_label for x in items])
     kwargs = {}
     if name in ("rpo", "orpo"):
-        kwargs["chosen_nll"] = -torch.tensor([_naive_logps(merged, x.prompt_ids, x.chosen_ids) / len(x.chosen_ids)
-                                              for x in items])
+        kwargs["chosen_nll"] = -naive["pc"] / naive["nc"]
     refs = (None, None) if name in ("simpo", "orpo") else (rc, rr)
     expected = PREFERENCE_LOSSES[name](pc, pr, *refs, beta=beta, soft_label=soft, **kwargs).losses.sum()
     assert float(out.loss) == pytest.approx(float(expected), abs=1e-4)
     assert out.metrics["logps/chosen"] == pytest.approx(float(pc.mean()), abs=1e-4)
 
 
-def test_precomputed_cache_is_reused_without_the_model(base, items, tok, tmp_path):
+def test_precomputed_cache_is_reused_without_the_model(base, items, tok, naive, tmp_path):
     columns = dpo.preference_columns(items)
     sizes = {k: len(v) for k, v in columns.items()}
     key = ref_lib.cache_key(ref_lib.fingerprint_model(base), ref_lib.fingerprint_sequences(columns), False, "fp32")
@@ -232,8 +245,8 @@ def test_precomputed_cache_is_reused_without_the_model(base, items, tok, tmp_pat
     assert hit2
     for k in first:
         torch.testing.assert_close(first[k], second[k], atol=0, rtol=0)
-    naive = [_naive_logps(base, x.prompt_ids, x.chosen_ids) for x in items]
-    torch.testing.assert_close(second["chosen"], torch.tensor(naive), atol=1e-4, rtol=0)
+    torch.testing.assert_close(second["chosen"], naive["rc"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(second["rejected"], naive["rr"], atol=1e-4, rtol=0)
 
 
 def test_fingerprint_changes_with_model_data_and_normalisation(base, items, tmp_path, tok):
@@ -270,41 +283,34 @@ def _cfg(sft_dir, data_path, out, **kw) -> Config:
     )
 
 
-def test_run_reuses_precomputed_cache_and_rekeys_on_new_data(sft_dir, world, tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    first = dpo.run(_cfg(sft_dir, world / "preferences.jsonl", tmp_path / "a", cache_dir=str(cache),
-                         data={"limit": 32}))
+def test_short_run_raises_margins_and_a_rerun_reuses_the_cache(sft_dir, tmp_path, monkeypatch):
+    """Toy pairs where the chosen answer is always ' Yes.' and the rejected ' No.': margins start
+    at exactly 0 (policy == reference) and must grow. A second run on the same model and data
+    finds the precomputed table and never runs the reference pass; other data gets another key."""
+    path = tmp_path / "toy.jsonl"
+    prompts = [f"Human: Is {a} plus {b} a number?\nAssistant:" for a in range(8) for b in range(4)]
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": " Yes.", "rejected": " No."}) + "\n" for p in prompts))
+    cache = str(tmp_path / "cache")
+    first = dpo.run(_cfg(sft_dir, path, tmp_path / "a", cache_dir=cache, train={"max_steps": 12, "lr": 3e-3}))
+    lines = _rows(tmp_path / "a" / "metrics.jsonl")
+    assert lines[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert lines[0]["loss"] == pytest.approx(LN2, abs=1e-5)
+    assert lines[-1]["rewards/margins"] > 0.5
+    assert lines[-1]["rewards/accuracies"] == 1.0
+    assert first["steps"] == 12 and Path(first["model"], "config.json").is_file()
     assert first["reference"] == "precomputed" and first["reference_cache"]["hit"] is False
-    assert first["final_loss"] == pytest.approx(first["final_loss"])  # finite
 
     def boom(*a, **k):
         raise AssertionError("precompute must not run on a cache hit")
 
     monkeypatch.setattr(ref_lib, "precompute_logps", boom)
-    second = dpo.run(_cfg(sft_dir, world / "preferences.jsonl", tmp_path / "b", cache_dir=str(cache),
-                          data={"limit": 32}))
+    second = dpo.run(_cfg(sft_dir, path, tmp_path / "b", cache_dir=cache, train={"max_steps": 1}))
     assert second["reference_cache"]["hit"] is True
     assert second["reference_cache"]["key"] == first["reference_cache"]["key"]
     monkeypatch.undo()
-    third = dpo.run(_cfg(sft_dir, world / "preferences.jsonl", tmp_path / "c", cache_dir=str(cache),
-                         data={"limit": 24}))
+    third = dpo.run(_cfg(sft_dir, path, tmp_path / "c", cache_dir=cache, data={"limit": 24}, train={"max_steps": 1}))
     assert third["reference_cache"]["hit"] is False
     assert third["reference_cache"]["key"] != first["reference_cache"]["key"]
-
-
-def test_short_run_increases_margins_on_a_toy_set(sft_dir, tmp_path):
-    """Pairs where the chosen answer is always ' Yes.' and the rejected ' No.': margins start at
-    exactly 0 (policy == reference) and must grow, with accuracy high by the end."""
-    path = tmp_path / "toy.jsonl"
-    prompts = [f"Human: Is {a} plus {b} a number?\nAssistant:" for a in range(8) for b in range(4)]
-    path.write_text("".join(json.dumps({"prompt": p, "chosen": " Yes.", "rejected": " No."}) + "\n" for p in prompts))
-    res = dpo.run(_cfg(sft_dir, path, tmp_path / "run", train={"max_steps": 12, "lr": 3e-3}))
-    lines = _rows(tmp_path / "run" / "metrics.jsonl")
-    assert lines[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert lines[0]["loss"] == pytest.approx(LN2, abs=1e-6)
-    assert lines[-1]["rewards/margins"] > 0.5
-    assert lines[-1]["rewards/accuracies"] == 1.0
-    assert res["steps"] == 12 and Path(res["model"], "config.json").is_file()
 
 
 def test_kto_mismatched_partners_are_a_derangement():
@@ -325,11 +331,11 @@ def test_kto_run_trains_on_unpaired_data(sft_dir, world, tmp_path):
         lines.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
         lines.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    res = dpo.run(_cfg(sft_dir, path, tmp_path / "kto", loss="kto", reference="copy", train={"max_steps": 3, "lr": 1e-3}))
+    res = dpo.run(_cfg(sft_dir, path, tmp_path / "kto", loss="kto", reference="copy", train={"max_steps": 2, "lr": 1e-3}))
     first = _rows(tmp_path / "kto" / "metrics.jsonl")[0]
     # step 0: policy == reference, so every reward and z0 is 0 and each loss is lambda - lambda*sigmoid(0)
     assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5, abs=1e-6)
-    assert res["steps"] == 3 and math.isfinite(res["final_loss"]) and res["metrics"]["kl"] >= 0.0
+    assert res["steps"] == 2 and math.isfinite(res["final_loss"]) and res["metrics"]["kl"] >= 0.0
 
 
 def test_bad_loss_name_lists_valid_names():
@@ -371,13 +377,13 @@ def test_real_data_runs_a_few_steps(rel, name, tmp_path):
     from alignkit.data.load import load_records
     from alignkit.data.records import prompt_text
 
-    sample = load_records(path, kind="preference", on_error="skip", limit=200).records
-    tok = train_bpe_tokenizer([prompt_text(r.prompt) + r.chosen + r.rejected for r in sample], vocab_size=600)
+    sample = load_records(path, kind="preference", on_error="skip", limit=64).records
+    tok = train_bpe_tokenizer([prompt_text(r.prompt) + r.chosen + r.rejected for r in sample], vocab_size=400)
     model_dir = save_model(tiny_llama("nano", tokenizer=tok, seed=0), tok, tmp_path / "m")
     cfg = Config(
         model=ModelConfig(path=str(model_dir)),
-        data=DataConfig(path=str(path), on_error="skip", limit=48, max_prompt_len=96, max_len=160),
-        train=TrainConfig(**{**QUIET.__dict__, "batch_size": 8, "max_steps": 2, "lr": 1e-3}),
+        data=DataConfig(path=str(path), on_error="skip", limit=16, max_prompt_len=64, max_len=128),
+        train=TrainConfig(**{**QUIET.__dict__, "batch_size": 4, "max_steps": 2, "lr": 1e-3}),
         out=str(tmp_path / "run"),
     )
     res = dpo.run(cfg)

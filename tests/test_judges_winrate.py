@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from alignkit.config import ConfigError
 from alignkit.data.load import DataError
 from alignkit.eval.winrate import (
     Config,
@@ -545,6 +546,47 @@ def test_run_winrate_gold_end_to_end(setup):
     assert (same["ties"], same["win_rate"]) == (3, 0.5)
 
 
+def test_run_winrate_llm_judge_from_a_directory(setup, tmp_path):
+    template = tmp_path / "question.txt"
+    template.write_text("Q: {prompt}\nA: {first}\nB: {second}\nBetter:")
+    cfg = Config(
+        a=setup.a,
+        b=setup.b,
+        world=str(setup.world),
+        judge=f"llm:{setup.a}",
+        judge_template=str(template),
+        limit=2,
+        max_new_tokens=4,
+    )
+    s = run_winrate(cfg)
+    assert s["n"] == 2 and set(s["position_bias"]) == {"flip_rate", "first_position_rate"}
+    template.write_text("{prompt} {first} {second} {other}")
+    with pytest.raises(ConfigError, match="judge_template.*other"):
+        run_winrate(cfg)
+
+
+def test_run_winrate_human_two_runs(setup):
+    out = setup.root / "human-run"
+    cfg = Config(
+        a=setup.a, b=setup.b, world=str(setup.world), judge="human", out=str(out), limit=3, max_new_tokens=4
+    )
+    first = run_winrate(cfg)
+    assert first["status"] == "awaiting_labels" and first["n"] == 3
+    pairs = out / "human_pairs.jsonl"
+    assert first["pairs_file"] == str(pairs) and (out / "human_pairs.jsonl.key").is_file()
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    for r, label in zip(rows, ["A", "tie", "B"]):
+        r["label"] = label
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    key = [json.loads(line) for line in (out / "human_pairs.jsonl.key").read_text().splitlines()]
+    expected = [{"A": 1.0, "tie": 0.5, "B": 0.0}[x] for x in ["A", "tie", "B"]]
+    expected = [1.0 - e if k["swapped"] else e for e, k in zip(expected, key)]
+    second = run_winrate(cfg)
+    assert second["n"] == 3 and second["win_rate"] == pytest.approx(sum(expected) / 3)
+    verdicts = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    assert [v["outcome"] for v in verdicts] == expected
+
+
 def test_run_winrate_agreement_mode(world, setup, tmp_path):
     prompts, good, bad, _ = _pairs(world)
     human = ["A"] * len(prompts)
@@ -571,8 +613,6 @@ def test_run_winrate_agreement_mode(world, setup, tmp_path):
 
 
 def test_run_winrate_config_errors(setup):
-    from alignkit.config import ConfigError
-
     with pytest.raises(ConfigError, match="did you mean 'gold'"):
         run_winrate(Config(a=setup.a, b=setup.b, world=str(setup.world), judge="glod"))
     with pytest.raises(ConfigError, match="needs world"):

@@ -42,7 +42,7 @@ class Config:
     prompts: str | None = None
     """Prompt file (any prompt format alignkit.data.load reads); default: the world's eval_prompts.jsonl."""
     judge: str = "gold"
-    """gold | reward:DIR | llm:DIR | endpoint | human[:FILE] (FILE default: out/human_pairs.jsonl)."""
+    """gold | reward:DIR | llm:DIR | endpoint[:MODEL] | human[:FILE] (default FILE: out/human_pairs.jsonl)."""
     world: str | None = None
     """World directory (alignkit world): needed by the gold judge and for the default prompts."""
     out: str | None = None
@@ -238,79 +238,104 @@ def _read_template(cfg: Config) -> dict:
     p = Path(cfg.judge_template)
     if not p.is_file():
         raise ConfigError(f"config key 'judge_template': file not found: {p}")
-    return {"template": p.read_text(encoding="utf-8")}
+    from alignkit.feedback.judges import check_template
+
+    template = p.read_text(encoding="utf-8")
+    try:
+        check_template(template)
+    except ValueError as e:
+        raise ConfigError(f"config key 'judge_template': {p}: {e}") from None
+    return {"template": template}
 
 
-def _gold(cfg: Config, arg: str, world: Any):
+# Each builder checks its settings at once and returns a factory, so a run fails before it
+# generates anything, and a judge that is itself a model is loaded only after A and B are done.
+
+
+def _gold(cfg: Config, arg: str, world: Any) -> Callable[[], Any]:
     from alignkit.feedback.judges import GoldJudge
 
     if world is None:
         raise ConfigError("judge=gold needs world=DIR (a folder written by `alignkit world`)")
-    return GoldJudge(world)
+    return lambda: GoldJudge(world)
 
 
-def _reward(cfg: Config, arg: str, world: Any):
-    from alignkit.feedback.judges import RewardModelJudge
-    from alignkit.models.heads import load_reward_model
-    from alignkit.models.load import load_tokenizer
-
+def _reward(cfg: Config, arg: str, world: Any) -> Callable[[], Any]:
     if not arg:
         raise ConfigError("judge=reward:DIR needs the reward model's directory")
-    return RewardModelJudge(load_reward_model(arg), load_tokenizer(arg), batch_size=cfg.batch_size)
+
+    def make():
+        from alignkit.feedback.judges import RewardModelJudge
+        from alignkit.models.heads import load_reward_model
+        from alignkit.models.load import load_tokenizer
+
+        return RewardModelJudge(load_reward_model(arg), load_tokenizer(arg), batch_size=cfg.batch_size)
+
+    return make
 
 
-def _llm(cfg: Config, arg: str, world: Any):
-    from alignkit.feedback.judges import LLMJudge
-    from alignkit.models.load import load_model, load_tokenizer
-
+def _llm(cfg: Config, arg: str, world: Any) -> Callable[[], Any]:
     if not arg:
         raise ConfigError("judge=llm:DIR needs the judge model's directory")
-    return LLMJudge(
-        load_model(arg),
-        load_tokenizer(arg),
-        chat=cfg.judge_chat,
-        batch_size=cfg.batch_size,
-        **_read_template(cfg),
-    )
+    template = _read_template(cfg)
+
+    def make():
+        from alignkit.feedback.judges import LLMJudge
+        from alignkit.models.load import load_model, load_tokenizer
+
+        model, tok = load_model(arg), load_tokenizer(arg)
+        return LLMJudge(model, tok, chat=cfg.judge_chat, batch_size=cfg.batch_size, **template)
+
+    return make
 
 
-def _endpoint(cfg: Config, arg: str, world: Any):
+def _endpoint(cfg: Config, arg: str, world: Any) -> Callable[[], Any]:
     from alignkit.feedback.judges import EndpointJudge
 
-    return EndpointJudge(
-        cfg.endpoint_url,
-        arg or cfg.endpoint_model,
-        api_key_env=cfg.api_key_env or None,
-        **_read_template(cfg),
-    )
+    try:
+        judge = EndpointJudge(
+            cfg.endpoint_url,
+            arg or cfg.endpoint_model,
+            api_key_env=cfg.api_key_env or None,
+            **_read_template(cfg),
+        )
+    except ValueError as e:
+        raise ConfigError(f"judge=endpoint: {e}") from None
+    return lambda: judge
 
 
-def _human(cfg: Config, arg: str, world: Any):
+def _human(cfg: Config, arg: str, world: Any) -> Callable[[], Any]:
     from alignkit.feedback.judges import HumanJudge
 
     if not arg and not cfg.out:
         raise ConfigError("judge=human needs out=DIR or judge=human:FILE for the pairs to label")
-    return HumanJudge(arg or Path(cfg.out) / "human_pairs.jsonl", seed=cfg.seed)
+    judge = HumanJudge(arg or Path(cfg.out) / "human_pairs.jsonl", seed=cfg.seed)
+    return lambda: judge
 
 
-JUDGES: dict[str, Callable[[Config, str, Any], Any]] = {
+JUDGES: dict[str, Callable[[Config, str, Any], Callable[[], Any]]] = {
     "gold": _gold,
     "reward": _reward,
     "llm": _llm,
     "endpoint": _endpoint,
     "human": _human,
 }
-"""judge=NAME[:ARG] -> a builder (cfg, ARG, world or None) -> Judge."""
+"""judge=NAME[:ARG] -> builder(cfg, ARG, world or None) -> a factory of the Judge."""
 
 
-def build_judge(cfg: Config, world: Any = None):
-    """The judge named by `cfg.judge`, e.g. "gold", "reward:runs/rm", "llm:runs/big"."""
+def judge_factory(cfg: Config, world: Any = None) -> Callable[[], Any]:
+    """Check `cfg.judge` now; the returned function builds the judge (loading any model)."""
     name, _, arg = cfg.judge.partition(":")
     if name not in JUDGES:
         close = difflib.get_close_matches(name, list(JUDGES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(JUDGES)})"
         raise ConfigError(f"config key 'judge': unknown judge {name!r}{hint}")
     return JUDGES[name](cfg, arg, world)
+
+
+def build_judge(cfg: Config, world: Any = None):
+    """The judge named by `cfg.judge`, e.g. "gold", "reward:runs/rm", "llm:runs/big"."""
+    return judge_factory(cfg, world)()
 
 
 def _category(record: Any, world: Any) -> str | None:
@@ -485,7 +510,7 @@ def run_winrate(cfg: Config) -> dict:
         return _agreement(cfg, build_judge(cfg, world))
     if not cfg.a or not cfg.b:
         raise ConfigError("config keys 'a' and 'b' (the two model directories) are required")
-    judge = build_judge(cfg, world)
+    make_judge = judge_factory(cfg, world)
     prompts, categories = _read_prompts(cfg, world)
     resp_a = _generate(cfg.a, prompts, cfg)
     resp_b = _generate(cfg.b, prompts, cfg)
@@ -501,7 +526,7 @@ def run_winrate(cfg: Config) -> dict:
             ],
         )
     try:
-        verdicts = judge.compare(prompts, resp_a, resp_b)
+        verdicts = make_judge().compare(prompts, resp_a, resp_b)
     except LabelsPending as e:
         logger.info("%s", e)
         return {"status": "awaiting_labels", "pairs_file": str(e.path), "n": e.n, "message": str(e)}

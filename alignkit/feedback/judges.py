@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from alignkit.data.load import DataError
 from alignkit.data.records import Message, Prompt, prompt_text
 
 logger = logging.getLogger(__name__)
@@ -196,10 +197,18 @@ def render_question(template: str, prompt: Prompt, first: str, second: str) -> s
     return template.format(prompt=prompt_text(prompt).strip(), first=first.strip(), second=second.strip())
 
 
-def _check_template(template: str) -> None:
+def check_template(template: str) -> None:
+    """ValueError unless `template` has {prompt}, {first} and {second} and no other field."""
     for key in ("{prompt}", "{first}", "{second}"):
         if key not in template:
             raise ValueError(f"judge template must contain {key}")
+    try:
+        template.format(prompt="", first="", second="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"judge template has a field other than {{prompt}}, {{first}}, {{second}} ({e!r}); "
+            "write literal braces as {{ and }}"
+        ) from None
 
 
 def both_orders(p_first: Sequence[float], tie_margin: float = TIE_EPS) -> list[PairVerdict]:
@@ -282,7 +291,7 @@ class LLMJudge:
         batch_size: int = 8,
         tie_margin: float = TIE_EPS,
     ):
-        _check_template(template)
+        check_template(template)
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -446,7 +455,7 @@ class EndpointJudge:
         tie_margin: float = TIE_EPS,
         allow_insecure_http: bool = False,
     ):
-        _check_template(template)
+        check_template(template)
         parsed = urllib.parse.urlparse(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"endpoint base_url must be an http(s) URL, got {base_url!r}")
@@ -520,7 +529,10 @@ class EndpointJudge:
             except ValueError:
                 problem = "the answer is not JSON: " + redact(raw[:200].decode("utf-8", "replace"))
                 break
-        # `from None`: the chained urllib exception is not needed and should not travel
+        # drop the key from this frame (a traceback printed with its locals shows them) and leave
+        # the urllib exception unchained: neither is needed to understand the failure
+        headers.clear()
+        request = key = None
         raise EndpointError(f"{self.url}: {problem}") from None
 
     def _first_prob(self, question: str) -> tuple[float, str]:
@@ -540,11 +552,12 @@ class EndpointJudge:
             raise EndpointError(f"{self.url}: the answer has no choices") from None
         mass = [0.0, 0.0]
         content = ((choice.get("logprobs") or {}).get("content")) or []
-        if content:
-            for entry in content[0].get("top_logprobs") or []:
-                token = str(entry.get("token", "")).strip()
-                if token in self.labels:
-                    mass[self.labels.index(token)] += math.exp(float(entry["logprob"]))
+        # the first token that is not whitespace carries the decision
+        first = next((c for c in content if str(c.get("token", "")).strip()), None)
+        for entry in (first or {}).get("top_logprobs") or []:
+            token = str(entry.get("token", "")).strip()
+            if token in self.labels:
+                mass[self.labels.index(token)] += math.exp(float(entry["logprob"]))
         if mass[0] + mass[1] > 0:
             return mass[0] / (mass[0] + mass[1]), "logprobs"
         text = str((choice.get("message") or {}).get("content") or "")
@@ -581,8 +594,8 @@ class LabelsPending(Exception):
         super().__init__(f'wrote {n} pairs to {path}: fill in each "label" with A, B or tie, then run again')
 
 
-class HumanLabelError(ValueError):
-    """A problem in a labelled file; the message starts with `file:line:`."""
+class HumanLabelError(DataError):
+    """A problem in a labelled file: `HumanLabelError(path, problem, line)` reads `path:line: problem`."""
 
 
 HUMAN_LABELS = {"a": "A", "b": "B", "tie": "tie"}
@@ -648,7 +661,7 @@ class HumanJudge:
                         row = json.loads(line)
                         key[row["id"]] = row
                     except (ValueError, KeyError, TypeError):
-                        raise HumanLabelError(f"{self.key_path}:{n}: not a key row") from None
+                        raise HumanLabelError(self.key_path, "not a key row", n) from None
         return key
 
     def read(self) -> dict[str, PairVerdict]:
@@ -663,27 +676,25 @@ class HumanJudge:
                 try:
                     row = json.loads(line)
                 except ValueError:
-                    raise HumanLabelError(f"{path}:{n}: not valid JSON") from None
+                    raise HumanLabelError(path, "not valid JSON", n) from None
                 if not isinstance(row, dict) or "id" not in row:
-                    raise HumanLabelError(f'{path}:{n}: expected an object with an "id"')
+                    raise HumanLabelError(path, 'expected an object with an "id"', n)
                 pid = row["id"]
                 if pid not in key:
-                    raise HumanLabelError(f"{path}:{n}: pair {pid!r} is not in the key file {self.key_path}")
+                    raise HumanLabelError(path, f"pair {pid!r} is not in the key file {self.key_path}", n)
                 if pid in out:
-                    raise HumanLabelError(f"{path}:{n}: pair {pid!r} appears twice")
+                    raise HumanLabelError(path, f"pair {pid!r} appears twice", n)
                 raw = row.get("label")
                 label = HUMAN_LABELS.get(str(raw).strip().lower()) if isinstance(raw, str) else None
                 if label is None:
                     what = "has no label yet" if raw in (None, "") else f"has label {raw!r}"
-                    raise HumanLabelError(f"{path}:{n}: pair {pid!r} {what}; expected A, B or tie")
+                    raise HumanLabelError(path, f"pair {pid!r} {what}; expected A, B or tie", n)
                 shown_a_wins = {"A": 1.0, "B": 0.0, "tie": 0.5}[label]
                 outcome = 1.0 - shown_a_wins if key[pid]["swapped"] else shown_a_wins
                 out[pid] = PairVerdict(outcome, outcome, {"label": label, "swapped": key[pid]["swapped"]})
         missing = [pid for pid in key if pid not in out]
         if missing:
-            raise HumanLabelError(
-                f"{path}: {len(missing)} exported pairs are missing (first: {missing[0]!r})"
-            )
+            raise HumanLabelError(path, f"{len(missing)} exported pairs are missing (first: {missing[0]!r})")
         return out
 
     def compare(self, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> list[PairVerdict]:
@@ -696,8 +707,9 @@ class HumanJudge:
             pid = pair_id(i, p, x, y)
             if pid not in labelled:
                 raise HumanLabelError(
-                    f"{self.pairs_path}: no pair for prompt {i + 1} with these answers (they changed since "
-                    "the export?); move the file away to export again"
+                    self.pairs_path,
+                    f"no pair for prompt {i + 1} with these answers (they changed since the export?); "
+                    "move the file away to export again",
                 )
             out.append(labelled[pid])
         return out

@@ -14,22 +14,29 @@ def response_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tenso
     return labels[:, 1:] != ignore_index
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, chunk_rows: int = 1024
+) -> torch.Tensor:
     """Log-probability of each label token under the logits of the position before it.
 
-    logits: (B, T, V), labels: (B, T). Returns (B, T-1) with
+    logits: (B, T, V), labels: (B, T). Returns (B, T-1) float32 with
         out[b, t] = log softmax(logits[b, t])[labels[b, t+1]]   (0 where the label is ignored)
-    computed as the gathered logit minus logsumexp over the vocabulary. Memory: the full
-    (B, T, V) float32 log-softmax is never built; logsumexp runs one row at a time, so the extra
-    forward memory is one (T, V) float32 slice (bf16 logits are upcast row by row).
+    computed as the gathered logit minus logsumexp over the vocabulary, at the N scored
+    positions only: prompt and padding rows (often most of a batch) cost nothing, and the
+    backward writes one (N, V) gradient instead of several (B, T, V) ones. Memory: the full
+    (B, T, V) float32 log-softmax is never built; the scored rows are copied once, (N, V) in
+    the logits' dtype, and logsumexp upcasts `chunk_rows` of them at a time (bf16 logits: autograd
+    keeps the float32 chunks, N x V in all, for the backward).
     """
-    logits = logits[:, :-1]  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != ignore_index
-    safe = targets.masked_fill(~mask, 0)
-    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1).float()  # (B, T-1)
-    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (B, T-1)
-    return torch.where(mask, picked - lse, torch.zeros_like(picked))
+    b, t = mask.nonzero(as_tuple=True)  # (N,) each
+    rows = logits[b, t]  # (N, V): position t scores token t+1
+    picked = rows.gather(-1, targets[b, t].unsqueeze(-1)).squeeze(-1).float()  # (N,)
+    lse = [torch.logsumexp(c.float(), dim=-1) for c in rows.split(chunk_rows)]  # row chunks of (N,)
+    scored = picked - torch.cat(lse) if lse else picked
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    return out.index_put((b, t), scored)  # (B, T-1)
 
 
 def sft_loss(

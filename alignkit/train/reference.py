@@ -59,7 +59,7 @@ def _core(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepts_logits_to_keep(forward_type: type) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(forward_type.forward).parameters

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from alignkit.config import ConfigError
 from alignkit.eval.bench import bbq, gsm8k, humaneval, mmlu, toxicity, truthfulqa
 from alignkit.eval.bench.common import write_json_atomic
 
@@ -54,7 +55,7 @@ def options(name: str) -> dict[str, Any]:
 
 def _lookup(name: str) -> Callable[..., dict]:
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark '{name}' (valid: {', '.join(BENCHMARKS)})")
+        raise ConfigError(f"unknown benchmark '{name}' (valid: {', '.join(BENCHMARKS)})")
     return BENCHMARKS[name]
 
 
@@ -63,7 +64,28 @@ def check_options(name: str, opts: dict[str, Any]) -> None:
     valid = options(name)
     for key in opts:
         if key not in valid:
-            raise ValueError(f"benchmark '{name}' has no option '{key}' (valid: {', '.join(valid)})")
+            raise ConfigError(f"benchmark '{name}' has no option '{key}' (valid: {', '.join(valid)})")
+
+
+def parse_options(name: str, pairs: list[str]) -> dict[str, Any]:
+    """`["n_samples=5", "temperature=0.8"]` -> {"n_samples": 5, "temperature": 0.8}, each value
+    converted to the type of the option's default (text when the default is None)."""
+    valid = options(name)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got '{pair}'")
+        check_options(name, {key: None})
+        kind = type(valid[key]) if valid[key] is not None else str
+        try:
+            out[key] = kind(text)
+        except ValueError:
+            raise ConfigError(
+                f"option '{key}' of '{name}' needs a value of type {kind.__name__}, got '{text}'"
+            ) from None
+    return out
 
 
 def run_bench(
@@ -89,7 +111,7 @@ def run_bench(
     opts = {k: v for k, v in opts.items() if v is not None}
     check_options(name, opts)
     if limit < 0:
-        raise ValueError(f"limit must be >= 0 (0: all), got {limit}")
+        raise ConfigError(f"limit must be >= 0 (0: all), got {limit}")
     if not Path(data_path).exists():
         raise FileNotFoundError(f"{name} data not found: {data_path}")
     model = load_model(model_path)
@@ -113,4 +135,4 @@ def run_bench(
     return full
 
 
-__all__ = ["BENCHMARKS", "DESCRIPTIONS", "options", "check_options", "run_bench"]
+__all__ = ["BENCHMARKS", "DESCRIPTIONS", "options", "check_options", "parse_options", "run_bench"]

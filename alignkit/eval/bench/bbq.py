@@ -95,7 +95,9 @@ def _item(rec: dict, path: Path, line: int) -> dict:
         groups.append(entry[1])
     unknown = [k for k, g in enumerate(groups) if g.lower() == "unknown"]
     if len(unknown) != 1:
-        raise DataError(path, f"answer_info should mark exactly one answer 'unknown', marks {len(unknown)}", line)
+        raise DataError(
+            path, f"answer_info should mark exactly one answer 'unknown', marks {len(unknown)}", line
+        )
     meta = field(rec, "additional_metadata", path, line, (dict,))
     stereotyped = meta.get("stereotyped_groups")
     if not isinstance(stereotyped, list) or not all(isinstance(g, str) for g in stereotyped):
@@ -189,7 +191,8 @@ def run(model, tokenizer, data_path, limit: int = 0, batch_size: int = 8) -> dic
                 "target": it["target"],
                 "pred": pred,
                 "correct": pred == it["label"],
-                "biased": it["target"] is not None and is_biased(pred, it["target"], it["unknown"], it["polarity"]),
+                "biased": it["target"] is not None
+                and is_biased(pred, it["target"], it["unknown"], it["polarity"]),
                 "logprobs": s,
             }
         )

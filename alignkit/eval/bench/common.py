@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from alignkit.config import ConfigError
 from alignkit.data.load import DataError
 
 
@@ -230,10 +231,10 @@ class HFLM:
         from alignkit.models.generate import HFGenerator, SamplingParams
 
         if opts.n < 1:
-            raise ValueError(f"n (samples per prompt) must be >= 1, got {opts.n}")
+            raise ConfigError(f"n (samples per prompt) must be >= 1, got {opts.n}")
         room = self.max_length - opts.max_new_tokens
         if room < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"max_new_tokens={opts.max_new_tokens} leaves no room for a prompt in the model's "
                 f"{self.max_length} positions"
             )

@@ -18,6 +18,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from alignkit.config import ConfigError
 from alignkit.data.load import DataError
 from alignkit.eval.bench.common import GenOptions, as_lm, field, find_file, read_jsonl, truncated_count
 
@@ -100,7 +101,7 @@ def run(
     """Exact-match accuracy of the final number, greedy, with `shots` exemplars from the file."""
     items = read_gsm8k(data_path)
     if shots < 0 or shots >= len(items):
-        raise ValueError(f"shots must be in [0, {len(items) - 1}] for this file, got {shots}")
+        raise ConfigError(f"shots must be in [0, {len(items) - 1}] for this file, got {shots}")
     exemplars, scored = items[:shots], items[shots:]
     if limit > 0:
         scored = scored[:limit]

@@ -27,6 +27,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from alignkit.config import ConfigError
 from alignkit.data.load import DataError
 from alignkit.eval.bench.common import GenOptions, as_lm, field, find_file, mean, read_jsonl, truncated_count
 from alignkit.eval.bench.sandbox import run_program
@@ -92,9 +93,9 @@ def run(
 ) -> dict:
     """pass@k over the tasks (k = 1, 10, 100 up to `n_samples`)."""
     if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
     if n_samples > 1 and temperature <= 0:
-        raise ValueError("n_samples > 1 needs temperature > 0 (greedy decoding gives n identical samples)")
+        raise ConfigError("n_samples > 1 needs temperature > 0 (greedy decoding gives n identical samples)")
     tasks = read_humaneval(data_path)
     if limit > 0:
         tasks = tasks[:limit]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from alignkit.config import ConfigError
 from alignkit.data.load import DataError
 from alignkit.eval.bench.common import argmax, as_lm, mean, truncated_count
 
@@ -30,7 +31,7 @@ LETTERS = ("A", "B", "C", "D")
 
 
 def subject_of(path: Path) -> str:
-    """"high_school_biology_test.csv" -> "high_school_biology"."""
+    """The subject of a file: "high_school_biology_test.csv" -> "high_school_biology"."""
     stem = path.name[: -len(".csv")] if path.name.endswith(".csv") else path.stem
     for split in ("_test", "_dev", "_val"):
         if stem.endswith(split):
@@ -52,13 +53,17 @@ def read_mmlu_csv(path: str | Path) -> list[dict]:
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) != 6:
-                raise DataError(path, f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}", line)
+                raise DataError(
+                    path, f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}", line
+                )
             answer = row[5].strip().upper()
             if answer not in LETTERS:
                 raise DataError(path, f"answer should be one of A/B/C/D, got {row[5]!r}", line)
             if not row[0].strip():
                 raise DataError(path, "empty question", line)
-            items.append({"line": line, "question": row[0], "choices": row[1:5], "answer": LETTERS.index(answer)})
+            items.append(
+                {"line": line, "question": row[0], "choices": row[1:5], "answer": LETTERS.index(answer)}
+            )
     if not items:
         raise DataError(path, "no records")
     return items
@@ -91,7 +96,7 @@ def build_prompt(subject: str, item: dict, exemplars: list[dict]) -> str:
 def run(model, tokenizer, data_path, limit: int = 0, shots: int = 5, batch_size: int = 8) -> dict:
     """Accuracy overall (micro), macro over subjects, and per subject."""
     if shots < 0:
-        raise ValueError(f"shots must be >= 0, got {shots}")
+        raise ConfigError(f"shots must be >= 0, got {shots}")
     lm = as_lm(model, tokenizer, batch_size)
     records: list[dict] = []
     per_subject: dict[str, dict] = {}

@@ -30,6 +30,7 @@ import json
 import math
 from pathlib import Path
 
+from alignkit.config import ConfigError
 from alignkit.data.load import DataError
 from alignkit.eval.bench.common import as_lm, field, find_file, mean, read_jsonl, truncated_count
 
@@ -46,7 +47,9 @@ def _targets(rec: dict, key: str, path: Path, where: int, unit: str) -> list[tup
     if "choices" in value and "labels" in value:
         choices, labels = value["choices"], value["labels"]
         if not isinstance(choices, list) or not isinstance(labels, list) or len(choices) != len(labels):
-            raise DataError(path, f"'{key}': choices and labels must be lists of the same length", where, unit)
+            raise DataError(
+                path, f"'{key}': choices and labels must be lists of the same length", where, unit
+            )
         pairs = list(zip(choices, labels))
     else:
         pairs = list(value.items())
@@ -57,7 +60,9 @@ def _targets(rec: dict, key: str, path: Path, where: int, unit: str) -> list[tup
         if not answer.strip():
             continue  # the official file has a few empty options; see the module docstring
         if label not in (0, 1) or isinstance(label, float):
-            raise DataError(path, f"'{key}': label of {answer[:40]!r} should be 0 or 1, got {label!r}", where, unit)
+            raise DataError(
+                path, f"'{key}': label of {answer[:40]!r} should be 0 or 1, got {label!r}", where, unit
+            )
         out.append((answer, int(label)))
     n_true = sum(label for _, label in out)
     if n_true == 0 or n_true == len(out):
@@ -134,7 +139,7 @@ def build_prompt(question: str, shots: int) -> str:
 def run(model, tokenizer, data_path, limit: int = 0, shots: int = 0, batch_size: int = 8) -> dict:
     """MC1 accuracy and mean MC2 probability mass on the true answers."""
     if not 0 <= shots <= len(EXEMPLARS):
-        raise ValueError(f"shots must be in [0, {len(EXEMPLARS)}] for TruthfulQA, got {shots}")
+        raise ConfigError(f"shots must be in [0, {len(EXEMPLARS)}] for TruthfulQA, got {shots}")
     items = read_truthfulqa_mc(data_path)
     if limit > 0:
         items = items[:limit]

@@ -1,0 +1,287 @@
+"""Stage 3b, critic-free RL: GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024).
+
+    alignkit grpo --config configs/grpo.yaml model.path=runs/sft/final world=runs/world out=runs/grpo
+    alignkit rloo --config configs/grpo.yaml model.path=runs/sft/final world=runs/world out=runs/rloo
+
+Per iteration: sample `group_size` responses for each of `prompts_per_step` prompts, score
+them with any reward source, turn the scores into one advantage per response with the
+estimator named by `advantage` (a registry, ADVANTAGES), and update with the clipped surrogate.
+The KL to the frozen reference sits either in the loss (`kl_in: loss`, the k3 term of
+DeepSeekMath Eq. 3) or in the reward (`kl_in: reward`: score - beta * sum_t kl_t before the
+baseline, as RLOO does). No value model. docs/grpo.md has the details and the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from alignkit.losses.advantages import group_advantages, masked_mean, rloo_advantages
+from alignkit.losses.kl import get_kl_estimator
+from alignkit.losses.policy import entropy_from_logits, grpo_loss
+from alignkit.train.rollout import RewardConfig, Rollout, RolloutConfig, gather_logprobs, response_logits
+
+ADVANTAGES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    # (r - mean_group) / std_group: Shao et al. 2024, Sec. 4.1.2
+    "grpo": lambda r, g: group_advantages(r, g, normalize_std=True),
+    # r - mean_group, no std division: Liu et al. 2025 ("Dr. GRPO")
+    "dr_grpo": lambda r, g: group_advantages(r, g, normalize_std=False),
+    # r_i - mean_{j != i} r_j: Kool et al. 2019; Ahmadian et al. 2024
+    "rloo": rloo_advantages,
+}
+"""Sequence advantage estimators: (B*G,) scores with groups contiguous, G -> (B*G,) advantages."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """GRPO / RLOO settings. `train.batch_size` is the minibatch (responses per optimizer step)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """`model.path`: the SFT policy (required); lora_r > 0 trains LoRA and the reference is the adapter-free model."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_len=128))
+    """`data.path`: prompts (any prompt format); default WORLD/train_prompts.jsonl."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, batch_size=64, schedule="constant"))
+    """Optimizer settings: lr, betas, weight_decay, schedule, warmup_steps, batch_size (minibatch), grad_accum, max_grad_norm, precision, seed."""
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(source="gold"))
+    """Reward source: the gold judge (default), a reward model, or module:function."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling settings."""
+    world: str | None = None
+    """World directory: gold reward / metrics and the final win rate against the reference."""
+    out: str = "runs/grpo"
+    """Output directory: metrics.jsonl, eval.json, final/ (the policy)."""
+    iterations: int = 40
+    """Rollout batches."""
+    prompts_per_step: int = 8
+    """Prompts per rollout batch; the batch holds prompts_per_step * group_size responses."""
+    group_size: int = 8
+    """Responses sampled per prompt (G >= 2)."""
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """Advantage estimator, a key of ADVANTAGES."""
+    kl_coef: float = 0.04
+    """KL coefficient beta (DeepSeekMath: 0.04)."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """'loss': beta * k3 per token in the loss; 'reward': score - beta * sum_t kl_t before the baseline."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token estimator when kl_in is 'reward' (the loss always uses k3, Shao et al. Eq. 4)."""
+    updates_per_rollout: int = 1
+    """Passes over each rollout batch (GRPO's mu); with 1 and one minibatch the ratio is 1."""
+    clip_eps: float = 0.2
+    """Lower ratio clip range (and the upper one unless clip_eps_high is set)."""
+    clip_eps_high: float | None = None
+    """Upper ratio clip range (DAPO clip-higher); None: clip_eps."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """How per-token losses are averaged (policy.LOSS_AGGREGATIONS)."""
+    eval_every: int = 0
+    """Also measure greedy gold score and win rate on held-out prompts every N iterations (0: only at the end)."""
+    eval_limit: int = 0
+    """Held-out prompts used for the gold evaluation (0: all)."""
+
+
+def needs_old_logprobs(cfg: Config) -> bool:
+    """Old log-probs need their own forward pass unless each rollout feeds exactly one
+    optimizer step (then old_logp = logp.detach() in that step, exact) and the KL is not in
+    the reward (which needs the sampling policy's log-probs before the update)."""
+    batch = cfg.prompts_per_step * cfg.group_size
+    return cfg.kl_in == "reward" or cfg.updates_per_rollout > 1 or cfg.train.batch_size < batch
+
+
+def sequence_rewards(ro: Rollout, cfg: Config) -> torch.Tensor:
+    """(B,) the reward the baseline sees: the score, minus beta * sum_t kl_t when kl_in is 'reward'."""
+    if cfg.kl_in != "reward" or cfg.kl_coef == 0:
+        return ro.scores
+    kl = get_kl_estimator(cfg.kl_estimator)(ro.logprobs, ro.ref_logprobs) * ro.response_mask  # (B, T)
+    return ro.scores - cfg.kl_coef * kl.sum(-1)
+
+
+def grpo_update(
+    policy: Any,
+    ro: Rollout,
+    advantages: torch.Tensor,
+    cfg: Config,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """`updates_per_rollout` passes over shuffled minibatches; returns mean statistics and the
+    (B, T) detached log-probs of the first pass (those of the sampling policy when no separate
+    old-log-prob pass was made)."""
+    from alignkit.train.ppo import _autocast
+
+    n = len(ro)
+    mb = max(1, min(cfg.train.batch_size, n))
+    accum = max(1, cfg.train.grad_accum)
+    old_pass = needs_old_logprobs(cfg)
+    beta_loss = cfg.kl_coef if cfg.kl_in == "loss" else 0.0
+    input_ids, attention_mask = ro.input_ids, ro.attention_mask
+    params = [p for p in policy.parameters() if p.requires_grad]
+    first_logp = torch.zeros_like(ro.response_mask)
+    sums: dict[str, float] = {}
+    count = 0
+    autocast = _autocast(cfg.train.precision, ro.response_mask.device)
+    for epoch in range(cfg.updates_per_rollout):
+        order = torch.randperm(n, generator=generator).to(ro.response_mask.device)
+        for start in range(0, n, mb):
+            idx = order[start : start + mb]
+            tokens = ro.response_mask[idx].sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            stats: dict[str, float] = {}
+            for rows in idx.chunk(accum):
+                mask = ro.response_mask[rows]
+                r_ids = ro.response_ids[rows]
+                with autocast:
+                    logits = response_logits(policy, input_ids[rows], attention_mask[rows], r_ids.shape[1], cfg.rollout.temperature)
+                logp = gather_logprobs(logits, r_ids)  # (b, T)
+                old = ro.logprobs[rows] if old_pass else logp.detach()
+                ref = ro.ref_logprobs[rows] if ro.ref_logprobs is not None else None
+                loss, st = grpo_loss(logp, old, ref, advantages[rows], mask, cfg.clip_eps, beta_loss, cfg.loss_agg, cfg.clip_eps_high)
+                w = float(mask.sum() / tokens) if cfg.loss_agg == "token-mean" else len(rows) / len(idx)
+                (w * loss).backward()
+                if epoch == 0:
+                    first_logp[rows] = logp.detach() * mask
+                ent = masked_mean(entropy_from_logits(logits.detach()), mask)
+                tw = float(mask.sum() / tokens)
+                part = {"loss": w * loss.item(), "clipfrac": tw * float(st.clipfrac), "approx_kl": tw * float(st.approx_kl),
+                        "kl_k3": tw * float(st.kl), "entropy": tw * float(ent)}
+                for k, v in part.items():
+                    stats[k] = stats.get(k, 0.0) + v
+            if cfg.train.max_grad_norm > 0:
+                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}, first_logp
+
+
+def _check(cfg: Config) -> None:
+    if not cfg.model.path:
+        raise ConfigError("config key 'model.path' is required (the SFT policy directory)")
+    if not cfg.data.path and not cfg.world:
+        raise ConfigError("set data.path (a prompt file) or world (uses WORLD/train_prompts.jsonl)")
+    if cfg.group_size < 2:
+        raise ConfigError(f"config key 'group_size' must be >= 2 for a group baseline, got {cfg.group_size}")
+    if cfg.iterations <= 0 or cfg.prompts_per_step <= 0 or cfg.updates_per_rollout <= 0:
+        raise ConfigError("iterations, prompts_per_step and updates_per_rollout must be positive")
+    if cfg.advantage not in ADVANTAGES:
+        raise ConfigError(f"config key 'advantage': unknown {cfg.advantage!r} (valid: {', '.join(ADVANTAGES)})")
+
+
+def run(cfg: Config) -> dict:
+    from alignkit.memory import PeakMemory
+    from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
+    from alignkit.train.loop import build_optimizer, build_scheduler
+    from alignkit.train.rollout import (
+        append_jsonl, build_reference, build_reward_source, collect_rollout, final_gold_eval,
+        gold_fn, load_prompts, pick_device, prompt_batches,
+    )
+
+    _check(cfg)
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    device = pick_device()
+    torch.manual_seed(cfg.train.seed)
+    world = None
+    if cfg.world:
+        from alignkit.world import load_world
+
+        world = load_world(cfg.world)
+    advantage_fn = ADVANTAGES[cfg.advantage]
+
+    with PeakMemory() as mem:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        prompt_path = cfg.data.path or str(Path(cfg.world) / "train_prompts.jsonl")
+        prompt_ids, prompt_texts = load_prompts(prompt_path, tokenizer, cfg.data.max_prompt_len, cfg.data.limit, cfg.data.on_error)
+        policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
+        policy.eval()  # dropout off: the ratio must be exactly 1 before the first update
+        reference = build_reference(policy, cfg.model.path, cfg.model.lora_r > 0, device)
+        reward = build_reward_source(cfg.reward, world, device)
+        gold = gold_fn(world) if world is not None else None
+
+        batch = cfg.prompts_per_step * cfg.group_size
+        steps_per_it = cfg.updates_per_rollout * -(-batch // max(1, min(cfg.train.batch_size, batch)))
+        optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.train)
+        scheduler = build_scheduler(optimizer, cfg.train, cfg.iterations * steps_per_it)
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        batches = prompt_batches(len(prompt_ids), cfg.prompts_per_step, cfg.train.seed)
+        temperature = cfg.rollout.temperature
+        old_fn = None
+        if needs_old_logprobs(cfg):
+            def old_fn(ids, mask, r_ids):
+                return gather_logprobs(response_logits(policy, ids, mask, r_ids.shape[1], temperature), r_ids), None
+
+        def ref_fn(ids, mask, r_ids):
+            return reference.logprobs(ids, mask, r_ids, temperature)
+
+        last: dict[str, Any] = {}
+        evals: list[dict] = []
+        for it in range(1, cfg.iterations + 1):
+            t_it = time.perf_counter()
+            idx = next(batches)
+            ro = collect_rollout(
+                policy, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
+                cfg.rollout, logprob_fn=old_fn, ref_logprob_fn=ref_fn, group_size=cfg.group_size,
+                missing_eos_penalty=cfg.reward.missing_eos_penalty, seed=cfg.train.seed * 100003 + it,
+            )
+            t_roll = time.perf_counter() - t_it
+            seq_reward = sequence_rewards(ro, cfg)
+            adv = advantage_fn(seq_reward, cfg.group_size)  # (B,)
+            stats, first_logp = grpo_update(policy, ro, adv, cfg, optimizer, scheduler, gen)
+            logp = ro.logprobs if old_fn is not None else first_logp
+            kl_seq = ((logp - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
+            groups = ro.scores.view(-1, cfg.group_size)
+            row: dict[str, Any] = {
+                "step": it,
+                "reward": float(ro.scores.mean()),
+                "reward_raw": float(ro.raw_scores.mean()),
+                "reward_std_in_group": float(groups.std(dim=1).mean()),
+                "zero_std_groups": float((groups.std(dim=1) == 0).float().mean()),
+                "kl": float(kl_seq.mean()),
+                "kl_k3": stats["kl_k3"],
+                "loss": stats["loss"],
+                "entropy": stats["entropy"],
+                "clipfrac": stats["clipfrac"],
+                "approx_kl": stats["approx_kl"],
+                "response_length": float(ro.response_length.mean()),
+                "truncated_fraction": float((~ro.finished).float().mean()),
+                "beta": cfg.kl_coef,
+                "grad_norm": stats.get("grad_norm", float("nan")),
+                "lr": scheduler.get_last_lr()[0],
+                "rollout_s": t_roll,
+                "iteration_s": time.perf_counter() - t_it,
+            }
+            if gold is not None:
+                row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
+            if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+                ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
+                row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
+                evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
+            append_jsonl(metrics_path, row)
+            last = row
+
+        save_model(policy, tokenizer, out / "final")
+        result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations, "advantage": cfg.advantage,
+                                  "reward_source": cfg.reward.source}
+        if world is not None:
+            ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
+            ev["during_training"] = evals
+            (out / "eval.json").write_text(json.dumps(ev, indent=2))
+            result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
+                          win_rate_ci=ev["win_rate_ci"])
+    result.update(
+        reward=last.get("reward"), kl=last.get("kl"), gold_train=last.get("gold"),
+        wall_s=time.perf_counter() - t0, peak_mem_mb=mem.peak_mb, lora=cfg.model.lora_r > 0,
+        metrics=str(metrics_path),
+    )
+    return result

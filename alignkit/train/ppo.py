@@ -1,0 +1,430 @@
+"""Stage 3a, RLHF with PPO (InstructGPT-style): maximise a reward model's score minus a
+per-token KL penalty to the frozen SFT reference.
+
+    alignkit ppo --config configs/ppo.yaml model.path=runs/sft/final reward.model=runs/reward/final \
+        world=runs/world out=runs/ppo
+
+One iteration (docs/ppo.md has the details and the metrics):
+  1. rollout: sample one response per prompt (KV cache), record old log-probs, reference
+     log-probs and values, score with the reward source (rollout.py);
+  2. rewards: -beta * kl_t per token, plus the score on the last token (Ziegler et al. 2019);
+  3. GAE advantages and returns, advantages whitened over the batch;
+  4. `ppo_epochs` passes over shuffled minibatches of the rollout: clipped surrogate + clipped
+     value loss (Schulman et al. 2017), optional early stop when approx_kl passes a threshold;
+  5. the KL controller (fixed or adaptive) sets beta for the next rollout.
+
+Metrics go to OUT/metrics.jsonl, one line per rollout batch; the policy to OUT/final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from alignkit.losses.advantages import explained_variance, gae, masked_mean, masked_whiten
+from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
+from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
+from alignkit.train.rollout import (
+    Rollout,
+    RewardConfig,
+    RolloutConfig,
+    gather_logprobs,
+    response_logits,
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """PPO-RLHF settings. `train.batch_size` is the minibatch (responses per optimizer step)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """`model.path`: the SFT policy (required); lora_r > 0 trains LoRA and the reference is the adapter-free model."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_len=128))
+    """`data.path`: prompts (any prompt format); default WORLD/train_prompts.jsonl."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, batch_size=16, schedule="constant"))
+    """Optimizer settings: lr, betas, weight_decay, schedule, warmup_steps, batch_size (minibatch), grad_accum, max_grad_norm, precision, seed."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward source: a reward model (normalised with its stats), the gold judge, or module:function."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling settings."""
+    world: str | None = None
+    """World directory: enables gold-score metrics and the final win rate against the reference."""
+    out: str = "runs/ppo"
+    """Output directory: metrics.jsonl, eval.json, final/ (the policy)."""
+    iterations: int = 40
+    """Rollout batches (each followed by ppo_epochs of updates)."""
+    rollout_batch: int = 64
+    """Prompts (= responses) per rollout batch."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    clip_eps: float = 0.2
+    """Policy ratio clip range."""
+    clip_eps_value: float | None = 0.2
+    """Value clip range in return units (None: unclipped value loss)."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the rollout's tokens."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient beta (the initial one when kl_target is set)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward (k1: log pi - log pi_ref, as InstructGPT)."""
+    kl_target: float | None = None
+    """Adaptive KL (Ziegler et al. 2019): steer beta toward this KL per response, in nats (None: fixed beta)."""
+    kl_horizon: float = 10000.0
+    """Adaptive KL horizon (responses)."""
+    stop_approx_kl: float = 0.0
+    """Stop a rollout's remaining updates once a minibatch's approx_kl exceeds this (0: never)."""
+    value_model: Literal["separate", "shared"] = "separate"
+    """'separate': own backbone (from value_init); 'shared': a value head on the policy's backbone."""
+    value_init: str | None = None
+    """Backbone of a separate value model: default reward.model when the source is a reward model, else model.path."""
+    value_lr: float | None = None
+    """Learning rate of the value parameters (None: train.lr)."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """How per-token policy losses are averaged (policy.LOSS_AGGREGATIONS)."""
+    eval_every: int = 0
+    """Also measure greedy gold score and win rate on held-out prompts every N iterations (0: only at the end)."""
+    eval_limit: int = 0
+    """Held-out prompts used for the gold evaluation (0: all)."""
+
+
+class ValueHead(nn.Module):
+    """A scalar per position on a hidden state (B, T, H) -> (B, T); starts at exactly 0.
+
+    Zero initial values equal the mean of normalised scores, so the critic's first targets are
+    not dominated by an arbitrary offset.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1)
+
+
+class ActorCritic(nn.Module):
+    """The policy and its critic, evaluated together on [prompt; response] rows.
+
+    value_model: a `RewardModel` used per token (its own backbone), or None for a value head on
+    the policy's last hidden state (`head`, shared backbone: the value loss also trains it).
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None, head: ValueHead | None, temperature: float = 1.0):
+        super().__init__()
+        if (value_model is None) == (head is None):
+            raise ValueError("give exactly one of value_model (separate) and head (shared)")
+        self.policy = policy
+        self.value_model = value_model
+        self.head = head
+        self.temperature = temperature
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L), (B, L), (B, T) -> logits (B, T, V) over response positions, values (B, T)."""
+        T = response_ids.shape[1]
+        if self.head is not None:
+            from alignkit.models.logprobs import position_ids_from_mask
+
+            out = self.policy(
+                input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                logits_to_keep=T + 1, output_hidden_states=True,
+            )
+            logits = out.logits[:, -(T + 1) : -1]  # (B, T, V)
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            values = self.head(out.hidden_states[-1][:, -(T + 1) : -1])  # (B, T)
+            return logits, values
+        logits = response_logits(self.policy, input_ids, attention_mask, T, self.temperature)
+        values = self.value_model(input_ids, attention_mask, per_token=True)[:, -(T + 1) : -1]  # (B, T)
+        return logits, values
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        owner = self.head if self.head is not None else self.value_model
+        return [p for p in owner.parameters() if p.requires_grad]
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+
+@dataclass
+class Batch:
+    """A rollout with its advantages: what one PPO update reads. All (B, T) unless noted."""
+
+    input_ids: torch.Tensor
+    """(B, L)"""
+    attention_mask: torch.Tensor
+    """(B, L)"""
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def rows(self, idx: torch.Tensor) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
+
+
+def make_batch(ro: Rollout, beta: float, cfg: Config) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """KL-penalised rewards -> GAE -> (whitened) advantages. Returns the batch, per-token
+    rewards (B, T) and per-token kl (B, T)."""
+    mask = ro.response_mask
+    rewards, kl = kl_penalized_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, mask, beta, cfg.kl_estimator)
+    adv, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    batch = Batch(ro.input_ids, ro.attention_mask, ro.response_ids, mask, ro.logprobs, ro.values, adv, returns)
+    return batch, rewards, kl
+
+
+def ppo_update(
+    ac: ActorCritic,
+    batch: Batch,
+    cfg: Config,
+    optimizers: list[torch.optim.Optimizer],
+    schedulers: list[Any],
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """`cfg.ppo_epochs` passes of shuffled minibatches (train.batch_size rows, split into
+    train.grad_accum micro-batches whose losses are weighted to give the exact minibatch mean).
+    Returns the means of the per-minibatch statistics."""
+    n = batch.mask.shape[0]
+    mb = max(1, min(cfg.train.batch_size, n))
+    accum = max(1, cfg.train.grad_accum)
+    policy_params, value_params = ac.policy_parameters(), ac.value_parameters()
+    sums: dict[str, float] = {}
+    count, stopped = 0, False
+    autocast = _autocast(cfg.train.precision, batch.mask.device)
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=generator).to(batch.mask.device)
+        for start in range(0, n, mb):
+            idx = order[start : start + mb]
+            sub = batch.rows(idx)
+            tokens = sub.mask.sum().clamp(min=1)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            stats: dict[str, float] = {}
+            for chunk in torch.arange(len(idx), device=idx.device).chunk(accum):
+                micro = sub.rows(chunk)
+                token_w = float(micro.mask.sum() / tokens)
+                row_w = len(chunk) / len(idx)
+                with autocast:
+                    logits, values = ac(micro.input_ids, micro.attention_mask, micro.response_ids)
+                logp = gather_logprobs(logits, micro.response_ids)  # (b, T)
+                pl, pst = ppo_policy_loss(logp, micro.old_logprobs, micro.advantages, micro.mask, cfg.clip_eps, loss_agg=cfg.loss_agg)
+                vl, vclip = ppo_value_loss(values.float(), micro.old_values, micro.returns, micro.mask, cfg.clip_eps_value)
+                ent_tok = entropy_from_logits(logits if cfg.ent_coef else logits.detach())  # (b, T)
+                ent = masked_mean(ent_tok, micro.mask)
+                policy_w = token_w if cfg.loss_agg == "token-mean" else row_w
+                loss = policy_w * pl + token_w * (cfg.vf_coef * vl - cfg.ent_coef * ent)
+                loss.backward()
+                part = {
+                    "policy_loss": policy_w * pl.item(), "value_loss": token_w * vl.item(),
+                    "entropy": token_w * ent.item(), "clipfrac": token_w * float(pst.clipfrac),
+                    "approx_kl": token_w * float(pst.approx_kl), "ratio_mean": token_w * float(pst.ratio_mean),
+                    "vf_clipfrac": token_w * float(vclip),
+                }
+                for k, v in part.items():
+                    stats[k] = stats.get(k, 0.0) + v
+            if cfg.train.max_grad_norm > 0:
+                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.max_grad_norm))
+                torch.nn.utils.clip_grad_norm_(value_params, cfg.train.max_grad_norm)
+            for o, s in zip(optimizers, schedulers):
+                o.step()
+                s.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            if cfg.stop_approx_kl > 0 and stats["approx_kl"] > cfg.stop_approx_kl:
+                stopped = True
+                break
+        if stopped:
+            break
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out["updates"] = float(count)
+    out["early_stopped"] = float(stopped)
+    return out
+
+
+def _autocast(precision: str, device: torch.device):
+    import contextlib
+
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _check(cfg: Config) -> None:
+    if not cfg.model.path:
+        raise ConfigError("config key 'model.path' is required (the SFT policy directory)")
+    if not cfg.data.path and not cfg.world:
+        raise ConfigError("set data.path (a prompt file) or world (uses WORLD/train_prompts.jsonl)")
+    if cfg.iterations <= 0 or cfg.rollout_batch <= 0 or cfg.ppo_epochs <= 0:
+        raise ConfigError("iterations, rollout_batch and ppo_epochs must be positive")
+
+
+def build_value_model(cfg: Config, policy: nn.Module, device: torch.device) -> tuple[nn.Module | None, ValueHead | None]:
+    """The critic: a RewardModel on its own backbone (separate) or a head on the policy (shared)."""
+    from alignkit.models.heads import RewardModel
+
+    if cfg.value_model == "shared":
+        core = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        text = core.config.get_text_config() if hasattr(core.config, "get_text_config") else core.config
+        return None, ValueHead(int(text.hidden_size)).to(device)
+    init = cfg.value_init or (cfg.reward.model if cfg.reward.source == "model" else cfg.model.path)
+    if not init:
+        raise ConfigError("value_model=separate needs value_init, reward.model or model.path")
+    vm = RewardModel.from_pretrained(init, mode="full")
+    if vm.head is None:
+        raise ConfigError(f"value_init {init!r}: a value model needs a decoder backbone (pooling 'last')")
+    nn.init.zeros_(vm.head.weight)  # see ValueHead: start at V = 0
+    if vm.head.bias is not None:
+        nn.init.zeros_(vm.head.bias)
+    return vm.to(device), None
+
+
+def run(cfg: Config) -> dict:
+    from alignkit.memory import PeakMemory
+    from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
+    from alignkit.train.loop import build_optimizer, build_scheduler
+    from alignkit.train.rollout import (
+        append_jsonl, build_reference, build_reward_source, collect_rollout, final_gold_eval,
+        load_prompts, prompt_batches, gold_fn, pick_device,
+    )
+
+    _check(cfg)
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    device = pick_device()
+    torch.manual_seed(cfg.train.seed)
+    world = None
+    if cfg.world:
+        from alignkit.world import load_world
+
+        world = load_world(cfg.world)
+
+    with PeakMemory() as mem:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        prompt_path = cfg.data.path or str(Path(cfg.world) / "train_prompts.jsonl")
+        prompt_ids, prompt_texts = load_prompts(prompt_path, tokenizer, cfg.data.max_prompt_len, cfg.data.limit, cfg.data.on_error)
+        policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
+        policy.eval()  # dropout off throughout: the ratio must be 1 before the first update
+        reference = build_reference(policy, cfg.model.path, cfg.model.lora_r > 0, device)
+        value_model, head = build_value_model(cfg, policy, device)
+        ac = ActorCritic(policy, value_model, head, cfg.rollout.temperature)
+        ac.eval()
+        reward = build_reward_source(cfg.reward, world, device)
+        gold = gold_fn(world) if world is not None else None
+
+        n_mb = -(-cfg.rollout_batch // max(1, min(cfg.train.batch_size, cfg.rollout_batch)))
+        total_steps = cfg.iterations * cfg.ppo_epochs * n_mb
+        opt_p = build_optimizer(ac.policy_parameters(), cfg.train)
+        vtrain = dataclasses.replace(cfg.train, lr=cfg.value_lr if cfg.value_lr is not None else cfg.train.lr)
+        opt_v = build_optimizer(ac.value_parameters(), vtrain)
+        optimizers = [opt_p, opt_v]
+        schedulers = [build_scheduler(opt_p, cfg.train, total_steps), build_scheduler(opt_v, vtrain, total_steps)]
+        controller = (
+            AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+            if cfg.kl_target is not None else FixedKLController(cfg.kl_coef)
+        )
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        batches = prompt_batches(len(prompt_ids), cfg.rollout_batch, cfg.train.seed)
+
+        def logprob_fn(ids, mask, r_ids):
+            logits, values = ac(ids, mask, r_ids)
+            return gather_logprobs(logits, r_ids), values.float()
+
+        def ref_fn(ids, mask, r_ids):
+            return reference.logprobs(ids, mask, r_ids, cfg.rollout.temperature)
+
+        last: dict[str, Any] = {}
+        evals: list[dict] = []
+        for it in range(1, cfg.iterations + 1):
+            t_it = time.perf_counter()
+            idx = next(batches)
+            ro = collect_rollout(
+                policy, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
+                cfg.rollout, logprob_fn=logprob_fn, ref_logprob_fn=ref_fn,
+                missing_eos_penalty=cfg.reward.missing_eos_penalty, seed=cfg.train.seed * 100003 + it,
+            )
+            t_roll = time.perf_counter() - t_it
+            beta = controller.beta
+            batch, rewards, kl = make_batch(ro, beta, cfg)
+            kl_seq = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
+            stats = ppo_update(ac, batch, cfg, optimizers, schedulers, gen)
+            controller.update(float(kl.sum(-1).mean()), n_steps=len(ro))
+            mask = ro.response_mask
+            row: dict[str, Any] = {
+                "step": it,
+                "reward": float(ro.scores.mean()),
+                "reward_raw": float(ro.raw_scores.mean()),
+                "kl": float(kl_seq.mean()),
+                "kl_penalty": float((beta * kl.sum(-1)).mean()),
+                "total_reward": float(rewards.sum(-1).mean()),
+                "entropy": stats["entropy"],
+                "clipfrac": stats["clipfrac"],
+                "approx_kl": stats["approx_kl"],
+                "ratio_mean": stats["ratio_mean"],
+                "policy_loss": stats["policy_loss"],
+                "value_loss": stats["value_loss"],
+                "vf_clipfrac": stats["vf_clipfrac"],
+                "explained_variance": float(explained_variance(ro.values, batch.returns, mask)),
+                "response_length": float(ro.response_length.mean()),
+                "truncated_fraction": float((~ro.finished).float().mean()),
+                "beta": beta,
+                "grad_norm": stats.get("grad_norm", float("nan")),
+                "updates": stats["updates"],
+                "lr": schedulers[0].get_last_lr()[0],
+                "rollout_s": t_roll,
+                "iteration_s": time.perf_counter() - t_it,
+            }
+            if gold is not None:
+                row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
+            if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+                ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
+                row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
+                evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
+            append_jsonl(metrics_path, row)
+            last = row
+            del mask
+
+        save_model(policy, tokenizer, out / "final")
+        result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations}
+        if world is not None:
+            ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
+            ev["during_training"] = evals
+            (out / "eval.json").write_text(json.dumps(ev, indent=2))
+            result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
+                          win_rate_ci=ev["win_rate_ci"])
+    result.update(
+        reward=last.get("reward"), kl=last.get("kl"), beta=controller.beta,
+        gold_train=last.get("gold"), wall_s=time.perf_counter() - t0, peak_mem_mb=mem.peak_mb,
+        value_model=cfg.value_model, lora=cfg.model.lora_r > 0, metrics=str(metrics_path),
+    )
+    return result

@@ -1,0 +1,529 @@
+"""Rollout machinery shared by PPO, GRPO and RLOO: sample, score, and record what the update needs.
+
+    source = build_reward_source(cfg.reward, tokenizer, world)        # reward model, gold, or module:function
+    ro = collect_rollout(policy, tokenizer, prompt_ids, prompt_texts, source, cfg.rollout,
+                         logprob_fn=..., ref_logprob_fn=..., group_size=G)
+    ro.response_ids, ro.response_mask, ro.logprobs, ro.ref_logprobs, ro.values, ro.scores
+
+Legend: B responses in the rollout (prompts x group size), P longest prompt, T longest response,
+V vocabulary, L = P + T.
+
+Layout: prompts are LEFT-padded to P and responses RIGHT-padded to T, so `input_ids = [prompt;
+response]` (B, L) has every prompt ending at column P-1 and every response starting at column P.
+Per-token tensors (logprobs, values, rewards, masks) are (B, T) and aligned with
+`response_ids`: entry t belongs to the response token at column P+t, and is computed from the
+model's output at column P-1+t (the position that predicts that token). A response token's
+mask is 1 up to and including its EOS; a response cut at `max_new_tokens` has no EOS and its
+`finished` flag is False.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+from alignkit.models.generate import HFGenerator, SamplingParams
+from alignkit.models.logprobs import position_ids_from_mask
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Where the sequence score of a response comes from."""
+
+    source: Literal["model", "gold", "function"] = "model"
+    """'model': a reward model directory; 'gold': the world's gold judge; 'function': module:function."""
+    model: str | None = None
+    """Reward model directory (alignkit reward's OUT/final) when source is 'model'."""
+    function: str | None = None
+    """'module:function' taking (prompts: list[str], responses: list[str]) -> list[float]."""
+    normalize: bool = True
+    """Reward model only: (r - mean) / std with the reward_stats.json stored with the model."""
+    clip: float = 0.0
+    """Clip scores to [-clip, clip] after normalisation (0: no clipping)."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of a response that never reached EOS (0: no penalty)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How responses are sampled and how the log-prob passes are chunked."""
+
+    max_new_tokens: int = 32
+    """Longest response sampled (EOS included)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are taken from logits / temperature, as sampled."""
+    generation_batch_size: int = 64
+    """Prompts decoded together (KV cache)."""
+    forward_batch_size: int = 64
+    """Rows per forward pass when recomputing log-probs and values without gradients."""
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses with everything an RL update needs (see the module legend).
+
+    Per-token tensors are 0 on padding. Rows of one prompt's group are contiguous.
+    """
+
+    prompt_ids: torch.Tensor
+    """(B, P) long, left-padded."""
+    prompt_mask: torch.Tensor
+    """(B, P) long, 1 on prompt tokens."""
+    response_ids: torch.Tensor
+    """(B, T) long, right-padded; includes the EOS when one was sampled."""
+    response_mask: torch.Tensor
+    """(B, T) float, 1 on response tokens (EOS included)."""
+    logprobs: torch.Tensor
+    """(B, T) log-probs of the sampled tokens under the policy that sampled them (old_logp)."""
+    ref_logprobs: torch.Tensor | None
+    """(B, T) the same under the frozen reference, or None when no reference is used."""
+    values: torch.Tensor | None
+    """(B, T) value estimates V(s_t) at the position predicting token t, or None (critic-free)."""
+    scores: torch.Tensor
+    """(B,) the score RL optimises: source score, normalised, clipped, minus the EOS penalty."""
+    raw_scores: torch.Tensor
+    """(B,) the reward source's own numbers, before normalisation, clipping and penalty."""
+    finished: torch.Tensor
+    """(B,) bool, True when the response ended with EOS."""
+    prompts: list[str]
+    """(B,) prompt texts as the policy saw them."""
+    responses: list[str]
+    """(B,) decoded responses, special tokens removed."""
+    group_size: int = 1
+    """Responses per prompt (G); B is a multiple of it."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, L) prompt followed by response."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, L) 1 on real tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    @property
+    def response_length(self) -> torch.Tensor:
+        """(B,) response tokens per row."""
+        return self.response_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+
+# ---------------------------------------------------------------------------------- padding
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids and mask with every sequence flush right."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask with every sequence flush left (T is at least 1)."""
+    width = max(1, max((len(s) for s in seqs), default=0))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+            mask[r, : len(s)] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------- log-probs
+def _core(model: Any) -> Any:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def response_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """(B, T, V) logits / temperature at the T positions that predict the response tokens.
+
+    Positions come from the mask, so padding on either side does not change the result. Only the
+    last T + 1 positions go through the LM head (`logits_to_keep`): the prompt's logits are
+    never built.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=n_response + 1,
+    )
+    logits = out.logits[:, -(n_response + 1) : -1]  # (B, T, V): column P-1+t predicts token t
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position: (B, T, V), (B, T) -> (B, T) float32.
+
+    Gathered logit minus logsumexp, so the (B, T, V) log-softmax is never materialised.
+    """
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()  # (B, T)
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def response_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(B, T) log-probs of `response_ids` (the last T columns of `input_ids`) under `model`."""
+    logits = response_logits(model, input_ids, attention_mask, response_ids.shape[1], temperature)
+    return gather_logprobs(logits, response_ids)
+
+
+def in_chunks(fn: Callable[..., Any], rows: int, *tensors: torch.Tensor) -> Any:
+    """Apply `fn` to row chunks of `tensors` and concatenate the results along dim 0.
+
+    `fn` returns a tensor or a tuple of tensors (None entries stay None).
+    """
+    outs = [fn(*(t[i : i + rows] for t in tensors)) for i in range(0, tensors[0].shape[0], max(1, rows))]
+    if isinstance(outs[0], tuple):
+        return tuple(None if o[0] is None else torch.cat(o, dim=0) for o in zip(*outs))
+    return torch.cat(outs, dim=0)
+
+
+# ---------------------------------------------------------------------------------- reward sources
+class RewardSource(Protocol):
+    """Scores whole responses: one float per (prompt, response)."""
+
+    def __call__(
+        self, prompts: list[str], responses: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, raw_scores), both (B,) float32. `input_ids`/`attention_mask` (B, L) are
+        the policy's tokens of prompt + response, for sources that read ids directly."""
+        ...
+
+
+class RewardModelSource:
+    """A learned reward model's score of the full sequence (the proxy, in RLHF).
+
+    With `normalize`, scores become (r - mean) / std using the statistics stored with the reward
+    model (reward_stats.json), so a fixed KL coefficient means the same across reward models;
+    `clip` then bounds them. The reward model must share the policy's vocabulary (it reads the
+    policy's token ids, EOS included, exactly as it was trained on them).
+    """
+
+    def __init__(self, model: Any, normalize: bool = True, clip: float = 0.0, batch_size: int = 64):
+        if normalize and getattr(model, "stats", None) is None:
+            raise ValueError(
+                "the reward model has no reward_stats.json to normalise with; set reward.normalize=false"
+            )
+        self.model = model
+        self.normalize = normalize
+        self.clip = clip
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses, input_ids, attention_mask):
+        self.model.eval()
+        raw = in_chunks(lambda i, m: self.model(i, m).float(), self.batch_size, input_ids, attention_mask)  # (B,)
+        scores = self.model.normalize(raw) if self.normalize else raw
+        if self.clip > 0:
+            scores = scores.clamp(-self.clip, self.clip)
+        return scores, raw
+
+
+class FunctionSource:
+    """Any Python function `fn(prompts, responses) -> list[float]` (the gold judge is one)."""
+
+    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]], name: str = "function", clip: float = 0.0):
+        self.fn = fn
+        self.name = name
+        self.clip = clip
+
+    def __call__(self, prompts, responses, input_ids, attention_mask):
+        values = list(self.fn(list(prompts), list(responses)))
+        if len(values) != len(responses):
+            raise ValueError(f"reward function {self.name} returned {len(values)} scores for {len(responses)} responses")
+        for i, v in enumerate(values):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"reward function {self.name} returned {v!r} for response {i}; expected a finite number")
+        raw = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        scores = raw.clamp(-self.clip, self.clip) if self.clip > 0 else raw.clone()
+        return scores, raw
+
+
+def gold_fn(world: Any) -> Callable[[list[str], list[str]], list[float]]:
+    """The world's gold judge as a reward function (scores in [0, 1])."""
+    return lambda prompts, responses: [world.judge(p, r).total for p, r in zip(prompts, responses)]
+
+
+def import_function(spec: str) -> Callable:
+    """'package.module:function' -> the function (ValueError naming the spec when it fails)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward.function {spec!r} must look like 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward.function {spec!r}: cannot import {module_name!r}: {e}") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"reward.function {spec!r}: {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ValueError(f"reward.function {spec!r} is not callable")
+    return fn
+
+
+def _model_source(cfg: RewardConfig, world: Any, device: Any) -> RewardSource:
+    from alignkit.models.heads import load_reward_model
+
+    if not cfg.model:
+        raise ValueError("reward.source=model needs reward.model (a reward model directory)")
+    rm = load_reward_model(cfg.model).to(device)
+    rm.requires_grad_(False)
+    return RewardModelSource(rm, normalize=cfg.normalize, clip=cfg.clip)
+
+
+def _gold_source(cfg: RewardConfig, world: Any, device: Any) -> RewardSource:
+    if world is None:
+        raise ValueError("reward.source=gold needs world (a directory written by alignkit world)")
+    return FunctionSource(gold_fn(world), name="gold", clip=cfg.clip)
+
+
+def _function_source(cfg: RewardConfig, world: Any, device: Any) -> RewardSource:
+    if not cfg.function:
+        raise ValueError("reward.source=function needs reward.function ('module:function')")
+    return FunctionSource(import_function(cfg.function), name=cfg.function, clip=cfg.clip)
+
+
+REWARD_SOURCES: dict[str, Callable[[RewardConfig, Any, Any], RewardSource]] = {
+    "model": _model_source,
+    "gold": _gold_source,
+    "function": _function_source,
+}
+
+
+def build_reward_source(cfg: RewardConfig, world: Any = None, device: Any = "cpu") -> RewardSource:
+    """The reward source named by `cfg.source` (see REWARD_SOURCES)."""
+    try:
+        make = REWARD_SOURCES[cfg.source]
+    except KeyError:
+        raise ValueError(f"unknown reward.source {cfg.source!r} (valid: {', '.join(REWARD_SOURCES)})") from None
+    return make(cfg, world, device)
+
+
+# ---------------------------------------------------------------------------------- collection
+LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+"""(input_ids (B, L), attention_mask (B, L), response_ids (B, T)) -> (logprobs (B, T), values (B, T) or None)."""
+RefLogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""The same signature, returning the reference's (B, T) log-probs."""
+
+
+@torch.no_grad()
+def collect_rollout(
+    policy: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    prompt_texts: Sequence[str],
+    reward: RewardSource,
+    cfg: RolloutConfig,
+    *,
+    logprob_fn: LogprobFn | None,
+    ref_logprob_fn: RefLogprobFn | None = None,
+    group_size: int = 1,
+    missing_eos_penalty: float = 0.0,
+    seed: int | None = None,
+) -> Rollout:
+    """Sample `group_size` responses per prompt with the KV-cached generator, then score them.
+
+    logprob_fn: the policy's (B, T) log-probs of the sampled tokens, plus values when there is a
+        critic; recomputed with a plain forward (not taken from the sampler) so they match the
+        update's forward exactly. None skips it (logprobs are then zeros: the caller fills them
+        from its first update, as GRPO does with one update per rollout).
+    ref_logprob_fn: the frozen reference's log-probs, or None.
+    missing_eos_penalty: subtracted from `scores` where a response has no EOS.
+    """
+    device = next(policy.parameters()).device
+    rows = [list(p) for p in prompt_ids for _ in range(group_size)]  # group members contiguous
+    texts = [t for t in prompt_texts for _ in range(group_size)]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+    gen = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size).generate(rows, params)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else pad_id
+    p_ids, p_mask = pad_left(rows, pad_id)  # (B, P)
+    r_ids, r_mask = pad_right(list(gen), pad_id)  # (B, T)
+    p_ids, p_mask, r_ids, r_mask = (t.to(device) for t in (p_ids, p_mask, r_ids, r_mask))
+    input_ids = torch.cat([p_ids, r_ids], dim=1)  # (B, L)
+    attention_mask = torch.cat([p_mask, r_mask], dim=1)  # (B, L)
+    finished = torch.tensor(gen.finished, dtype=torch.bool, device=device)
+    responses = [tokenizer.decode(r, skip_special_tokens=True) for r in gen]
+    mask = r_mask.float()
+
+    was_training = policy.training
+    policy.eval()  # no dropout in the log-prob pass: old_logp must be the sampling distribution
+    try:
+        if logprob_fn is not None:
+            logp, values = in_chunks(logprob_fn, cfg.forward_batch_size, input_ids, attention_mask, r_ids)
+        else:
+            logp, values = torch.zeros_like(mask), None
+        ref = None
+        if ref_logprob_fn is not None:
+            ref = in_chunks(ref_logprob_fn, cfg.forward_batch_size, input_ids, attention_mask, r_ids) * mask
+    finally:
+        policy.train(was_training)
+    scores, raw = reward(texts, responses, input_ids, attention_mask)
+    scores = scores.to(device).float() - missing_eos_penalty * (~finished).float()
+    return Rollout(
+        prompt_ids=p_ids,
+        prompt_mask=p_mask,
+        response_ids=r_ids,
+        response_mask=mask,
+        logprobs=logp * mask,
+        ref_logprobs=ref,
+        values=None if values is None else values * mask,
+        scores=scores,
+        raw_scores=raw.to(device).float(),
+        finished=finished,
+        prompts=texts,
+        responses=responses,
+        group_size=group_size,
+    )
+
+
+# ---------------------------------------------------------------------------------- prompts
+def prompt_batches(n: int, batch: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of `batch` prompt indices: a fresh seeded shuffle of range(n) per epoch,
+    batches never straddling two epochs' duplicates (a batch may wrap into the next epoch)."""
+    if n <= 0:
+        raise ValueError("no prompts to sample from")
+    epoch, queue = 0, []
+    while True:
+        while len(queue) < batch:
+            order = list(range(n))
+            random.Random(f"alignkit-rollout:{seed}:{epoch}").shuffle(order)
+            queue += order
+            epoch += 1
+        yield queue[:batch]
+        queue = queue[batch:]
+
+
+def load_prompts(path: str, tokenizer: Any, max_prompt_len: int, limit: int = 0, on_error: str = "raise"):
+    """Prompt records from `path`, their ids (left-truncated to max_prompt_len) and rendered texts."""
+    from alignkit.data.load import load_records
+    from alignkit.data.tokenize import TruncationLimits, render_prompt, tokenize_prompts
+
+    records = load_records(path, kind="prompt", on_error=on_error, limit=limit).records
+    if not records:
+        raise ValueError(f"{path}: no prompts")
+    items, _ = tokenize_prompts(tokenizer, records, TruncationLimits(max_prompt_len=max_prompt_len, max_len=None))
+    texts = [render_prompt(tokenizer, r.prompt) for r in records]
+    return [it.prompt_ids for it in items], texts
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def greedy_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+    """Greedy decoded responses (special tokens removed)."""
+    gen = HFGenerator(model, tokenizer).generate([list(p) for p in prompt_ids],
+                                                 SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in gen]
+
+
+def gold_comparison(
+    world: Any, prompts: Sequence[str], policy_responses: Sequence[str], ref_responses: Sequence[str]
+) -> dict:
+    """Gold score of both sides and the policy's win rate against the reference.
+
+    Per prompt the gold judge scores both responses: a higher score is a win (1), equal a tie
+    (0.5), lower a loss (0). `win_rate_ci` is a 95% Wilson interval.
+    """
+    from alignkit.eval.winrate import win_rate
+
+    a = [world.judge(p, r).total for p, r in zip(prompts, policy_responses)]
+    b = [world.judge(p, r).total for p, r in zip(prompts, ref_responses)]
+    outcomes = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    rate, lo, hi = win_rate(outcomes)
+    return {
+        "gold": sum(a) / len(a),
+        "gold_ref": sum(b) / len(b),
+        "win_rate": rate,
+        "win_rate_ci": [lo, hi],
+        "wins": outcomes.count(1.0),
+        "ties": outcomes.count(0.5),
+        "losses": outcomes.count(0.0),
+        "n": len(a),
+    }
+
+
+# ---------------------------------------------------------------------------------- reference
+class Reference:
+    """The frozen reference policy pi_ref: its own frozen copy, or, for a LoRA policy, the same
+    model with the adapter disabled (no second copy of the weights in memory)."""
+
+    def __init__(self, policy: Any, model: Any = None):
+        if model is None and not hasattr(policy, "disable_adapter"):
+            raise ValueError("a reference without its own model needs a LoRA (peft) policy")
+        self.policy = policy
+        self.model = model
+        if model is not None:
+            model.requires_grad_(False)
+            model.eval()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Any]:
+        """The reference as a callable model, for the duration of the block."""
+        if self.model is not None:
+            yield self.model
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
+    @torch.no_grad()
+    def logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """(B, T) reference log-probs of the response tokens."""
+        with self.active() as model:
+            return response_logprobs(model, input_ids, attention_mask, response_ids, temperature)
+
+
+def build_reference(policy: Any, model_path: str, lora: bool, device: Any) -> Reference:
+    """Adapter-disabled policy when `lora`, else a frozen copy loaded from `model_path`."""
+    if lora:
+        return Reference(policy)
+    from alignkit.models.load import load_model
+
+    return Reference(policy, load_model(model_path).to(device))
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def append_jsonl(path: Any, row: dict) -> None:
+    """Append one JSON line (metrics are written as they come, so a killed run keeps them)."""
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def final_gold_eval(
+    policy: Any, reference: Reference, tokenizer: Any, world: Any, world_dir: str, limit: int, max_new_tokens: int
+) -> dict:
+    """Greedy responses of the policy and the reference on the world's held-out prompts, judged."""
+    ids, texts = load_prompts(f"{world_dir}/eval_prompts.jsonl", tokenizer, max_prompt_len=512, limit=limit)
+    mine = greedy_responses(policy, tokenizer, ids, max_new_tokens)
+    with reference.active() as ref:
+        theirs = greedy_responses(ref, tokenizer, ids, max_new_tokens)
+    out = gold_comparison(world, texts, mine, theirs)
+    out["examples"] = [{"prompt": p, "policy": a, "reference": b} for p, a, b in list(zip(texts, mine, theirs))[:: max(1, len(texts) // 12)]]
+    return out
