@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strict", action="store_true", help="stop at the first malformed record")
     q.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("bench", help="capability and safety benchmarks (GSM8K, MMLU, TruthfulQA, BBQ, HumanEval, toxicity)")
+    p.add_argument("name", choices=["gsm8k", "mmlu", "truthfulqa", "bbq", "humaneval", "toxicity"])
+    p.add_argument("--model", required=True, help="local model directory")
+    p.add_argument("--data", required=True, help="the benchmark's file or folder in its official format")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N items (0: all)")
+    p.add_argument("--shots", type=int, default=None, help="few-shot examples (benchmarks that use them)")
+    p.add_argument("--out", help="write metrics and per-item records to this JSON file")
+    p.add_argument("options", nargs="*", metavar="key=value", help="benchmark options (see docs/evaluation.md)")
+
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in world")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests (about a minute)")
@@ -152,6 +161,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "data":
         return _data(args)
+    if args.command == "bench":
+        from alignkit.eval.bench import parse_options, run_bench
+
+        result = run_bench(args.name, args.model, args.data, args.limit, args.out, shots=args.shots,
+                           **parse_options(args.name, args.options))
+        print(json.dumps(result["metrics"], indent=2, default=str))
+        return 0
     if args.command == "demo":
         from alignkit.pipeline import demo
 

@@ -95,8 +95,8 @@ def lora_policy(base):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     merged = copy.deepcopy(peft).merge_and_unload()
     return peft.eval(), merged.eval()
 
@@ -126,7 +126,7 @@ def test_three_reference_modes_give_the_same_loss(base, items, tok, lora_policy,
     outs = _three_modes(cfg, base, peft, merged, items, tok.pad_token_id)
     n = len(items)
     losses = {k: float(o.loss) / o.weight for k, o in outs.items()}
-    assert abs(losses["copy"] - LN2) > 1e-3  # the policy really differs from the reference
+    assert abs(outs["copy"].metrics["rewards/margins"]) > 1e-2  # the policy really differs from the reference
     for k in ("precomputed", "lora"):
         assert losses[k] == pytest.approx(losses["copy"], abs=1e-5)
         assert outs[k].weight == n

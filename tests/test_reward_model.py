@@ -212,7 +212,12 @@ def test_lora_mode_saves_merged_weights(tok, tmp_path):
 def test_seq_cls_backbones(tok, tmp_path):
     """An encoder (BERT) uses its own pooling + classifier after moving rows to right padding; a
     Llama-for-sequence-classification is read at the last real token with its `score` layer."""
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     bert = BertForSequenceClassification(
         BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

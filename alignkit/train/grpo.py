@@ -180,8 +180,15 @@ def run(cfg: Config) -> dict:
     from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
     from alignkit.train.loop import build_optimizer, build_scheduler
     from alignkit.train.rollout import (
-        append_jsonl, build_reference, build_reward_source, collect_rollout, final_gold_eval,
-        gold_fn, load_prompts, pick_device, prompt_batches,
+        append_jsonl,
+        build_reference,
+        build_reward_source,
+        collect_rollout,
+        final_gold_eval,
+        gold_fn,
+        load_prompts,
+        pick_device,
+        prompt_batches,
     )
 
     _check(cfg)

@@ -33,8 +33,8 @@ from alignkit.losses.advantages import explained_variance, gae, masked_mean, mas
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from alignkit.train.rollout import (
-    Rollout,
     RewardConfig,
+    Rollout,
     RolloutConfig,
     gather_logprobs,
     response_logits,
@@ -311,8 +311,15 @@ def run(cfg: Config) -> dict:
     from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
     from alignkit.train.loop import build_optimizer, build_scheduler
     from alignkit.train.rollout import (
-        append_jsonl, build_reference, build_reward_source, collect_rollout, final_gold_eval,
-        load_prompts, prompt_batches, gold_fn, pick_device,
+        append_jsonl,
+        build_reference,
+        build_reward_source,
+        collect_rollout,
+        final_gold_eval,
+        gold_fn,
+        load_prompts,
+        pick_device,
+        prompt_batches,
     )
 
     _check(cfg)

@@ -1,0 +1,383 @@
+"""PPO-RLHF: rollout layout and EOS handling, reward sources, the KL-penalised reward, value
+heads, one PPO update, the adaptive KL coefficient, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig
+
+from alignkit.config import load_config
+from alignkit.losses.kl import AdaptiveKLController
+from alignkit.models.heads import RewardModel, RewardStats
+from alignkit.models.load import save_model, tiny_llama
+from alignkit.train import ppo
+from alignkit.train.rollout import (
+    FunctionSource,
+    RewardConfig,
+    RewardModelSource,
+    Rollout,
+    RolloutConfig,
+    build_reward_source,
+    collect_rollout,
+    gold_comparison,
+    pad_left,
+    pad_right,
+    prompt_batches,
+    response_logprobs,
+)
+
+# ------------------------------------------------------------------ a scripted language model
+PAD, EOS = 0, 1
+NEXT = {0: 2, 1: 2, 2: 3, 3: 4, 4: 5, 5: EOS, 6: 7, 7: 6}
+"""Token k is always followed by NEXT[k]: 2 -> 3 -> 4 -> 5 -> EOS, while 6 <-> 7 never ends."""
+
+
+class ScriptedLM(nn.Module):
+    """Puts logit 50 on NEXT[last token] at every position (other logits 0), so sampling at
+    temperature 1 is deterministic and the log-prob of the scripted token is ~0 while any
+    other token's is ~-50: a log-prob read at the wrong position shows up at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                  intermediate_size=8, eos_token_id=EOS, pad_token_id=PAD)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
+        table = torch.tensor([NEXT[i] for i in range(8)])
+        logits = torch.nn.functional.one_hot(table[input_ids], 8).float() * 50.0 + self.dummy
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return SimpleNamespace(logits=logits)
+
+
+class LetterTokenizer:
+    eos_token_id, pad_token_id = EOS, PAD
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("abcdefgh"[i] for i in ids if i not in (PAD, EOS))
+
+
+def _lp(model, ids, mask, r_ids):
+    return response_logprobs(model, ids, mask, r_ids), None
+
+
+def test_rollout_layout_masks_and_eos():
+    """Prompts [2,3], [6], [4] with max_new_tokens=3 give responses
+        [4,5,EOS] (finished), [7,6,7] (never ends: cut, unfinished), [5,EOS] (finished, 2 tokens)
+    so T = 3; prompts are left-padded to P = 2, responses right-padded. Scores are the decoded
+    length ('ef' 2, 'hgh' 3, 'f' 1) minus the missing-EOS penalty 0.5 on the unfinished row."""
+    lm, tok = ScriptedLM(), LetterTokenizer()
+    source = FunctionSource(lambda p, r: [float(len(x)) for x in r])
+    ro = collect_rollout(lm, tok, [[2, 3], [6], [4]], ["p0", "p1", "p2"], source,
+                         RolloutConfig(max_new_tokens=3), logprob_fn=_lp, missing_eos_penalty=0.5, seed=0)
+    assert ro.prompt_ids.tolist() == [[2, 3], [PAD, 6], [PAD, 4]]
+    assert ro.prompt_mask.tolist() == [[1, 1], [0, 1], [0, 1]]
+    assert ro.response_ids.tolist() == [[4, 5, EOS], [7, 6, 7], [5, EOS, PAD]]
+    assert ro.response_mask.tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 0]]
+    assert ro.finished.tolist() == [True, False, True]
+    assert ro.responses == ["ef", "hgh", "f"]
+    assert ro.raw_scores.tolist() == [2.0, 3.0, 1.0]
+    assert ro.scores.tolist() == [2.0, 2.5, 1.0]
+    # the scripted token's log-prob is ~0 at every valid position, exactly 0 on padding
+    assert ro.logprobs.abs().max() < 1e-6
+    assert ro.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 1, 1, 1, 0]]
+    assert ro.response_length.tolist() == [3, 3, 2]
+
+
+def test_rollout_groups_are_contiguous():
+    lm, tok = ScriptedLM(), LetterTokenizer()
+    source = FunctionSource(lambda p, r: [float(len(x)) for x in r])
+    ro = collect_rollout(lm, tok, [[2, 3], [4]], ["a", "b"], source, RolloutConfig(max_new_tokens=4),
+                         logprob_fn=None, group_size=3)
+    assert ro.prompts == ["a", "a", "a", "b", "b", "b"]
+    assert ro.prompt_ids.tolist() == [[2, 3]] * 3 + [[PAD, 4]] * 3
+    assert ro.group_size == 3 and len(ro) == 6
+    assert torch.equal(ro.logprobs, torch.zeros(6, 3))  # no log-prob pass was asked for
+
+
+def test_response_logprobs_match_unpadded_naive_reference():
+    """Batched log-probs with left-padded prompts and right-padded responses equal a plain
+    per-row computation without padding: log softmax(logits[len(prompt) - 1 + t])[response[t]]."""
+    model = tiny_llama("nano", vocab_size=40, seed=1).eval()
+    prompts = [[5, 6, 7, 8], [9], [10, 11]]
+    responses = [[12, 13], [14, 15, 16, 17], [18]]
+    p_ids, p_mask = pad_left(prompts, 0)
+    r_ids, r_mask = pad_right(responses, 0)
+    with torch.no_grad():
+        lp = response_logprobs(model, torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_ids)
+        for b, (p, r) in enumerate(zip(prompts, responses)):
+            logits = model(torch.tensor([p + r])).logits[0].log_softmax(-1)
+            naive = [logits[len(p) - 1 + t, tok].item() for t, tok in enumerate(r)]
+            assert lp[b, : len(r)].tolist() == pytest.approx(naive, abs=1e-5)
+
+
+def test_prompt_batches_cover_every_prompt_each_epoch():
+    it = prompt_batches(5, 2, seed=0)
+    first = [next(it) for _ in range(5)]  # 10 indices = two epochs of 5
+    flat = [i for b in first for i in b]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:]) == list(range(5))
+
+
+# ------------------------------------------------------------------ reward sources
+def test_reward_from_module_function(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, responses):\n    return [len(r) - len(p) for p, r in zip(prompts, responses)]\n"
+        "def short(prompts, responses):\n    return [1.0]\n"
+        "def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = build_reward_source(RewardConfig(source="function", function="my_rewards:length"))
+    scores, raw = source(["ab", "c"], ["abcd", "c"], None, None)
+    assert scores.tolist() == [2.0, 0.0] and raw.tolist() == [2.0, 0.0]
+    clipped = build_reward_source(RewardConfig(source="function", function="my_rewards:length", clip=1.0))
+    assert clipped(["ab", "c"], ["abcd", "c"], None, None)[0].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="returned 1 scores for 2"):
+        build_reward_source(RewardConfig(source="function", function="my_rewards:short"))(["a", "b"], ["x", "y"], None, None)
+    with pytest.raises(ValueError, match="finite"):
+        build_reward_source(RewardConfig(source="function", function="my_rewards:nan"))(["a"], ["x"], None, None)
+    with pytest.raises(ValueError, match="module:function"):
+        build_reward_source(RewardConfig(source="function", function="my_rewards"))
+    with pytest.raises(ValueError, match="no attribute"):
+        build_reward_source(RewardConfig(source="function", function="my_rewards:missing"))
+    with pytest.raises(ValueError, match="needs world"):
+        build_reward_source(RewardConfig(source="gold"))
+
+
+def test_reward_model_source_normalises_with_stored_stats_and_clips():
+    rm = RewardModel.from_model(tiny_llama("nano", vocab_size=40, seed=2), seed=2).eval()
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with torch.no_grad():
+        raw = rm(ids, mask)
+    rm.stats = RewardStats(mean=float(raw.mean()), std=float((raw[0] - raw[1]).abs()) / 4, n=2)
+    scores, got_raw = RewardModelSource(rm, normalize=True)(None, None, ids, mask)
+    assert got_raw.tolist() == pytest.approx(raw.tolist())
+    # the two raw rewards sit at mean -/+ half their gap = mean -/+ 2 std
+    assert sorted(scores.tolist()) == pytest.approx([-2.0, 2.0], abs=1e-4)
+    clipped, _ = RewardModelSource(rm, normalize=True, clip=1.5)(None, None, ids, mask)
+    assert sorted(clipped.tolist()) == pytest.approx([-1.5, 1.5])
+    rm.stats = None
+    with pytest.raises(ValueError, match="reward_stats"):
+        RewardModelSource(rm, normalize=True)
+
+
+def test_gold_comparison_counts_ties_half():
+    world = SimpleNamespace(judge=lambda p, r: SimpleNamespace(total={"good": 1.0, "ok": 0.5, "bad": 0.0}[r]))
+    out = gold_comparison(world, ["q"] * 4, ["good", "ok", "bad", "ok"], ["bad", "ok", "good", "bad"])
+    assert (out["wins"], out["ties"], out["losses"]) == (2, 1, 1)
+    assert out["win_rate"] == pytest.approx((2 + 0.5) / 4)
+    assert out["gold"] == pytest.approx(2.0 / 4) and out["gold_ref"] == pytest.approx(1.5 / 4)
+
+
+# ------------------------------------------------------------------ rewards, advantages
+def _rollout(logp, ref, mask, scores, values=None) -> Rollout:
+    B, T = mask.shape
+    return Rollout(
+        prompt_ids=torch.ones(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
+        response_ids=torch.ones(B, T, dtype=torch.long), response_mask=mask, logprobs=logp, ref_logprobs=ref,
+        values=torch.zeros(B, T) if values is None else values, scores=scores, raw_scores=scores,
+        finished=torch.ones(B, dtype=torch.bool), prompts=[""] * B, responses=[""] * B,
+    )
+
+
+def test_kl_penalised_reward_layout_and_gae():
+    """beta = 0.1, k1: kl_t = logp_t - ref_t.
+        row 0 (3 tokens): kl = [0.5, 0, -1]  -> rewards [-0.05, 0, +0.1 + score 1] = [-0.05, 0, 1.1]
+        row 1 (1 token, then padding holding garbage 9s): kl = [0.5] -> [-0.05 + 2, 0, 0]
+    With V = 0, gamma = lam = 1 the advantages are reverse cumulative sums:
+        row 0: [1.05, 1.1, 1.1], row 1: [1.95, 0, 0]; returns equal them."""
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    logp = torch.tensor([[-1.0, -2, -3], [-0.5, 9, 9]])
+    ref = torch.tensor([[-1.5, -2, -2], [-1.0, 9, 9]])
+    cfg = ppo.Config(gamma=1.0, lam=1.0, whiten_advantages=False, kl_estimator="k1")
+    batch, rewards, kl = ppo.make_batch(_rollout(logp, ref, mask, torch.tensor([1.0, 2.0])), 0.1, cfg)
+    assert kl.tolist() == pytest.approx([[0.5, 0, -1], [0.5, 0, 0]])
+    assert rewards.tolist() == pytest.approx([[-0.05, 0, 1.1], [1.95, 0, 0]])
+    assert batch.advantages.tolist() == pytest.approx([[1.05, 1.1, 1.1], [1.95, 0, 0]])
+    assert batch.returns.tolist() == pytest.approx([[1.05, 1.1, 1.1], [1.95, 0, 0]])
+    # k3 = exp(ref - logp) - (ref - logp) - 1: for row 0 token 0, exp(-0.5) + 0.5 - 1
+    _, _, kl3 = ppo.make_batch(_rollout(logp, ref, mask, torch.tensor([1.0, 2.0])), 0.1,
+                               ppo.Config(kl_estimator="k3"))
+    assert kl3[0, 0].item() == pytest.approx(math.exp(-0.5) - 0.5)
+    # whitening: valid advantages get mean 0 and (unbiased) std 1
+    wb, _, _ = ppo.make_batch(_rollout(logp, ref, mask, torch.tensor([1.0, 2.0])), 0.1, ppo.Config(gamma=1.0, lam=1.0))
+    valid = wb.advantages[mask.bool()]
+    assert valid.mean().item() == pytest.approx(0.0, abs=1e-6) and valid.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+# ------------------------------------------------------------------ value heads
+def _ids():
+    p_ids, p_mask = pad_left([[3, 4, 5], [6]], 0)
+    r_ids, r_mask = pad_right([[7, 8], [9, 10, 11]], 0)
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), r_ids, r_mask
+
+
+def test_shared_value_head_reads_the_position_before_each_token():
+    policy = tiny_llama("nano", vocab_size=40, seed=4).eval()
+    head = ppo.ValueHead(64)
+    assert head(torch.randn(2, 3, 64)).abs().max() == 0  # starts at V = 0
+    torch.nn.init.normal_(head.proj.weight)
+    ac = ppo.ActorCritic(policy, None, head)
+    ids, mask, r_ids, _ = _ids()
+    with torch.no_grad():
+        logits, values = ac(ids, mask, r_ids)
+        assert logits.shape == (2, 3, 40) and values.shape == (2, 3)
+        # row 1 without padding: prompt [6], response [9, 10, 11]; V_t from column len(prompt) - 1 + t
+        hidden = policy.model(torch.tensor([[6, 9, 10, 11]])).last_hidden_state[0]
+        assert values[1].tolist() == pytest.approx(head(hidden[0:3]).tolist(), abs=1e-5)
+
+
+def test_separate_value_model_shapes_and_padding_invariance():
+    vm = RewardModel.from_model(tiny_llama("nano", vocab_size=40, seed=5), seed=5).eval()
+    ac = ppo.ActorCritic(tiny_llama("nano", vocab_size=40, seed=4).eval(), vm, None)
+    ids, mask, r_ids, _ = _ids()
+    with torch.no_grad():
+        logits, values = ac(ids, mask, r_ids)
+        assert logits.shape == (2, 3, 40) and values.shape == (2, 3)
+        alone = vm(torch.tensor([[3, 4, 5, 7, 8]]), torch.ones(1, 5, dtype=torch.long), per_token=True)[0]
+        assert values[0, :2].tolist() == pytest.approx(alone[2:4].tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="exactly one"):
+        ppo.ActorCritic(ac.policy, vm, ppo.ValueHead(64))
+
+
+# ------------------------------------------------------------------ one PPO update
+def test_ppo_update_moves_logprobs_in_the_direction_of_the_advantage():
+    """Row 0 has advantage +1 on every token, row 1 advantage -1. Before the update the
+    ratio is 1 and the surrogate is -mean(A) = 0 (same token counts). One gradient step must
+    raise log pi(row 0) and lower log pi(row 1), so the surrogate, evaluated again against the
+    same old log-probs, drops below 0."""
+    torch.manual_seed(0)
+    policy = tiny_llama("nano", vocab_size=40, seed=6).eval()
+    ac = ppo.ActorCritic(policy, None, ppo.ValueHead(64))
+    p_ids, p_mask = pad_left([[3, 4], [5, 6]], 0)
+    r_ids, r_mask = pad_right([[7, 8, 9], [10, 11, 12]], 0)
+    ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
+    with torch.no_grad():
+        logits, values = ac(ids, mask, r_ids)
+    from alignkit.train.rollout import gather_logprobs
+
+    old = gather_logprobs(logits, r_ids)
+    m = r_mask.float()
+    adv = torch.tensor([[1.0] * 3, [-1.0] * 3])
+    batch = ppo.Batch(ids, mask, r_ids, m, old, values, adv, torch.zeros(2, 3))
+    cfg = load_config(ppo.Config, None, ["ppo_epochs=1", "train.batch_size=2", "train.lr=1e-3", "train.max_grad_norm=0"])
+    opts = [torch.optim.SGD(ac.policy_parameters(), lr=1e-2), torch.optim.SGD(ac.value_parameters(), lr=1e-2)]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in opts]
+    stats = ppo.ppo_update(ac, batch, cfg, opts, scheds, torch.Generator().manual_seed(0))
+    assert stats["policy_loss"] == pytest.approx(0.0, abs=1e-6)  # ratio 1, mean advantage 0
+    assert stats["clipfrac"] == 0.0 and stats["updates"] == 1.0
+    with torch.no_grad():
+        new = gather_logprobs(ac(ids, mask, r_ids)[0], r_ids)
+    assert new[0].sum() > old[0].sum() and new[1].sum() < old[1].sum()
+    from alignkit.losses.policy import ppo_policy_loss
+
+    after, _ = ppo_policy_loss(new, old, adv, m)
+    assert after.item() < -1e-4
+    # the value head (returns 0, values 0) had nothing to learn
+    assert stats["value_loss"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ppo_update_grad_accum_matches_one_micro_batch():
+    """The same minibatch split into 2 micro-batches with unequal token counts gives the same
+    parameters as one micro-batch (weights: each micro-batch's share of the tokens)."""
+    def run(accum):
+        policy = tiny_llama("nano", vocab_size=40, seed=7).eval()
+        ac = ppo.ActorCritic(policy, None, ppo.ValueHead(64))
+        p_ids, p_mask = pad_left([[3, 4], [5], [6, 7, 8]], 0)
+        r_ids, r_mask = pad_right([[7, 8, 9], [10], [11, 12]], 0)
+        ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
+        g = torch.Generator().manual_seed(1)
+        batch = ppo.Batch(ids, mask, r_ids, r_mask.float(), torch.zeros(3, 3) - 3.0, torch.zeros(3, 3),
+                          torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g))
+        cfg = load_config(ppo.Config, None, ["ppo_epochs=1", "train.batch_size=3", f"train.grad_accum={accum}",
+                                            "train.max_grad_norm=0"])
+        opts = [torch.optim.SGD(ac.policy_parameters(), lr=0.1), torch.optim.SGD(ac.value_parameters(), lr=0.1)]
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in opts]
+        ppo.ppo_update(ac, batch, cfg, opts, scheds, torch.Generator().manual_seed(0))
+        return torch.cat([p.detach().flatten() for p in ac.parameters()])
+
+    assert torch.allclose(run(1), run(2), atol=1e-6)
+
+
+# ------------------------------------------------------------------ the adaptive KL coefficient
+def test_adaptive_beta_moves_toward_target():
+    """Ziegler et al. 2019: e = clip(KL / target - 1, -0.2, 0.2), beta *= 1 + e * n / horizon.
+    target 6, horizon 100, n = 10:
+        KL 12  -> e = +0.2 (clipped)  -> beta 0.1 * 1.02 = 0.102
+        KL 3   -> e = -0.2 (clipped)  -> 0.1 * 0.98 = 0.098
+        KL 6.6 -> e = +0.1            -> 0.1 * 1.01 = 0.101"""
+    for kl, expected in ((12.0, 0.102), (3.0, 0.098), (6.6, 0.101)):
+        c = AdaptiveKLController(0.1, target=6.0, horizon=100.0)
+        assert c.update(kl, n_steps=10) == pytest.approx(expected)
+    # closed loop: a policy whose KL is 0.6 / beta settles where KL = target, i.e. beta = 0.1
+    c = AdaptiveKLController(0.02, target=6.0, horizon=100.0)
+    for _ in range(400):
+        c.update(0.6 / c.beta, n_steps=10)
+    assert c.beta == pytest.approx(0.1, rel=0.02)
+
+
+# ------------------------------------------------------------------ end to end
+WORDS = "Human: What is one plus two?\nAssistant: three . four five six seven eight nine ten"
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    from alignkit.models.bpe import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("ppo")
+    tok = train_bpe_tokenizer([WORDS] * 20, vocab_size=300)
+    save_model(tiny_llama("nano", tokenizer=tok, seed=0), tok, root / "sft")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Human: What is {w} plus two?\nAssistant:"}) + "\n"
+                               for w in ("one", "two", "three", "four", "five", "six")))
+    (root / "rewards_mod.py").write_text("def count_e(prompts, responses):\n    return [r.count('e') / 4 for r in responses]\n")
+    return root
+
+
+@pytest.mark.parametrize("value_model", ["shared", "separate"])
+def test_ppo_run_end_to_end(tiny_dirs, monkeypatch, value_model):
+    monkeypatch.syspath_prepend(str(tiny_dirs))
+    out = tiny_dirs / f"out-{value_model}"
+    cfg = load_config(ppo.Config, None, [
+        f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
+        "reward.source=function", "reward.function=rewards_mod:count_e", "iterations=2", "rollout_batch=4",
+        "train.batch_size=2", "ppo_epochs=2", "rollout.max_new_tokens=6", f"value_model={value_model}",
+        "kl_target=1.0", "kl_horizon=10",
+    ])
+    result = ppo.run(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
+                "response_length", "beta"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
+    assert rows[0]["beta"] == pytest.approx(0.05)
+    assert rows[1]["beta"] < rows[0]["beta"]  # KL ~0 is under the target 1: beta falls
+    assert rows[0]["updates"] == 4  # 2 epochs x 2 minibatches
+    assert (out / "final" / "config.json").is_file() and result["peak_mem_mb"] > 0
+
+
+def test_ppo_lora_reference_is_the_adapter_free_policy(tiny_dirs, monkeypatch):
+    """With LoRA no second model is loaded; the first rollout's KL is exactly 0 because the
+    adapter starts as a no-op (B = 0), and a saved policy is a plain merged model."""
+    monkeypatch.syspath_prepend(str(tiny_dirs))
+    out = tiny_dirs / "out-lora"
+    cfg = load_config(ppo.Config, None, [
+        f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
+        "reward.source=function", "reward.function=rewards_mod:count_e", "iterations=2", "rollout_batch=4",
+        "train.batch_size=4", "ppo_epochs=2", "rollout.max_new_tokens=6", "value_model=shared",
+        "model.lora_r=4", "train.lr=0.01",
+    ])
+    ppo.run(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == 0.0
+    assert rows[1]["kl"] != 0.0  # the adapter moved the policy away from the reference
+    assert not (out / "final" / "adapter_config.json").exists()
