@@ -1,7 +1,7 @@
 """SFT side by side: alignkit's SFT step and training loop against TRL's SFTTrainer.
 
-    python benchmarks/bench_sft.py                          # tiny preset, batch 32, 30 steps, 3 rounds
-    python benchmarks/bench_sft.py --steps 300 --rounds 3 --preset small
+    python benchmarks/bench_sft.py                          # tiny preset, batch 32, 40 steps, 3 rounds
+    python benchmarks/bench_sft.py --steps 300 --rounds 3 --preset small --threads 0
 
 Needs `pip install trl` (it brings `datasets`). Run from the repository root after
 `pip install -e .` (or with PYTHONPATH=.).
@@ -23,18 +23,24 @@ initial weights. Both sides see the same token ids: TRL gets a pre-tokenised dat
    writes its final checkpoint and model, inside the timed call) against `SFTTrainer.train()`
    (random batches padded to their longest member). Tokens/s counts NON-PADDING input tokens
    (prompt + response + EOS) of the batches each side trained on, over the wall time of the
-   `train` call. Same lr, linear decay, no warm-up, AdamW betas, weight decay 0, clipping 1.0,
-   fp32, seed 0.
+   `train` call (also per CPU-second of this process, which other processes on a shared machine
+   disturb less). Same lr, linear decay, no warm-up, AdamW betas, weight decay 0, clipping 1.0,
+   fp32, seed 0. Both sides run with `--threads` torch threads, 1 by default: on a small machine
+   shared with other jobs, one thread per core stalls at every parallel region whenever another
+   process holds a core (measured here: 2 threads on 2 busy cores, 5 s per step instead of 0.2 s,
+   on either side at random), while one thread gives steady ratios.
 
    TRL settings changed from SFTConfig's defaults, and why: report_to="none",
-   save_strategy="no", logging_steps > steps, disable_tqdm (no logging/saving overhead, as for
-   alignkit); bf16=False (fp32 on both sides); completion_only_loss=True (a pre-tokenised
+   save_strategy="no", logging_steps > steps, disable_tqdm and no PrinterCallback (no
+   logging/saving overhead, as for alignkit); bf16=False (fp32 on both sides); completion_only_loss=True (a pre-tokenised
    dataset otherwise trains on the prompt too); gradient_checkpointing=False unless
    --trl-gradient-checkpointing (TRL's default recomputes activations, a memory trade alignkit
    does not make; off, both sides do the same arithmetic). Everything else (its fused-AdamW
    optimizer, fused LM head, random sampler, dataloader) is TRL's default.
 
-Prints the two tables, then as the last line one JSON object with the figures.
+Prints the loss check and the table of runs, then as the last line one JSON object:
+speedup_vs_trl (median per-round ratio of tokens/s), loss_abs_diff, tokens_per_s_alignkit and
+tokens_per_s_trl (medians), steps, speedup_vs_trl_cpu_time (the same ratio per CPU-second).
 """
 
 from __future__ import annotations
@@ -68,12 +74,18 @@ def parse_args() -> argparse.Namespace:
         "--vocab", type=int, default=1024, help="BPE vocabulary size (the demo's pretrain preset)"
     )
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per timed run")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per side, alternating who goes first")
     ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps per side before the rounds")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-prompt-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both sides (0: torch's default, one per core)",
+    )
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help="keep TRL's default of True")
     ap.add_argument(
         "--workdir", default=None, help="keep the world, tokenizer and runs here (default: a temp dir)"
@@ -162,6 +174,7 @@ def ak_config(args, steps: int) -> TrainConfig:
         seed=0,
         save_every=0,
         log_every=0,
+        overwrite=True,  # a rerun in the same --workdir replaces its old run
         progress=False,
         tensorboard=False,
     )
@@ -215,15 +228,16 @@ def run_alignkit(args, tok, items, init_dir: Path, out_dir: Path, steps: int) ->
         epoch += 1
     model = load_model(init_dir)
     pad_id = tok.pad_token_id
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = train(
         model, sft_step, items, lambda b: collate_sft(b, pad_id), plan, ak_config(args, steps), out_dir
     )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert res.step == steps
     tokens = sum(lengths[i] for b in used for i in b)
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
         "padding_fraction": padding_fraction(lengths, used),
@@ -233,9 +247,9 @@ def run_alignkit(args, tok, items, init_dir: Path, out_dir: Path, steps: int) ->
 
 def run_trl(args, tok, dataset, init_dir: Path, out_dir: Path, steps: int) -> dict:
     trainer = make_trl(args, tok, dataset, init_dir, out_dir, steps)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = trainer.train()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert trainer.state.global_step == steps
     shapes = trainer.data_collator.shapes[:steps]  # the dataloader may collate one batch ahead
     padded, tokens = sum(s[0] for s in shapes), sum(s[1] for s in shapes)
@@ -243,6 +257,7 @@ def run_trl(args, tok, dataset, init_dir: Path, out_dir: Path, steps: int) -> di
         raise AssertionError(f"token count {tokens} != TRL's own count {trainer._total_train_tokens}")
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
         "padding_fraction": (padded - tokens) / padded,
@@ -263,6 +278,8 @@ def main() -> None:
     except ImportError:
         sys.exit("bench_sft.py compares against TRL: pip install trl")
     datasets.disable_progress_bars()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     tmp = None
     if args.workdir:
@@ -290,6 +307,10 @@ def main() -> None:
             else:
                 runs[side].append(run_trl(args, tok, dataset, init_dir, work / f"trl{r}", args.steps))
     ratios = [a["tokens_per_s"] / t["tokens_per_s"] for a, t in zip(runs["alignkit"], runs["trl"])]
+    # tokens per CPU-second of this process: less sensitive to other processes on a shared machine
+    cpu_ratios = [
+        (a["tokens"] / a["cpu_s"]) / (t["tokens"] / t["cpu_s"]) for a, t in zip(runs["alignkit"], runs["trl"])
+    ]
 
     n_params = sum(p.numel() for p in load_model(init_dir).parameters())
     print(
@@ -305,18 +326,27 @@ def main() -> None:
     print(f"  {'|difference|':<22} {parity['abs_diff']:.2e}")
     print()
     print("throughput (non-padding tokens per second of wall time in train())")
-    print(f"  {'run':<12} {'seconds':>8} {'tokens':>8} {'tokens/s':>9} {'padding':>8} {'final loss':>10}")
+    print(
+        f"  {'run':<12} {'seconds':>8} {'cpu s':>8} {'tokens':>8} {'tokens/s':>9} {'padding':>8} {'final loss':>10}"
+    )
     for r in range(args.rounds):
         for side in ("alignkit", "trl"):
             x = runs[side][r]
             print(
-                f"  {side + ' #' + str(r + 1):<12} {x['wall_s']:>8.2f} {x['tokens']:>8} "
+                f"  {side + ' #' + str(r + 1):<12} {x['wall_s']:>8.2f} {x['cpu_s']:>8.2f} {x['tokens']:>8} "
                 f"{x['tokens_per_s']:>9.0f} {x['padding_fraction']:>8.1%} {x['final_loss']:>10.4f}"
             )
     tps_ak = statistics.median(x["tokens_per_s"] for x in runs["alignkit"])
     tps_trl = statistics.median(x["tokens_per_s"] for x in runs["trl"])
     speedup = statistics.median(ratios)
-    print(f"  per-round ratios: {', '.join(f'{r:.2f}x' for r in ratios)}; median {speedup:.2f}x")
+    cpu_speedup = statistics.median(cpu_ratios)
+    print(
+        f"  alignkit / TRL tokens/s per round: {', '.join(f'{r:.2f}x' for r in ratios)}; median {speedup:.2f}x"
+    )
+    print(
+        f"  same per CPU-second of this process: {', '.join(f'{r:.2f}x' for r in cpu_ratios)}; "
+        f"median {cpu_speedup:.2f}x"
+    )
     print(f"  total benchmark time {time.perf_counter() - t_all:.0f}s")
     if tmp is not None:
         tmp.cleanup()
@@ -328,6 +358,7 @@ def main() -> None:
                 "tokens_per_s_alignkit": round(tps_ak, 1),
                 "tokens_per_s_trl": round(tps_trl, 1),
                 "steps": args.steps,
+                "speedup_vs_trl_cpu_time": round(cpu_speedup, 3),
             }
         )
     )

@@ -57,7 +57,7 @@ def base(tok):
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model.eval()
 
 
@@ -128,10 +128,12 @@ def test_three_reference_modes_give_the_same_loss(base, items, tok, lora_policy,
     losses = {k: float(o.loss) / o.weight for k, o in outs.items()}
     assert abs(outs["copy"].metrics["rewards/margins"]) > 1e-2  # the policy really differs from the reference
     for k in ("precomputed", "lora"):
-        assert losses[k] == pytest.approx(losses["copy"], abs=1e-5)
+        assert losses[k] == pytest.approx(losses["copy"], abs=1e-5, rel=1e-6)
         assert outs[k].weight == n
-        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
             assert outs[k].metrics[name] == pytest.approx(outs["copy"].metrics[name], abs=1e-5)
+        # float32 sums of ~100 nats: equal to a few ulps
+        assert outs[k].metrics["logps/chosen"] == pytest.approx(outs["copy"].metrics["logps/chosen"], rel=1e-6)
 
 
 def test_step0_loss_is_ln2_in_every_mode(base, items, tok):

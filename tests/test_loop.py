@@ -287,8 +287,10 @@ def test_metrics_jsonl_tensorboard_and_result(tmp_path):
     assert result.peak_memory_mb > 0 and result.wall_time_s > 0
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
+    with pytest.raises(FileExistsError, match="train.overwrite=true"):  # an earlier run is never clobbered
+        run_toy(tmp_path, config(max_steps=1, tensorboard=False))
     (tmp_path / "metrics.jsonl").unlink()
-    _, result = run_toy(tmp_path, config(max_steps=1, tensorboard=False))
+    _, result = run_toy(tmp_path, config(max_steps=1, tensorboard=False, overwrite=True))
     loss = json.loads((tmp_path / "metrics.jsonl").read_text())["loss"]
     assert loss == pytest.approx(out.loss.item() / out.weight.item(), rel=1e-6)
 

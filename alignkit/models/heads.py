@@ -118,7 +118,9 @@ class RewardModel(nn.Module):
     stats: reward statistics stored with the model (None until computed).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear | None, pooling: Literal["last", "model"] = "last"):
+    def __init__(
+        self, backbone: nn.Module, head: nn.Linear | None, pooling: Literal["last", "model"] = "last"
+    ):
         super().__init__()
         if pooling not in ("last", "model"):
             raise ValueError(f"unknown pooling '{pooling}' (expected 'last' or 'model')")
@@ -207,18 +209,15 @@ class RewardModel(nn.Module):
     def _add_lora(self, lora: ModelConfig) -> None:
         from alignkit.models.load import apply_lora
 
+        # apply_lora wants a causal LM; the backbone is wrapped in place, so the LoRA layers land
+        # inside self.backbone
+        peft_model = apply_lora(_AsCausalLM(self.backbone), lora)
         if self.pooling == "model":
-            peft_model = apply_lora(self.backbone, lora)
-            self.backbone = peft_model.get_base_model()
-            # the classifier of an encoder is new: it trains in full, like the "last" pooling head
+            # an encoder's classifier is new: it trains in full, like the "last" pooling head
             for name in ("classifier", "score"):
                 layer = getattr(self.backbone, name, None)
                 if isinstance(layer, nn.Module):
                     layer.requires_grad_(True)
-        else:
-            # apply_lora wants a causal LM; a bare base model is wrapped in place, so the LoRA layers
-            # land inside self.backbone
-            peft_model = apply_lora(_AsCausalLM(self.backbone), lora)
         self._peft = [peft_model]
 
     def train(self, mode: bool = True) -> RewardModel:
@@ -260,7 +259,9 @@ class RewardModel(nn.Module):
     def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
         """(r - mean) / std with the stored reference statistics."""
         if self.stats is None:
-            raise ValueError("this reward model has no reward_stats (train it with alignkit, or compute them)")
+            raise ValueError(
+                "this reward model has no reward_stats (train it with alignkit, or compute them)"
+            )
         return (rewards - self.stats.mean) / max(self.stats.std, 1e-8)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -308,7 +309,9 @@ def _load_backbone_source(path: Path, backbone: str, dtype: str | torch.dtype | 
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")
     if backbone == "auto":
-        archs = (_read_config_json(path).get("architectures") or []) if (path / "config.json").is_file() else []
+        archs = (
+            (_read_config_json(path).get("architectures") or []) if (path / "config.json").is_file() else []
+        )
         backbone = "seq_cls" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
     if backbone == "causal_lm":
         return load_model(path, dtype=dtype)
@@ -346,7 +349,9 @@ def write_reward_dir(
     save_model(model.plain_backbone(), tokenizer, out)
     info = {"format_version": FORMAT_VERSION, "pooling": model.pooling, "mode": model.mode}
     if model.head is not None:
-        head = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.head.state_dict().items()}
+        head = {
+            k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.head.state_dict().items()
+        }
         save_file(head, str(out / HEAD_FILE))
         info.update(head_bias=model.head.bias is not None, hidden_size=model.head.in_features)
     info.update(extra or {})
@@ -404,13 +409,17 @@ def load_reward_model(path: str | os.PathLike, dtype: str | torch.dtype | None =
         info = json.loads((p / REWARD_CONFIG).read_text())
         pooling = info["pooling"]
     except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{p / REWARD_CONFIG}: not a valid reward config ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"{p / REWARD_CONFIG}: not a valid reward config ({type(e).__name__}: {e})"
+        ) from None
     _check_model_dir(p)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = _parse_dtype(dtype)
     if pooling == "model":
-        model = RewardModel(AutoModelForSequenceClassification.from_pretrained(str(p), num_labels=1, **kwargs), None, "model")
+        model = RewardModel(
+            AutoModelForSequenceClassification.from_pretrained(str(p), num_labels=1, **kwargs), None, "model"
+        )
     elif pooling == "last":
         if not (p / HEAD_FILE).is_file():
             raise FileNotFoundError(f"{p} is not a reward model directory: {HEAD_FILE} is missing")

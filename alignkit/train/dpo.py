@@ -9,9 +9,11 @@ batch; the reference log-probs come from `alignkit.train.reference` (copy / prec
 Any loss of `alignkit.losses.preference.PREFERENCE_LOSSES` can replace "sigmoid"; it is resolved
 once from the config. The inputs each loss gets (see docs/dpo.md):
 
-- ipo, simpo, orpo get per-token AVERAGED log-probs, as their papers / reference code do
-  (IPO: Azar et al. 2023 with the length normalisation its authors use; SimPO: Meng et al. 2024,
-  Eq. 4-6; ORPO: Hong et al. 2024, Eq. 2). All others get summed log-probs.
+- simpo and orpo get per-token AVERAGED log-probs, as their papers define them (SimPO: Meng et
+  al. 2024, the length-normalised reward of Eq. 4; ORPO: Hong et al. 2024, Sec. 3, where
+  P(y|x) is the length-normalised likelihood). ipo gets averages too: Azar et al. 2023 write
+  sequence log-probs, but the common practice averages them so the regression target
+  1/(2 tau) does not depend on length. All other losses get summed log-probs.
 - rpo and orpo also get `chosen_nll`, the per-token mean NLL of the chosen response.
 - soft labels of the records (`soft_label` / `label_prob`) are passed to the loss.
 
@@ -20,7 +22,10 @@ al. 2024, Eq. 8). Its reference point z0 is estimated per micro-batch from misma
 each example j is paired once, at load time, with the completion of another example (a seeded
 cyclic shift over a shuffled order, so never its own when n > 1); the step computes
 z0 = max(0, mean_j [log pi - log pi_ref](partner completion | prompt_j)) over the micro-batch
-with `kto_kl_estimate`, under no_grad, averaged over data-parallel ranks before the clamp.
+with `kto_kl_estimate`, under no_grad. It is per micro-batch and per rank, not all-reduced: a
+collective inside the step could hang when ranks run different numbers of micro-batches (the
+loop's last, short global batch); with micro-batches of a few dozen examples the estimate is
+already a mean over that many mismatched pairs.
 
     alignkit dpo --config configs/dpo.yaml model.path=runs/sft/final data.path=runs/world/preferences.jsonl
 """
@@ -318,14 +323,6 @@ def make_preference_step(cfg: Config, reference: Reference):
     return step
 
 
-def _global_mean(x: torch.Tensor) -> torch.Tensor:
-    """(1,) mean of `x` over every data-parallel rank (just x.mean() in one process)."""
-    stats = torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype)])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(stats)
-    return (stats[0] / stats[1].clamp(min=1)).reshape(1)
-
-
 def make_kto_step(cfg: Config, reference: Reference):
     """KTO: policy forward on the examples with gradient, on the mismatched pairs without."""
     params = dict(cfg.loss_params)
@@ -338,9 +335,7 @@ def make_kto_step(cfg: Config, reference: Reference):
         policy, _ = response_logps(model, ex.input_ids, ex.attention_mask, ex.labels)  # (N,)
         with torch.no_grad():  # z0 is detached: skip DDP and keep no activations
             policy_kl, _ = response_logps(getattr(model, "module", model), mm.input_ids, mm.attention_mask, mm.labels)
-        # z0 = max(0, mean over ranks of the KL terms), via the pure estimator on the global mean
-        diff = _global_mean(policy_kl.float() - ref_kl.float())
-        z0 = kto_kl_estimate(diff, torch.zeros_like(diff))
+        z0 = kto_kl_estimate(policy_kl, ref_kl)  # max(0, mean over this micro-batch), detached
         out = kto_loss(policy, ref, ex.desirable, z0, beta=beta, **params)
         d = ex.desirable
 

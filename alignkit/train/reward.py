@@ -73,7 +73,9 @@ class Config:
         if self.mode not in MODES:
             raise ConfigError(f"config key 'mode': expected one of {list(MODES)}, got {self.mode!r}")
         if self.mode == "lora" and self.model.lora_r <= 0:
-            raise ConfigError("config key 'model.lora_r' must be > 0 with mode 'lora' (for example model.lora_r=8)")
+            raise ConfigError(
+                "config key 'model.lora_r' must be > 0 with mode 'lora' (for example model.lora_r=8)"
+            )
         if self.mode != "lora" and self.model.lora_r > 0:
             raise ConfigError(
                 f"config key 'model.lora_r' is {self.model.lora_r} but mode is '{self.mode}': set mode=lora or model.lora_r=0"
@@ -81,7 +83,9 @@ class Config:
         if self.center_coef < 0:
             raise ConfigError(f"config key 'center_coef' must be >= 0, got {self.center_coef}")
         if self.stats_pairs < 0 or self.eval_batch_size < 1:
-            raise ConfigError("config keys 'stats_pairs' (>= 0) and 'eval_batch_size' (>= 1) are out of range")
+            raise ConfigError(
+                "config keys 'stats_pairs' (>= 0) and 'eval_batch_size' (>= 1) are out of range"
+            )
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,10 @@ class EvalConfig:
 
 
 def reward_step(
-    model: torch.nn.Module, batch: PreferenceBatch, use_margin: bool = True, use_soft_label: bool = True,
+    model: torch.nn.Module,
+    batch: PreferenceBatch,
+    use_margin: bool = True,
+    use_soft_label: bool = True,
     center_coef: float = 0.0,
 ) -> StepOutput:
     """Bradley-Terry loss of one [chosen; rejected] micro-batch: the per-pair SUM and the pair count."""
@@ -116,7 +123,14 @@ def reward_step(
     )
     r = rewards.detach().float()
     acc, margin, mean, lo, hi, ntok = torch.stack(
-        [out.accuracy.mean(), out.margin.mean(), r.mean(), r.min(), r.max(), batch.attention_mask.sum().float()]
+        [
+            out.accuracy.mean(),
+            out.margin.mean(),
+            r.mean(),
+            r.min(),
+            r.max(),
+            batch.attention_mask.sum().float(),
+        ]
     ).tolist()
     metrics = {"accuracy": acc, "margin": margin, "reward/mean": mean, "reward/min": lo, "reward/max": hi}
     return StepOutput(loss=out.losses.sum(), weight=r_c.shape[0], metrics={**metrics, "ntokens": ntok})
@@ -170,7 +184,9 @@ def preference_metrics(
     }
 
 
-def gold_metrics(world, pairs: Sequence[PreferencePair], r_c: torch.Tensor, r_r: torch.Tensor) -> dict[str, float]:
+def gold_metrics(
+    world, pairs: Sequence[PreferencePair], r_c: torch.Tensor, r_r: torch.Tensor
+) -> dict[str, float]:
     """Agreement with the world's gold judge.
 
     gold_agreement: fraction of pairs (gold ties left out) where the reward model and the gold
@@ -213,7 +229,12 @@ def _soft_labels(items: Sequence[TokenizedPair]) -> torch.Tensor | None:
 
 
 def evaluate_pairs(
-    model: RewardModel, tokenizer, data: DataConfig, path: str, batch_size: int = 64, world_dir: str | None = None
+    model: RewardModel,
+    tokenizer,
+    data: DataConfig,
+    path: str,
+    batch_size: int = 64,
+    world_dir: str | None = None,
 ) -> dict:
     """Score the pairs of `path` with `model` and return `preference_metrics` (+ `gold_metrics`)."""
     loaded = load_records(path, kind="preference", on_error=data.on_error, limit=data.limit)
@@ -286,8 +307,15 @@ def run(cfg: Config) -> dict:
         write_reward_dir(m, tokenizer, d, stats, extra={"base_model": str(cfg.model.path)})
 
     result = train(
-        model, step, items, lambda b: collate_preference(b, pad_id), plan, cfg.train, out,
-        save_fn=save_fn, trainable_params=model.trainable_parameters(),
+        model,
+        step,
+        items,
+        lambda b: collate_preference(b, pad_id),
+        plan,
+        cfg.train,
+        out,
+        save_fn=save_fn,
+        trainable_params=model.trainable_parameters(),
     )
     summary = {
         "model": str(result.final_dir),
@@ -324,7 +352,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     result = evaluate_pairs(model, tokenizer, cfg.data, cfg.data.path, cfg.batch_size, cfg.world)
     result["model"] = str(cfg.model)
-    out = Path(cfg.out) if cfg.out else Path(cfg.model) / f"eval-{Path(cfg.data.path).name.split('.')[0]}.json"
+    out = (
+        Path(cfg.out) if cfg.out else Path(cfg.model) / f"eval-{Path(cfg.data.path).name.split('.')[0]}.json"
+    )
     _write_json(out, result)
     result["out"] = str(out)
     return result
