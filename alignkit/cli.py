@@ -17,6 +17,8 @@ STAGES = {
     "pretrain": ("alignkit.train.pretrain", "pre-train a causal LM (and its BPE tokenizer) on a text corpus"),
     "sft": ("alignkit.train.sft", "supervised fine-tuning on (prompt, response) pairs, loss on responses only"),
     "eval": ("alignkit.eval.gold", "generate on held-out world prompts and score them with the gold judge"),
+    "reward": ("alignkit.train.reward", "train a reward model (Bradley-Terry); `alignkit reward eval ...` scores one"),
+    "dpo": ("alignkit.train.dpo", "DPO and its relatives (IPO, SLiC, cDPO, robust, RPO, SimPO, ORPO, KTO)"),
     "winrate": ("alignkit.eval.winrate", "win rate of model a against model b under a judge, with a 95% interval"),
 }
 
@@ -35,6 +37,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors += [DataError, EndpointError]
     return tuple(errors)
 
+
+# `alignkit STAGE WORD key=value ...`: a second entry point of the stage's module (config class, function)
+SUBCOMMANDS = {
+    "reward": {"eval": ("EvalConfig", "run_eval")},
+}
 
 # flags some stages accept as a shorthand for `key=value` overrides
 FLAGS = {
@@ -108,14 +115,18 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     from alignkit.config import load_config, to_dict
 
     module = importlib.import_module(STAGES[name][0])
+    config_cls, run = module.Config, module.run
+    if args.overrides and args.overrides[0] in SUBCOMMANDS.get(name, {}):
+        cls_name, fn_name = SUBCOMMANDS[name][args.overrides.pop(0)]
+        config_cls, run = getattr(module, cls_name), getattr(module, fn_name)
     flags = [f"{k}={getattr(args, 'flag_' + k)}" for k in FLAGS.get(name, ()) if getattr(args, "flag_" + k) is not None]
-    cfg = load_config(module.Config, args.config, flags + list(args.overrides))
+    cfg = load_config(config_cls, args.config, flags + list(args.overrides))
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return
-    result = module.run(cfg)
+    result = run(cfg)
     print(json.dumps(result, indent=2, default=str))
 
 

@@ -208,8 +208,20 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_closest(key, list(fields), prefix)}")
+        default = _default(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # a partial section keeps the stage's own defaults for the keys it does not set
+            value = {**{f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, **value}
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:

@@ -141,5 +141,21 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
         sft, "sft", [f"model.path={base_model}", f"data.path={world / 'sft.jsonl'}", f"out={out / 'sft'}"])))
     d.summary["stages"]["sft"]["padding_fraction"] = res.get("padding_fraction")
     d.evaluate("sft", res["model"])
+    sft_model = res["model"]
+
+    from alignkit.train import reward
+
+    res = d.run_stage("reward", lambda: reward.run(d.config(reward, "reward", [
+        f"model.path={sft_model}", f"data.path={world / 'preferences.jsonl'}",
+        f"data.eval_path={world / 'preferences_eval.jsonl'}", f"world={world}", f"out={out / 'reward'}"])))
+    ev = res.get("eval", {})
+    d.summary["stages"]["reward"].update({
+        "model": res["model"],
+        "heldout_accuracy": ev.get("accuracy"),
+        "gold_agreement": ev.get("gold_agreement"),
+        "ece": ev.get("ece"),
+        "notes": f"held-out pair accuracy {ev.get('accuracy', float('nan')):.3f} against the gold labels, "
+                 f"calibration error {ev.get('ece', float('nan')):.3f}",
+    })
     d.save()
     return d.summary

@@ -10,7 +10,7 @@ from alignkit.config import ConfigError, ModelConfig, TrainConfig, load_config, 
 @dataclass(frozen=True)
 class Stage:
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, warmup_steps=10))
     out: str = "runs/x"
 
 
@@ -58,3 +58,13 @@ def test_config_is_frozen():
     cfg = load_config(Stage)
     with pytest.raises(AttributeError):
         cfg.out = "y"  # type: ignore[misc]
+
+
+def test_partial_section_keeps_the_stage_defaults(tmp_path):
+    """Overriding train.lr must not reset the stage's own batch_size / warmup_steps to TrainConfig's."""
+    cfg = load_config(Stage, None, ["train.lr=2e-3"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.warmup_steps) == (2e-3, 32, 10)
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 3\n")
+    cfg = load_config(Stage, f)
+    assert (cfg.train.epochs, cfg.train.batch_size) == (3, 32)

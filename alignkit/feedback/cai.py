@@ -67,7 +67,7 @@ class ReviseConfig:
     """Output directory: chains.jsonl, sft.jsonl, summary.json."""
     limit: int = 0
     """Use only the first N prompts (0: all)."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     """Longest response, critique or revision."""
     temperature: float = 1.0
     """Sampling temperature of the initial response (0: greedy)."""

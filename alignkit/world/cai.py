@@ -41,18 +41,16 @@ from alignkit.world.world import World
 RED_TEAM_CATEGORIES = ("harmful", "benign")
 
 CRITIQUES = {
-    ("harmful", "harmful"): "The request asks for help to hurt someone, and my reply gives that help. "
-                            "That is harmful; I should refuse and say why.",
-    ("harmful", "mediocre"): "Refusing is right, since the request could hurt someone, "
-                             "but my reply does not say why.",
-    ("harmful", "rude"): "Refusing is right, since the request could hurt someone, but my reply is rude.",
-    ("harmful", "ideal"): "My reply refuses a harmful request and says why. Nothing to change.",
-    ("benign", "ideal"): "The request is harmless and my reply helps with it. Nothing to change.",
-    ("benign", "mediocre"): "The request is harmless. My reply helps, but it is too short.",
-    ("benign", "refusal"): "The request is harmless, so refusing it is unhelpful. I should answer it.",
-    ("benign", "rude"): "The request is harmless, but my reply is rude and does not help.",
-    ("benign", "wrong"): "The request is harmless, but my reply answers a different question.",
-}  # fmt: skip
+    ("harmful", "harmful"): "My reply helps someone cause harm. I should refuse and say why.",
+    ("harmful", "mediocre"): "Refusing is right, but my reply does not say why.",
+    ("harmful", "rude"): "Refusing is right, but my reply is rude.",
+    ("harmful", "ideal"): "My reply refuses to cause harm and says why. It is fine.",
+    ("benign", "ideal"): "The request is harmless and my reply helps. It is fine.",
+    ("benign", "mediocre"): "The request is harmless. My reply helps but is too short.",
+    ("benign", "refusal"): "The request is harmless, so I should answer it, not refuse.",
+    ("benign", "rude"): "The request is harmless, but my reply is rude and unhelpful.",
+    ("benign", "wrong"): "The request is harmless, but my reply answers another question.",
+}
 """The critique of each (category, response quality); one wording per case, whatever the principle."""
 
 DEMO_MIX = {
