@@ -19,6 +19,9 @@ STAGES = {
     "eval": ("alignkit.eval.gold", "generate on held-out world prompts and score them with the gold judge"),
     "reward": ("alignkit.train.reward", "train a reward model (Bradley-Terry); `alignkit reward eval ...` scores one"),
     "dpo": ("alignkit.train.dpo", "DPO and its relatives (IPO, SLiC, cDPO, robust, RPO, SimPO, ORPO, KTO)"),
+    "ppo": ("alignkit.train.ppo", "RLHF with PPO: reward minus a KL penalty to the reference, value head, GAE"),
+    "grpo": ("alignkit.train.grpo", "GRPO: group-normalised advantages over several samples per prompt"),
+    "rloo": ("alignkit.train.rloo", "RLOO: REINFORCE with a leave-one-out baseline over several samples per prompt"),
     "winrate": ("alignkit.eval.winrate", "win rate of model a against model b under a judge, with a 95% interval"),
 }
 

@@ -1,6 +1,6 @@
 """The demo pipeline on the built-in world.
 
-    world -> tokenizer + pre-training (base) -> SFT -> reward model -> DPO -> PPO / GRPO -> report
+    world -> tokenizer + pre-training (base) -> SFT -> reward model -> DPO -> PPO -> GRPO -> report
 
 Each stage reads its preset from configs/, runs in this process, and adds an entry to
 OUT/summary.json (`{"stages": {"base": {...}, "sft": {...}, ...}}`); report.md and report.html
@@ -30,6 +30,8 @@ QUICK = {
     "eval": ["limit=48", "max_new_tokens=24"],
     "reward": ["train.max_steps=30", "train.log_every=10"],
     "dpo": ["train.max_steps=20", "train.log_every=10"],
+    "ppo": ["iterations=3", "rollout_batch=16"],
+    "grpo": ["iterations=3", "prompts_per_step=4", "group_size=4"],
 }
 
 
@@ -158,4 +160,26 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
                  f"calibration error {ev.get('ece', float('nan')):.3f}",
     })
     d.save()
+    reward_model = res["model"]
+
+    from alignkit.train import dpo
+
+    res = d.run_stage("dpo", lambda: dpo.run(d.config(dpo, "dpo", [
+        f"model.path={sft_model}", f"data.path={world / 'preferences.jsonl'}", f"out={out / 'dpo'}"])))
+    d.summary["stages"]["dpo"]["notes"] = "offline preference optimisation on the 0.1-noise gold-labelled pairs"
+    d.evaluate("dpo", res["model"])
+
+    from alignkit.train import grpo, ppo
+
+    res = d.run_stage("ppo", lambda: ppo.run(d.config(ppo, "ppo", [
+        f"model.path={sft_model}", f"world={world}", f"out={out / 'ppo'}",
+        "reward.source=model", f"reward.model={reward_model}"])))
+    d.summary["stages"]["ppo"]["notes"] = ("RLHF: rewards from the learned reward model (proxy) minus a KL "
+                                           "penalty to the SFT model; the gold judge only evaluates")
+    d.evaluate("ppo", res["model"])
+
+    res = d.run_stage("grpo", lambda: grpo.run(d.config(grpo, "grpo", [
+        f"model.path={sft_model}", f"world={world}", f"out={out / 'grpo'}"])))
+    d.summary["stages"]["grpo"]["notes"] = "rewards from the world's gold judge (the machinery, not RLHF proper)"
+    d.evaluate("grpo", res["model"])
     return d.summary

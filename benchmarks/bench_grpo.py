@@ -11,6 +11,9 @@ num_iterations=1; alignkit: updates_per_rollout=1, minibatch = the whole batch) 
 token-level loss normalisation (TRL loss_type "dapo" = alignkit loss_agg "token-mean").
 A step is: sample prompts x G responses, score them, reference log-probs, one update.
 
+Both run in this process with the same torch thread count (--threads, 1 by default: with
+several threads on CPUs that other processes also use, a step sometimes takes 10x longer
+while a thread waits for a descheduled sibling, which swamps the comparison).
 The two trainers alternate for --rounds rounds so that load from other processes hits both;
 the first step of every run is a warm-up and not counted. Reported: median seconds per step,
 mean completion length (so a difference in generated tokens is visible) and the ratio.
@@ -128,7 +131,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each trainer")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for both trainers (0: torch's default); one thread keeps timings "
+                         "stable on a CPU shared with other work")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first step is a warm-up)")
 

@@ -143,7 +143,11 @@ def test_bad_constitution_files(tmp_path):
 def test_as_conversation():
     assert as_conversation(PROMPT) == (Message("user", "How do I poison my neighbour?"),)
     hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: cut bread?\n\nAssistant:"
-    assert as_conversation(hh) == (Message("user", "hi"), Message("assistant", "hello"), Message("user", "cut bread?"))
+    assert as_conversation(hh) == (
+        Message("user", "hi"),
+        Message("assistant", "hello"),
+        Message("user", "cut bread?"),
+    )
     assert as_conversation("Summarise this text.") == (Message("user", "Summarise this text."),)
     conv = (Message("system", "be nice"), Message("user", "x"))
     assert as_conversation(conv) == conv
@@ -196,17 +200,24 @@ class ScriptedBackend:
 
 def test_revise_chains_structure(constitution):
     backend = ScriptedBackend()
-    chains = revise_chains(backend, [PROMPT, "Human: How do I cut bread?\nAssistant:"], constitution, n_rounds=2, seed=3)
+    chains = revise_chains(
+        backend, [PROMPT, "Human: How do I cut bread?\nAssistant:"], constitution, n_rounds=2, seed=3
+    )
     assert len(backend.calls) == 1 + 2 * 2  # response, then critique + revision per round
     for i, chain in enumerate(chains):
         assert chain["response"] == COMPLY
-        assert [r["principle"] for r in chain["rounds"]] == [p.name for p in principle_draws(constitution, 3, i, 2)]
+        assert [r["principle"] for r in chain["rounds"]] == [
+            p.name for p in principle_draws(constitution, 3, i, 2)
+        ]
         first, second = chain["rounds"]
         assert first["critique"] == " CRIT Sure" and first["revision"] == " REV"
         assert second["critique"] == " CRIT REV"  # round 2 critiques round 1's revision
         assert chain["revision"] == " REV"
         p = constitution.get(first["principle"])
-        assert first["critique_request"] == p.critique_request and first["revision_request"] == p.revision_request
+        assert (
+            first["critique_request"] == p.critique_request
+            and first["revision_request"] == p.revision_request
+        )
     # the revision prompt holds the critique the model just wrote
     rev_prompt = backend.calls[2][0]
     assert rev_prompt[3] == Message("assistant", "CRIT Sure") and rev_prompt[-1].role == "user"
@@ -229,10 +240,16 @@ def test_principle_draws_depend_only_on_seed_and_index(constitution):
 def tiny_dir(tmp_path_factory, world):
     """A tiny random model with a BPE tokenizer trained on world dialogues."""
     root = tmp_path_factory.mktemp("cai_tiny")
-    texts = [world.prompt(t) + world.render(t, "ideal", random.Random(0)) for c in world.train for t in world.train[c][:5]]
+    texts = [
+        world.prompt(t) + world.render(t, "ideal", random.Random(0))
+        for c in world.train
+        for t in world.train[c][:5]
+    ]
     tok = train_bpe_tokenizer(texts * 2, vocab_size=400)
     save_model(tiny_llama("nano", tokenizer=tok, seed=0), tok, root / "model")
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in red_team_prompts(world, "train")[::20]))
+    (root / "prompts.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in red_team_prompts(world, "train")[::20])
+    )
     return root
 
 
@@ -247,12 +264,22 @@ def test_revise_writes_chains_and_sft(tiny_dir):
         assert c["prompt"] == p["prompt"] and c["category"] == p["category"]
         assert set(c) == {"prompt", "category", "response", "rounds", "revision"}
         assert len(c["rounds"]) == 2
-        assert set(c["rounds"][0]) == {"principle", "critique_request", "critique", "revision_request", "revision"}
+        assert set(c["rounds"][0]) == {
+            "principle",
+            "critique_request",
+            "critique",
+            "revision_request",
+            "revision",
+        }
     sft = load_records(out / "sft.jsonl", kind="sft").records  # what `alignkit sft` reads
     assert len(sft) == summary["sft_records"]
     by_prompt = {c["prompt"]: c["revision"] for c in chains}
     assert all(r.response == by_prompt[r.prompt] for r in sft)
-    assert sorted(x.name for x in out.iterdir()) == ["chains.jsonl", "sft.jsonl", "summary.json"]  # no temp files
+    assert sorted(x.name for x in out.iterdir()) == [
+        "chains.jsonl",
+        "sft.jsonl",
+        "summary.json",
+    ]  # no temp files
     again = revise(ReviseConfig(model=str(tiny_dir / "model"), prompts=str(tiny_dir / "prompts.jsonl"),
                                 out=str(tiny_dir / "revise2"), n_rounds=2, max_new_tokens=6, seed=1))  # fmt: skip
     assert (tiny_dir / "revise2" / "chains.jsonl").read_text() == (out / "chains.jsonl").read_text()
@@ -318,7 +345,9 @@ def test_position_bias_cancels_to_one_half(constitution):
 def test_soft_label_by_hand(constitution):
     """Refusal as a: q1 = P(first | a first) = 0.8, q2 = P(first | b first) = 0.4, so
     p_a = (0.8 + (1 - 0.4)) / 2 = 0.7 for every principle, and the mean over principles is 0.7."""
-    labels = label_pairs(RefusalFeedback(), [PROMPT, PROMPT], [REFUSE, COMPLY], [COMPLY, REFUSE], constitution, 4)
+    labels = label_pairs(
+        RefusalFeedback(), [PROMPT, PROMPT], [REFUSE, COMPLY], [COMPLY, REFUSE], constitution, 4
+    )
     assert labels[0]["p_a"] == pytest.approx(0.7) and labels[1]["p_a"] == pytest.approx(0.3)
     assert len(labels[0]["principles"]) == 4
     assert all(p["p_a_first"] == pytest.approx(0.8) and p["p_a_second"] == pytest.approx(0.6)
@@ -330,7 +359,10 @@ def test_average_over_principles():
 
     class PerPrinciple:
         def choice_probs(self, prompts, choices):
-            return [(0.9 if i % 2 == 0 else 0.3) if "first?" in p[0].content else 0.5 for i, p in enumerate(prompts)]
+            return [
+                (0.9 if i % 2 == 0 else 0.3) if "first?" in p[0].content else 0.5
+                for i, p in enumerate(prompts)
+            ]
 
     c = Constitution("two", (Principle("p1", "c", "r", "first?"), Principle("p2", "c", "r", "second?")))
     (lab,) = label_pairs(PerPrinciple(), [PROMPT], [REFUSE], [COMPLY], c, n_principles=0)
@@ -348,7 +380,9 @@ def _train_always_first(tok, world, constitution, steps=40):
         a, b = world.render(t, "ideal", rng), world.render(t, rng.choice(["rude", "mediocre"]), rng)
         pr = rng.choice(constitution.principles)
         for x, y in ((a, b), (b, a)):
-            enc = encode_pair(tok, preference_prompt(world.prompt(t), x, y, pr), "A", TruncationLimits(max_len=200))
+            enc = encode_pair(
+                tok, preference_prompt(world.prompt(t), x, y, pr), "A", TruncationLimits(max_len=200)
+            )
             items.append(enc)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
@@ -469,10 +503,17 @@ def test_cai_demos_are_right_by_the_gold_judge(world):
             assert (sa > sb) == (r["response"] == "A") and sa != sb
 
 
-def test_helpful_only_sft_has_no_harmful_demos(world):
+def test_helpful_only_sft(world):
+    """The helpful-only assistant complies with harmful requests (the judge: harmless 0) and is
+    otherwise the world's SFT data; "drop" leaves harmful requests out."""
     rows = helpful_sft_records(world, 0, 600)
-    assert rows and all(r["category"] != "harmful" for r in rows)
-    assert {r["category"] for r in rows} == {"arithmetic", "facts", "format", "benign", "unknown"}
+    harmful = [r for r in rows if r["category"] == "harmful"]
+    assert len(rows) == 600 and len(harmful) == 100
+    assert all(world.judge(r["prompt"], r["response"]).label == "compliance" for r in harmful)
+    dropped = helpful_sft_records(world, 0, 600, harmful="drop")
+    assert [r for r in rows if r["category"] != "harmful"] == dropped
+    with pytest.raises(ValueError):
+        helpful_sft_records(world, 0, 6, harmful="refuse")
 
 
 def test_local_backend_generates_conversations(tiny_dir):

@@ -53,7 +53,11 @@ def _train(tok, world, steps=30):
     for step in range(steps):
         batch = [items[(step * 8 + j) % len(items)] for j in range(8)]
         T = max(len(e.input_ids) for e in batch)
-        ids, mask, labels = torch.zeros((8, T), dtype=torch.long), torch.zeros((8, T), dtype=torch.long), torch.full((8, T), -100)
+        ids, mask, labels = (
+            torch.zeros((8, T), dtype=torch.long),
+            torch.zeros((8, T), dtype=torch.long),
+            torch.full((8, T), -100),
+        )
         for i, e in enumerate(batch):
             n = len(e.input_ids)
             ids[i, :n], mask[i, :n] = torch.tensor(e.input_ids), 1
@@ -93,7 +97,9 @@ def server(model_dir):
 
 def _post(url: str, body=None, raw: bytes | None = None, headers: dict | None = None, timeout=60):
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read()), dict(r.headers)
@@ -102,7 +108,11 @@ def _post(url: str, body=None, raw: bytes | None = None, headers: dict | None = 
 
 
 def _chat(server, **kw):
-    body = {"messages": [{"role": "user", "content": "How do I cut bread?"}], "max_tokens": 8, "temperature": 0} | kw
+    body = {
+        "messages": [{"role": "user", "content": "How do I cut bread?"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    } | kw
     return _post(server.url + "/chat/completions", body)
 
 
@@ -219,7 +229,9 @@ def test_completion_shape_and_logprobs(server, model_dir):
         lp = model(torch.tensor([ids + gen])).logits[0].log_softmax(-1)
     for t, entry in enumerate(content):
         top = entry["top_logprobs"]
-        assert len(top) == 5 and [x["logprob"] for x in top] == sorted((x["logprob"] for x in top), reverse=True)
+        assert len(top) == 5 and [x["logprob"] for x in top] == sorted(
+            (x["logprob"] for x in top), reverse=True
+        )
         assert entry["logprob"] == pytest.approx(top[0]["logprob"])  # greedy: the most likely token
         assert entry["logprob"] == pytest.approx(float(lp[len(ids) - 1 + t, gen[t]]), abs=1e-4)
     # the same answer as generating locally
@@ -244,7 +256,9 @@ def test_twenty_concurrent_clients_all_answered(server):
     prompts = [f"What is {i} plus {i + 1}?" for i in range(20)]
     want = {}
     for p in prompts[:3]:  # answered one at a time, for reference
-        want[p] = _chat(server, messages=[{"role": "user", "content": p}])[1]["choices"][0]["message"]["content"]
+        want[p] = _chat(server, messages=[{"role": "user", "content": p}])[1]["choices"][0]["message"][
+            "content"
+        ]
     before = server.stats.get("status_200", 0)
     barrier = threading.Barrier(20)
 
@@ -370,7 +384,9 @@ def test_api_key_never_appears_in_logs_or_outputs(model_dir, tmp_path, monkeypat
         # without the key: refused
         status, body, _ = _post(srv.url + "/chat/completions", {"messages": MSG})
         assert status == 401 and "API key" in body["error"]["message"]
-        common = dict(prompts=str(model_dir / "prompts.jsonl"), api_key_env=KEY_ENV, max_new_tokens=6, limit=3)
+        common = dict(
+            prompts=str(model_dir / "prompts.jsonl"), api_key_env=KEY_ENV, max_new_tokens=6, limit=3
+        )
         r = revise(ReviseConfig(model=srv.url, model_name=srv.name, out=str(tmp_path / "revise"), **common))
         lab = label(LabelConfig(policy=srv.url, policy_name=srv.name, feedback=srv.url, feedback_name=srv.name,
                                 out=str(tmp_path / "label"), n_principles=2, keep_identical=True, **common))  # fmt: skip
@@ -381,11 +397,14 @@ def test_api_key_never_appears_in_logs_or_outputs(model_dir, tmp_path, monkeypat
         monkeypatch.setenv("ALIGNKIT_WRONG_KEY", "sk-wrong-0123456789")
         with pytest.raises(EndpointError) as e:
             EndpointBackend(srv.url, srv.name, api_key_env="ALIGNKIT_WRONG_KEY", max_retries=0).generate(
-                ["Human: hi\nAssistant:"], SamplingParams(max_new_tokens=2))
+                ["Human: hi\nAssistant:"], SamplingParams(max_new_tokens=2)
+            )
         assert "401" in str(e.value) and "sk-wrong" not in str(e.value) and KEY not in str(e.value)
         monkeypatch.delenv("ALIGNKIT_WRONG_KEY")
         with pytest.raises(EndpointError, match="ALIGNKIT_WRONG_KEY"):
-            EndpointBackend(srv.url, srv.name, api_key_env="ALIGNKIT_WRONG_KEY").generate(["x"], SamplingParams())
+            EndpointBackend(srv.url, srv.name, api_key_env="ALIGNKIT_WRONG_KEY").generate(
+                ["x"], SamplingParams()
+            )
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) == 6
     out, err = capsys.readouterr()

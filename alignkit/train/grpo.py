@@ -26,7 +26,14 @@ from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from alignkit.losses.advantages import group_advantages, masked_mean, rloo_advantages
 from alignkit.losses.kl import get_kl_estimator
 from alignkit.losses.policy import entropy_from_logits, grpo_loss
-from alignkit.train.rollout import RewardConfig, Rollout, RolloutConfig, gather_logprobs, response_logits
+from alignkit.train.rollout import (
+    RewardConfig,
+    Rollout,
+    RolloutConfig,
+    autocast_for,
+    gather_logprobs,
+    response_logits,
+)
 
 ADVANTAGES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     # (r - mean_group) / std_group: Shao et al. 2024, Sec. 4.1.2
@@ -113,8 +120,6 @@ def grpo_update(
     """`updates_per_rollout` passes over shuffled minibatches; returns mean statistics and the
     (B, T) detached log-probs of the first pass (those of the sampling policy when no separate
     old-log-prob pass was made)."""
-    from alignkit.train.ppo import _autocast
-
     n = len(ro)
     mb = max(1, min(cfg.train.batch_size, n))
     accum = max(1, cfg.train.grad_accum)
@@ -125,7 +130,7 @@ def grpo_update(
     first_logp = torch.zeros_like(ro.response_mask)
     sums: dict[str, float] = {}
     count = 0
-    autocast = _autocast(cfg.train.precision, ro.response_mask.device)
+    autocast = autocast_for(cfg.train.precision, ro.response_mask.device)
     for epoch in range(cfg.updates_per_rollout):
         order = torch.randperm(n, generator=generator).to(ro.response_mask.device)
         for start in range(0, n, mb):

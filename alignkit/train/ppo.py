@@ -36,6 +36,7 @@ from alignkit.train.rollout import (
     RewardConfig,
     Rollout,
     RolloutConfig,
+    autocast_for,
     gather_logprobs,
     response_logits,
 )
@@ -214,7 +215,7 @@ def ppo_update(
     policy_params, value_params = ac.policy_parameters(), ac.value_parameters()
     sums: dict[str, float] = {}
     count, stopped = 0, False
-    autocast = _autocast(cfg.train.precision, batch.mask.device)
+    autocast = autocast_for(cfg.train.precision, batch.mask.device)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator).to(batch.mask.device)
         for start in range(0, n, mb):
@@ -264,17 +265,6 @@ def ppo_update(
     out["updates"] = float(count)
     out["early_stopped"] = float(stopped)
     return out
-
-
-def _autocast(precision: str, device: torch.device):
-    import contextlib
-
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _check(cfg: Config) -> None:
@@ -419,7 +409,6 @@ def run(cfg: Config) -> dict:
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             append_jsonl(metrics_path, row)
             last = row
-            del mask
 
         save_model(policy, tokenizer, out / "final")
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations}

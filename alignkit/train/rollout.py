@@ -504,6 +504,16 @@ def build_reference(policy: Any, model_path: str, lora: bool, device: Any) -> Re
     return Reference(policy, load_model(model_path).to(device))
 
 
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for 'bf16', or for 'auto' on a GPU that supports it; otherwise a no-op."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

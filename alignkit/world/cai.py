@@ -6,9 +6,9 @@ revision_prompt, preference_prompt), on TRAINING questions only:
 
     red_team_prompts(world, "train")        harmful requests + their benign look-alikes
     cai_sft_records(world, seed, n)         n demonstrations {"prompt": [messages], "response"}
-    helpful_sft_records(world, seed, n)     the world's SFT demonstrations minus the harmful
-                                            category: a "helpful-only" assistant, the starting
-                                            point of Constitutional AI (Bai et al. 2022, Sec. 3)
+    helpful_sft_records(world, seed, n)     a "helpful-only" assistant's demonstrations: the
+                                            world's SFT rows, harmful requests complied with
+                                            (the starting point of Constitutional AI)
 
 The demonstrations are made from the world's graded responses (`World.render`):
 
@@ -78,13 +78,24 @@ def red_team_prompts(world: World, split: str = "train") -> list[dict]:
     return [{"prompt": world.prompt(t), "category": c} for c in RED_TEAM_CATEGORIES for t in pool[c]]
 
 
-def helpful_sft_records(world: World, seed: int = 0, n: int = 3000) -> list[dict]:
-    """The world's SFT demonstrations (`write.sft_examples`, same seed, same rows) without the
-    harmful category: about 5/6 of `n` rows."""
+def helpful_sft_records(world: World, seed: int = 0, n: int = 3000, harmful: str = "comply") -> list[dict]:
+    """A helpful-only assistant's demonstrations: the world's SFT rows (`write.sft_examples`,
+    same seed, same rows) with the harmful category answered as asked ("comply": the world's
+    harmful-compliance responses, what an annotator judging helpfulness alone would write) or
+    left out ("drop"). The starting point of Constitutional AI (Bai et al. 2022, Sec. 3.1) is
+    such a model: it does what it is asked, harmful or not."""
     from alignkit.world.write import sft_examples
 
-    rows = sft_examples(world, n, random.Random(f"alignkit-world:{seed}:sft"))
-    return [r for r in rows if r["category"] != "harmful"]
+    if harmful not in ("comply", "drop"):
+        raise ValueError(f"harmful must be 'comply' or 'drop', got {harmful!r}")
+    rng = random.Random(f"alignkit-world:{seed}:sft")
+    rows = sft_examples(world, n, rng)
+    if harmful == "drop":
+        return [r for r in rows if r["category"] != "harmful"]
+    for r in rows:
+        if r["category"] == "harmful":
+            r["response"] = world.render(world.task(r["prompt"]), "harmful", rng)
+    return rows
 
 
 def _weighted(rng: random.Random, weights: dict[str, int]) -> str:
@@ -130,9 +141,14 @@ def _demo(world: World, constitution: Constitution, kind: str, rng: random.Rando
 
 
 def cai_sft_records(
-    world: World, seed: int = 0, n: int = 3000, constitution: Constitution | str | None = None
+    world: World,
+    seed: int = 0,
+    n: int = 3000,
+    constitution: Constitution | str | None = None,
+    kinds: tuple[str, ...] = KINDS,
 ) -> list[dict]:
-    """`n` demonstrations on training questions, cycling critique, revision, preference.
+    """`n` demonstrations on training questions, cycling through `kinds` (critique, revision,
+    preference).
 
     Rows are SFT records {"prompt": [{"role", "content"}, ...], "response", "category"} that
     `alignkit sft` reads directly; the conversation prompt is rendered by the model's chat
@@ -140,8 +156,11 @@ def cai_sft_records(
     """
     if not isinstance(constitution, Constitution):
         constitution = load_constitution(constitution)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
     rng = random.Random(f"alignkit-world:{seed}:cai")
-    return [_demo(world, constitution, KINDS[i % len(KINDS)], rng) for i in range(n)]
+    return [_demo(world, constitution, kinds[i % len(kinds)], rng) for i in range(n)]
 
 
 def red_team_scores(world: World, prompts: list[str], responses: list[str]) -> dict:

@@ -17,15 +17,17 @@ CATEGORIES = ("arithmetic", "facts", "format", "harmful", "benign", "unknown")
 # ideal: correct, complete, polite; mediocre: correct but terse; wrong: an incorrect answer;
 # rude: brushes the user off (sometimes with the answer); harmful: complies with a harmful
 # request; hallucination: invents a fact about an unknown entity; refusal: refuses a request
-# that deserved an answer (for "harmful", refusing is the ideal).
-QUALITIES = ("ideal", "mediocre", "wrong", "rude", "harmful", "hallucination", "refusal")
+# that deserved an answer (for "harmful", refusing is the ideal); unsure: claims not to know an
+# answer it should know (without these pairs a reward model learns that "I don't know" is safe
+# everywhere, and PPO exploits it).
+QUALITIES = ("ideal", "mediocre", "wrong", "rude", "harmful", "hallucination", "refusal", "unsure")
 
 CATEGORY_QUALITIES = {
-    "arithmetic": ("ideal", "mediocre", "wrong", "rude", "refusal"),
-    "facts": ("ideal", "mediocre", "wrong", "rude", "refusal"),
-    "format": ("ideal", "mediocre", "wrong", "rude", "refusal"),
+    "arithmetic": ("ideal", "mediocre", "wrong", "rude", "refusal", "unsure"),
+    "facts": ("ideal", "mediocre", "wrong", "rude", "refusal", "unsure"),
+    "format": ("ideal", "mediocre", "wrong", "rude", "refusal", "unsure"),
     "harmful": ("ideal", "mediocre", "rude", "harmful"),
-    "benign": ("ideal", "mediocre", "wrong", "rude", "refusal"),
+    "benign": ("ideal", "mediocre", "wrong", "rude", "refusal", "unsure"),
     "unknown": ("ideal", "mediocre", "rude", "hallucination", "refusal"),
 }
 
@@ -214,6 +216,10 @@ def render(task: Task, quality: str, rng: random.Random, kb: KnowledgeBase) -> s
         raise ValueError(f"quality {quality!r} does not apply to category {task.category!r}")
     if quality == "refusal":
         return rng.choice(REFUSALS_IDEAL + REFUSALS_TERSE)
+    if quality == "unsure":  # feigned ignorance of something the assistant knows: a cheap escape to rank low
+        if task.entity:
+            return rng.choice((f" I don't know anything about {task.entity}.", " I don't know."))
+        return rng.choice((" I don't know.", " I am not sure."))
     return _RENDERERS[task.category](task, quality, rng, kb)
 
 
