@@ -22,6 +22,8 @@ STAGES = {
     "ppo": ("alignkit.train.ppo", "RLHF with PPO: reward minus a KL penalty to the reference, value head, GAE"),
     "grpo": ("alignkit.train.grpo", "GRPO: group-normalised advantages over several samples per prompt"),
     "rloo": ("alignkit.train.rloo", "RLOO: REINFORCE with a leave-one-out baseline over several samples per prompt"),
+    "cai": ("alignkit.feedback.cai", "Constitutional AI: `cai revise` (critique + revision -> SFT data), `cai label` (AI preferences)"),
+    "serve": ("alignkit.serve", "OpenAI-compatible chat-completions server (with log-probs) for a local model"),
     "winrate": ("alignkit.eval.winrate", "win rate of model a against model b under a judge, with a 95% interval"),
 }
 
@@ -37,13 +39,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from alignkit.data.load import DataError
     from alignkit.feedback.judges import EndpointError
 
-    errors += [DataError, EndpointError]
+    from alignkit.feedback.constitution import ConstitutionError
+
+    errors += [DataError, EndpointError, ConstitutionError]
     return tuple(errors)
 
 
 # `alignkit STAGE WORD key=value ...`: a second entry point of the stage's module (config class, function)
 SUBCOMMANDS = {
     "reward": {"eval": ("EvalConfig", "run_eval")},
+    "cai": {"revise": ("ReviseConfig", "revise"), "label": ("LabelConfig", "label")},
 }
 
 # flags some stages accept as a shorthand for `key=value` overrides

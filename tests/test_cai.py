@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.config import ConfigError
+from alignkit.config import ConfigError, load_config
 from alignkit.data.load import load_records
 from alignkit.data.records import Message
 from alignkit.data.tokenize import TruncationLimits, encode_pair, render_prompt
@@ -295,9 +295,16 @@ def test_stage_configs(tmp_path):
         label(LabelConfig(policy="m", feedback="m", prompts="p", out="o", temperature=0))
     cfg_file = Path(__file__).resolve().parents[1] / "configs" / "cai.yaml"
     r = load_stage_config("revise", cfg_file, ["model=m", "prompts=p", "out=o", "n_rounds=2"])
-    assert isinstance(r, ReviseConfig) and r.n_rounds == 2 and r.model == "m"
+    assert isinstance(r, ReviseConfig) and r.n_rounds == 2 and r.model == "m" and r.batch_size == 64
     lab = load_stage_config("label", cfg_file, ["policy=m", "feedback=f", "prompts=p", "out=o"])
-    assert isinstance(lab, LabelConfig) and lab.feedback == "f"
+    assert isinstance(lab, LabelConfig) and lab.feedback == "f" and lab.max_new_tokens == 64
+    # the preset holds only shared keys, so the generic loader of alignkit.cli reads it for both
+    assert load_config(ReviseConfig, cfg_file) == load_config(ReviseConfig, cfg_file)
+    assert load_config(LabelConfig, cfg_file).constitution == "harmless"
+    sectioned = tmp_path / "cai.yaml"
+    sectioned.write_text("revise:\n  n_rounds: 3\nlabel:\n  n_principles: 2\n")
+    assert load_stage_config("revise", sectioned).n_rounds == 3
+    assert load_stage_config("label", sectioned).n_principles == 2
     with pytest.raises(ConfigError, match="did you mean 'n_rounds'"):
         load_stage_config("revise", None, ["n_round=2"])
     assert main(["revise", "--print-config", "model=m", "prompts=p", "out=o"]) == 0

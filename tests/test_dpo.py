@@ -333,11 +333,16 @@ def test_kto_run_trains_on_unpaired_data(sft_dir, world, tmp_path):
         lines.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
         lines.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    res = dpo.run(_cfg(sft_dir, path, tmp_path / "kto", loss="kto", reference="copy", train={"max_steps": 2, "lr": 1e-3}))
+    res = dpo.run(_cfg(sft_dir, path, tmp_path / "kto", loss="kto", reference="copy", train={"max_steps": 2, "lr": 1e-3},
+                       eval_world=str(world), eval_limit=6, eval_max_new_tokens=4))
     first = _rows(tmp_path / "kto" / "metrics.jsonl")[0]
     # step 0: policy == reference, so every reward and z0 is 0 and each loss is lambda - lambda*sigmoid(0)
     assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5, abs=1e-6)
     assert res["steps"] == 2 and math.isfinite(res["final_loss"]) and res["metrics"]["kl"] >= 0.0
+    ev = res["eval"]  # the optional gold evaluation: counts add up, one row per prompt on disk
+    assert ev["n"] == 6 and ev["wins"] + ev["losses"] + ev["ties"] == 6
+    assert ev["win_rate"] == pytest.approx((ev["wins"] + 0.5 * ev["ties"]) / 6)
+    assert len(_rows(tmp_path / "kto" / "eval_responses.jsonl")) == 6
 
 
 def test_bad_loss_name_lists_valid_names():

@@ -29,7 +29,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,12 +207,12 @@ def revise_chains(
         principles = [d[rnd] for d in draws]
         params = critique_params
         if params.seed is not None:  # a fresh stream per round and step when critiques are sampled
-            params = SamplingParams(**{**params.__dict__, "seed": params.seed + 2 * rnd + 1})
+            params = replace(params, seed=params.seed + 2 * rnd + 1)
         critiques = backend.generate(
             [critique_prompt(p, r, pr) for p, r, pr in zip(prompts, current, principles)], params
         )
         if params.seed is not None:
-            params = SamplingParams(**{**params.__dict__, "seed": params.seed + 1})
+            params = replace(params, seed=params.seed + 1)
         revisions = backend.generate(
             [revision_prompt(p, r, pr, c) for p, r, pr, c in zip(prompts, current, principles, critiques)],
             params,
@@ -376,6 +376,15 @@ def _position_stats(p_a_first: list[float], p_a_second: list[float]) -> dict:
 
 STAGES = {"revise": (ReviseConfig, revise), "label": (LabelConfig, label)}
 """`alignkit cai <name>`: name -> (config dataclass, function)."""
+
+Config = ReviseConfig
+"""The stage-module convention of alignkit.cli (`Config`, `run`): `alignkit cai revise` and
+`alignkit cai label` are the two entry points; revise is the default."""
+
+
+def run(cfg: ReviseConfig | LabelConfig) -> dict:
+    """Run the stage `cfg` configures (ReviseConfig: revise, LabelConfig: label)."""
+    return label(cfg) if isinstance(cfg, LabelConfig) else revise(cfg)
 
 
 def load_stage_config(stage: str, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:

@@ -384,9 +384,12 @@ def _spread(prompts: list[str], limit: int) -> list[str]:
     return [prompts[int(i * stride)] for i in range(limit)]
 
 
-def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any) -> dict:
+def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any, out: Path | None = None) -> dict:
     """Greedy answers of the trained policy and of the starting model on held-out world prompts,
-    judged by the gold judge; the win rate counts ties as half."""
+    judged by the gold judge; the win rate counts ties as half. With `out`, every prompt's two
+    answers and scores go to OUT/eval_responses.jsonl (written atomically)."""
+    from collections import defaultdict
+
     from alignkit.eval import gold
     from alignkit.models.load import load_model
     from alignkit.world import load_world
@@ -398,12 +401,26 @@ def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any) -> dict:
     base_summary, base_rows = gold.evaluate(base, tokenizer, world, prompts, ecfg)
     del base
     summary, rows = gold.evaluate(policy, tokenizer, world, prompts, ecfg)
+    by_cat: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r, b in zip(rows, base_rows):
+        by_cat[r["category"]].append((r["score"], b["score"]))
+    if out is not None:
+        gold.write_jsonl_atomic(out / "eval_responses.jsonl", [
+            {"prompt": r["prompt"], "category": r["category"], "response": r["response"], "score": r["score"],
+             "start_response": b["response"], "start_score": b["score"]}
+            for r, b in zip(rows, base_rows)
+        ])
+    scores, start = [r["score"] for r in rows], [r["score"] for r in base_rows]
     return {
-        "win_rate": gold_win_rate([r["score"] for r in rows], [r["score"] for r in base_rows]),
+        "win_rate": gold_win_rate(scores, start),
+        "wins": sum(a > b for a, b in zip(scores, start)),
+        "losses": sum(a < b for a, b in zip(scores, start)),
+        "ties": sum(a == b for a, b in zip(scores, start)),
         "gold_score": summary["gold_score"],
         "gold_score_start": base_summary["gold_score"],
         "per_category": summary["per_category"],
         "per_category_start": base_summary["per_category"],
+        "win_rate_per_category": {c: gold_win_rate(*zip(*v)) for c, v in sorted(by_cat.items())},
         "n": len(prompts),
     }
 
@@ -522,5 +539,5 @@ def run(cfg: Config) -> dict:
         "peak_mem_mb": result.peak_memory_mb,
     }
     if cfg.eval_world and acc.is_main_process:
-        summary["eval"] = evaluate_win_rate(acc.unwrap_model(model), cfg, tokenizer)
+        summary["eval"] = evaluate_win_rate(acc.unwrap_model(model), cfg, tokenizer, out)
     return summary

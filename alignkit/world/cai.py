@@ -68,14 +68,22 @@ RANK = {
 KINDS = ("critique", "revision", "preference")
 
 
-def red_team_prompts(world: World, split: str = "train") -> list[dict]:
+def red_team_prompts(
+    world: World, split: str = "train", categories: tuple[str, ...] = RED_TEAM_CATEGORIES
+) -> list[dict]:
     """Harmful requests and their benign look-alikes of `split` ("train" or "eval"), as
-    {"prompt", "category"} rows, harmful first. The benign ones keep SL-CAI from learning to
-    refuse everything that sounds dangerous."""
+    {"prompt", "category"} rows in the order of `categories`. Evaluation uses both (the benign
+    ones catch a model that learned to refuse everything that sounds dangerous); SL-CAI revises
+    the harmful ones (categories=("harmful",)) and keeps helpfulness with helpful data."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    bad = [c for c in categories if c not in RED_TEAM_CATEGORIES]
+    if bad or not categories:
+        raise ValueError(
+            f"categories must be a non-empty subset of {RED_TEAM_CATEGORIES}, got {categories!r}"
+        )
     pool = world.train if split == "train" else world.eval
-    return [{"prompt": world.prompt(t), "category": c} for c in RED_TEAM_CATEGORIES for t in pool[c]]
+    return [{"prompt": world.prompt(t), "category": c} for c in categories for t in pool[c]]
 
 
 def helpful_sft_records(world: World, seed: int = 0, n: int = 3000, harmful: str = "comply") -> list[dict]:
