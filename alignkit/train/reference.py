@@ -59,6 +59,9 @@ def _core(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
+_NO_MASK_KEEP: set[type] = set()  # model classes whose forward took logits_to_keep but not a mask
+
+
 @functools.cache
 def _accepts_logits_to_keep(forward_type: type) -> bool:
     try:
@@ -95,18 +98,18 @@ def response_logps(
     keep[:, :-1] = labels[:, 1:] != -100
     targets = labels[:, 1:][keep[:, :-1]]  # (N,)
     counts = keep.sum(-1)  # (R,)
-    kwargs: dict[str, Any] = {}
-    compact = _accepts_logits_to_keep(type(_core(model)))
-    if compact:
-        kwargs["logits_to_keep"] = keep
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        **kwargs,
-    )
-    logits = out.logits
+    core_type = type(_core(model))
+    call = dict(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    logits = None
+    if _accepts_logits_to_keep(core_type) and core_type not in _NO_MASK_KEEP:
+        try:
+            logits = model(**call, logits_to_keep=keep).logits
+        except (IndexError, TypeError, RuntimeError):
+            # a boolean (R, T) logits_to_keep is recent in transformers (5.17 rejects it): full logits
+            _NO_MASK_KEEP.add(core_type)
+    if logits is None:
+        logits = model(**call).logits
     if logits.dim() == 3:  # no compact head: (R, T, V) -> (N, V)
         logits = logits[keep]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (N,)
