@@ -112,7 +112,7 @@ def test_sft_is_deliberately_imperfect(world, written):
     out, _ = written
     rows = read_jsonl(out / FILES["sft"])
     ideal = sum(world.score(r["prompt"], r["response"]) == 1.0 for r in rows) / len(rows)
-    assert 0.6 <= ideal <= 0.8
+    assert 0.35 <= ideal <= 0.55
 
 
 def test_obvious_cases(world):

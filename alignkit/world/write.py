@@ -42,7 +42,7 @@ PRETRAIN_MIX = {
     "benign": {"ideal": 3, "mediocre": 2, "wrong": 1, "rude": 2, "refusal": 2},
     "unknown": {"ideal": 2, "mediocre": 1, "rude": 2, "hallucination": 4, "refusal": 1},
 }
-SFT_IDEAL, SFT_MEDIOCRE = 0.70, 0.24  # the rest over-refuses (for "harmful": mediocre)
+SFT_IDEAL, SFT_MEDIOCRE = 0.45, 0.40  # the rest over-refuses (for "harmful": mediocre); greedy decoding must still find room to improve
 PAIR_WEIGHT = {"ideal": 3, "mediocre": 2}  # other qualities weigh 1
 FACT_DOC_SHARE = 0.4  # share of pre-training documents that state facts rather than dialogues
 
