@@ -37,9 +37,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError, FileExistsError]
     from alignkit.data.load import DataError
-    from alignkit.feedback.judges import EndpointError
-
     from alignkit.feedback.constitution import ConstitutionError
+    from alignkit.feedback.judges import EndpointError
 
     errors += [DataError, EndpointError, ConstitutionError]
     return tuple(errors)
