@@ -13,14 +13,20 @@ alignkit's `dpo.run` from those weights, each in a FRESH subprocess so its peak 
                      off: no copy). With the same trainable parameters, the three differ only in
                      how the reference is obtained.
 
-Peak memory is the process's sampled RSS from just before the model is loaded, minus the RSS at
-that moment (imports and data excluded): `train_peak_mb` up to the start of the last step
-(set-up, precomputing and training), `peak_mb` to the end of the run (final checkpoint and
-model export included). Time per step is steady
-state: the mean over the steps after the first `--skip`, timed at the start of every step; CPU
-time is reported too (with --threads 1 it is robust to other load on the machine). The
-precomputing pass (and any cache read) happens before the first step and is reported as
-setup_s. Last line: one JSON object.
+Memory, two ways. `tensor_mb`: the bytes held in model-state tensors at the start of the last
+step (policy weights, the reference copy or the cached table, the optimizer's state; gradients
+are freed between steps, so the backward adds one copy of the trainable weights on top), each
+storage counted once: exact, and what the reference mode changes. Peak RSS: the process's
+sampled RSS from just before the model is loaded, minus the RSS at that moment (imports and
+data excluded); `train_peak_mb` up to the start of the last step (set-up, precomputing and
+training), `peak_mb` to the end of the run (final checkpoint and model export included). RSS
+also holds what the allocator keeps after loading (file pages, freed temporaries), so it sits
+a few hundred MB above the tensors and is noisier.
+
+Time per step is steady state: the mean over the steps after the first `--skip`, timed at the
+start of every step; CPU time is reported too (with --threads 1 it is robust to other load on
+the machine). The precomputing pass (and any cache read) happens before the first step and is
+reported as setup_s. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -97,6 +103,21 @@ def preimport() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
 
+def tensor_mb(policy, reference) -> float:
+    """MB held in model-state tensors: policy weights (and gradients, if any are held), the
+    reference (copy or cached table) and the optimizer's state, each storage counted once."""
+    import gc
+
+    tensors = [p for p in policy.parameters()] + [p.grad for p in policy.parameters() if p.grad is not None]
+    tensors += list(getattr(reference, "model", torch.nn.Module()).parameters())
+    tensors += list(getattr(reference, "table", {}).values())
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.optim.Optimizer):
+            tensors += [v for st in obj.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values()) / 2**20
+
+
 def _rss_mb() -> float:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -113,12 +134,16 @@ def worker(args, paths) -> dict:
     mem = PeakMemory(interval=0.005)
     make = dpo.make_preference_step
 
+    held: list[float] = []
+
     def timed(cfg, reference):
         step = make(cfg, reference)
 
         def wrapped(model, batch):
             stamps.append((time.perf_counter(), time.process_time()))
             peaks.append(mem.peak_mb)
+            if len(stamps) == args.steps:  # optimizer state exists from the second step on
+                held.append(tensor_mb(model, reference))
             return step(model, batch)
 
         return wrapped
@@ -140,6 +165,7 @@ def worker(args, paths) -> dict:
     n = len(stamps) - 1 - args.skip
     return {
         "policy": policy, "mode": mode, "steps": res["steps"],
+        "tensor_mb": held[-1],
         "peak_mb": mem.peak_mb - base,
         "train_peak_mb": peaks[-1] - base,
         "step_s": (stamps[-1][0] - stamps[args.skip][0]) / n,
@@ -174,13 +200,13 @@ def main() -> None:
             raise RuntimeError(f"{policy}/{mode} failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{policy:5s} {mode:12s} train peak +{r['train_peak_mb']:7.1f} MB (run +{r['peak_mb']:7.1f})  "
+        print(f"{policy:5s} {mode:12s} tensors {r['tensor_mb']:7.1f} MB  RSS peak +{r['train_peak_mb']:7.1f} MB  "
               f"{1000 * r['step_s']:7.1f} ms/step "
               f"({1000 * r['step_cpu_s']:7.1f} cpu-ms)  setup {r['setup_s']:5.1f}s", flush=True)
     print(json.dumps({
         "preset": args.preset, "weights_mb": weights_mb, "batch_size": args.batch_size, "steps": args.steps,
         "threads": args.threads, "device": "cpu",
-        "runs": {f"{r['policy']}/{r['mode']}": {k: r[k] for k in ("train_peak_mb", "peak_mb", "step_s", "step_cpu_s", "setup_s")}
+        "runs": {f"{r['policy']}/{r['mode']}": {k: r[k] for k in ("tensor_mb", "train_peak_mb", "peak_mb", "step_s", "step_cpu_s", "setup_s")}
                  for r in rows},
     }))
 

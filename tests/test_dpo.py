@@ -342,6 +342,7 @@ def test_kto_run_trains_on_unpaired_data(sft_dir, world, tmp_path):
     ev = res["eval"]  # the optional gold evaluation: counts add up, one row per prompt on disk
     assert ev["n"] == 6 and ev["wins"] + ev["losses"] + ev["ties"] == 6
     assert ev["win_rate"] == pytest.approx((ev["wins"] + 0.5 * ev["ties"]) / 6)
+    assert ev["ci_low"] <= ev["win_rate"] <= ev["ci_high"]
     assert len(_rows(tmp_path / "kto" / "eval_responses.jsonl")) == 6
 
 
@@ -366,8 +367,10 @@ def test_beta_outside_sane_range_warns_and_sane_beta_does_not():
         Config(loss="simpo", beta=2.0)
 
 
-def test_gold_win_rate_counts_ties_half():
-    assert dpo.gold_win_rate([1.0, 0.3, 0.5, 0.0], [0.5, 0.3, 1.0, 0.0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+def test_gold_outcomes_win_tie_loss():
+    assert dpo.gold_outcomes([1.0, 0.3, 0.5, 0.0], [0.5, 0.3, 1.0, 0.0]) == [1.0, 0.5, 0.0, 0.5]
+    with pytest.raises(ValueError):
+        dpo.gold_outcomes([1.0], [])
 
 
 REAL = [

@@ -370,11 +370,11 @@ def disable_dropout(model: nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
-def gold_win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
-    """Fraction of prompts where `scores` beats `baseline` by gold score; ties count half."""
+def gold_outcomes(scores: Sequence[float], baseline: Sequence[float]) -> list[float]:
+    """Per-prompt outcome of `scores` against `baseline` by gold score: 1 win, 0.5 tie, 0 loss."""
     if len(scores) != len(baseline) or not scores:
-        raise ValueError("gold_win_rate needs two equally long, non-empty score lists")
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)) / len(scores)
+        raise ValueError("gold_outcomes needs two equally long, non-empty score lists")
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]
 
 
 def _spread(prompts: list[str], limit: int) -> list[str]:
@@ -386,11 +386,13 @@ def _spread(prompts: list[str], limit: int) -> list[str]:
 
 def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any, out: Path | None = None) -> dict:
     """Greedy answers of the trained policy and of the starting model on held-out world prompts,
-    judged by the gold judge; the win rate counts ties as half. With `out`, every prompt's two
-    answers and scores go to OUT/eval_responses.jsonl (written atomically)."""
+    judged by the gold judge; the win rate counts ties as half (`alignkit.eval.winrate.tally`,
+    with its Wilson interval). With `out`, every prompt's two answers and scores go to
+    OUT/eval_responses.jsonl (written atomically)."""
     from collections import defaultdict
 
     from alignkit.eval import gold
+    from alignkit.eval.winrate import tally
     from alignkit.models.load import load_model
     from alignkit.world import load_world
 
@@ -401,32 +403,28 @@ def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any, out: Path | None
     base_summary, base_rows = gold.evaluate(base, tokenizer, world, prompts, ecfg)
     del base
     summary, rows = gold.evaluate(policy, tokenizer, world, prompts, ecfg)
-    by_cat: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r, b in zip(rows, base_rows):
-        by_cat[r["category"]].append((r["score"], b["score"]))
+    outcomes = gold_outcomes([r["score"] for r in rows], [b["score"] for b in base_rows])
+    by_cat: dict[str, list[float]] = defaultdict(list)
+    for r, x in zip(rows, outcomes):
+        by_cat[r["category"]].append(x)
     if out is not None:
         gold.write_jsonl_atomic(out / "eval_responses.jsonl", [
             {"prompt": r["prompt"], "category": r["category"], "response": r["response"], "score": r["score"],
              "start_response": b["response"], "start_score": b["score"]}
             for r, b in zip(rows, base_rows)
         ])
-    scores, start = [r["score"] for r in rows], [r["score"] for r in base_rows]
     return {
-        "win_rate": gold_win_rate(scores, start),
-        "wins": sum(a > b for a, b in zip(scores, start)),
-        "losses": sum(a < b for a, b in zip(scores, start)),
-        "ties": sum(a == b for a, b in zip(scores, start)),
+        **tally(outcomes),  # n, wins, ties, losses, win_rate and its 95% Wilson interval
         "gold_score": summary["gold_score"],
         "gold_score_start": base_summary["gold_score"],
         "per_category": summary["per_category"],
         "per_category_start": base_summary["per_category"],
-        "win_rate_per_category": {c: gold_win_rate(*zip(*v)) for c, v in sorted(by_cat.items())},
-        "n": len(prompts),
+        "win_rate_per_category": {c: sum(xs) / len(xs) for c, xs in sorted(by_cat.items())},
     }
 
 
 def _load_data(cfg: Config, tokenizer: Any):
-    from alignkit.data.load import load_records
+    from alignkit.data.load import DataError, load_records
     from alignkit.data.tokenize import TruncationLimits, tokenize_preference, tokenize_unpaired
 
     kind = "unpaired" if cfg.is_unpaired else "preference"
@@ -440,7 +438,7 @@ def _load_data(cfg: Config, tokenizer: Any):
         items, trunc = tokenize_preference(tokenizer, loaded.records, limits)
         columns = preference_columns(items)
     if not items:
-        raise ValueError(f"{cfg.data.path}: no usable {kind} records after tokenisation and truncation")
+        raise DataError(cfg.data.path, f"no usable {kind} records after tokenisation and truncation")
     return loaded, items, columns, trunc
 
 
