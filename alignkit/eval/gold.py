@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from alignkit.atomic import write_text_atomic
 from alignkit.config import required
 
 
@@ -39,23 +38,6 @@ class Config:
     """Prompts generated together."""
     seed: int = 0
     """Sampling seed."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other users
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:

@@ -19,13 +19,13 @@ import math
 import os
 import random
 import statistics
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from alignkit.atomic import write_json_atomic
 from alignkit.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -223,13 +223,7 @@ def format_summary(summary: dict) -> str:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2, sort_keys=True)
 
 
 def _read_template(cfg: Config) -> dict:
