@@ -1,6 +1,7 @@
 """The demo pipeline on the built-in world.
 
-    world -> tokenizer + pre-training (base) -> SFT -> reward model -> DPO -> PPO -> GRPO -> report
+    world -> tokenizer + pre-training (base) -> SFT -> reward model -> DPO -> PPO -> over-optimised PPO
+    -> GRPO -> report
 
 Each stage reads its preset from configs/, runs in this process, and adds an entry to
 OUT/summary.json (`{"stages": {"base": {...}, "sft": {...}, ...}}`); report.md and report.html
@@ -37,7 +38,10 @@ QUICK = {
 
 # PPO against the learned reward model: gentler than configs/ppo.yaml (tuned on the gold judge),
 # because the proxy is over-optimised quickly (gold falls while KL grows: see docs/ppo.md)
-PPO_RM = ["iterations=20", "kl_coef=0.1", "train.lr=5e-5"]
+PPO_RM = ["iterations=30", "kl_coef=0.1", "train.lr=5e-5"]
+# The deliberate over-optimisation run: the same reward model, a tiny KL penalty and many more
+# steps, so the proxy keeps rising while the gold score turns down (Gao et al. 2022)
+PPO_OVEROPT = ["iterations=150", "kl_coef=0.002", "train.lr=1e-4"]
 
 
 def _preset(name: str) -> Path:
@@ -182,6 +186,13 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     d.summary["stages"]["ppo"]["notes"] = ("RLHF: rewards from the learned reward model (proxy) minus a KL "
                                            "penalty to the SFT model; the gold judge only evaluates")
     d.evaluate("ppo", res["model"])
+
+    res = d.run_stage("overopt", lambda: ppo.run(d.config(ppo, "ppo", [
+        f"model.path={sft_model}", f"world={world}", f"out={out / 'overopt'}",
+        "reward.source=model", f"reward.model={reward_model}", *PPO_OVEROPT])))
+    d.summary["stages"]["overopt"]["notes"] = ("deliberate over-optimisation: PPO on the same reward model with "
+                                               "beta 0.002 and 150 iterations; proxy and gold against KL in the plot")
+    d.evaluate("overopt", res["model"])
 
     res = d.run_stage("grpo", lambda: grpo.run(d.config(grpo, "grpo", [
         f"model.path={sft_model}", f"world={world}", f"out={out / 'grpo'}"])))
