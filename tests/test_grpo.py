@@ -14,7 +14,14 @@ from alignkit.config import load_config
 from alignkit.losses.kl import kl_k3
 from alignkit.models.load import save_model, tiny_llama
 from alignkit.train import grpo, rloo
-from alignkit.train.rollout import Rollout, gather_logprobs, pad_left, pad_right, response_logits
+from alignkit.train.rollout import (
+    Rollout,
+    gather_logprobs,
+    grouped_response_logits,
+    pad_left,
+    pad_right,
+    response_logits,
+)
 
 
 def test_advantage_registry_on_groups_worked_by_hand():
@@ -119,6 +126,116 @@ def test_kl_in_the_loss_pulls_the_policy_toward_the_reference():
     assert after < before - 1e-4
 
 
+# ------------------------------------------------------------------ shared prompt prefix
+def _grouped_batch():
+    """3 prompts of lengths 3, 1, 2 (left-padded to P = 3), each twice, rows interleaved (the
+    grouped path must not rely on contiguous groups); responses of lengths 4, 1, 2, 3, 2, 1
+    (right-padded to T = 4)."""
+    prompts = [[3, 4, 5], [6], [7, 8], [3, 4, 5], [7, 8], [6]]
+    responses = [[9, 10, 11, 12], [13], [14, 15], [16, 17, 18], [19, 20], [21]]
+    p_ids, p_mask = pad_left(prompts, 0)
+    r_ids, r_mask = pad_right(responses, 0)
+    return p_ids, p_mask, r_ids, r_mask
+
+
+def _token_counter(model):
+    """Shapes of every input_ids batch the embedding sees, to count the tokens through the model."""
+    shapes = []
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core.model.embed_tokens.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(inp[0].shape)))
+    return shapes
+
+
+def _full_and_grouped(model, temperature=0.7):
+    p_ids, p_mask, r_ids, r_mask = _grouped_batch()
+    T = r_ids.shape[1]
+    full = gather_logprobs(response_logits(model, torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1),
+                                           T, temperature), r_ids)
+    grouped = gather_logprobs(grouped_response_logits(model, p_ids, p_mask, r_ids, r_mask, temperature), r_ids)
+    return full, grouped, r_mask.float()
+
+
+def test_grouped_response_logprobs_and_gradients_equal_full_rows():
+    """Each distinct prompt runs once, its KV cache gathered to its rows, then only the response
+    tokens: log-probs equal the full-row forward (fp32, 1e-5) on every response token, and so do
+    the parameter gradients of a weighted sum of them (the prompt positions get the summed
+    gradient of their rows). Tokens through the model: 3 prompts x P 3 + 6 rows x (T - 1) 3 = 27,
+    against 6 x (3 + 4) = 42 for full rows."""
+    model = tiny_llama("nano", vocab_size=40, seed=3).eval()
+    weights = torch.linspace(-1.0, 2.0, 24).view(6, 4)
+    grads = []
+    for path in (0, 1):
+        model.zero_grad()
+        full, grouped, mask = _full_and_grouped(model)
+        ((full, grouped)[path] * mask * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert (full - grouped).mul(mask).abs().max().item() < 1e-5
+    assert full[mask.bool()].abs().min() > 0.1 and max(g.abs().max().item() for g in grads[0]) > 1e-3
+    assert max((a - b).abs().max().item() for a, b in zip(*grads)) < 1e-5
+
+    shapes = _token_counter(model)
+    with torch.no_grad():
+        _full_and_grouped(model)
+    assert shapes == [(6, 7), (3, 3), (6, 3)]  # full rows, then prefill of the 3 prompts + 3 response tokens
+
+
+def test_grouped_logits_without_repeats_and_with_one_response_token():
+    """No repeated prompt: one plain forward of the full rows. T = 1: the prefill alone (the
+    prompt's last position predicts the only token)."""
+    model = tiny_llama("nano", vocab_size=40, seed=3).eval()
+    shapes = _token_counter(model)
+    p_ids, p_mask = pad_left([[3, 4], [5], [6, 7, 8]], 0)
+    r_ids, r_mask = pad_right([[9, 10], [11], [12, 13]], 0)
+    with torch.no_grad():
+        a = grouped_response_logits(model, p_ids, p_mask, r_ids, r_mask)
+        b = response_logits(model, torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), 2)
+    assert torch.equal(a, b) and shapes == [(3, 5), (3, 5)]
+
+    shapes.clear()
+    p_ids, p_mask = pad_left([[3, 4], [3, 4], [5]], 0)
+    r_ids, r_mask = pad_right([[9], [10], [11]], 0)
+    with torch.no_grad():
+        a = grouped_response_logits(model, p_ids, p_mask, r_ids, r_mask)
+        b = response_logits(model, torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), 1)
+    assert shapes == [(2, 2), (3, 3)] and (a - b).abs().max().item() < 1e-5
+
+
+def test_grouped_logits_through_a_lora_policy_and_its_adapter_free_reference():
+    """The peft wrapper passes the cache through: with the adapter (random B, so it changes the
+    output) and with it disabled (GRPO's LoRA reference), grouped equals full rows."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.load import apply_lora
+
+    policy = apply_lora(tiny_llama("nano", vocab_size=40, seed=3), ModelConfig(lora_r=4, lora_alpha=8)).eval()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+        full, grouped, mask = _full_and_grouped(policy)
+        with policy.disable_adapter():
+            ref_full, ref_grouped, _ = _full_and_grouped(policy)
+    assert (full - ref_full).mul(mask).abs().max() > 1e-3  # the adapter matters
+    assert (full - grouped).mul(mask).abs().max() < 1e-5
+    assert (ref_full - ref_grouped).mul(mask).abs().max() < 1e-5
+
+
+def test_generation_prefills_each_distinct_prompt_once():
+    """HFGenerator with share_prefix: a batch of 2 prompts x 3 copies is prefilled as 2 rows and
+    samples the same tokens as prefilling all 6 (same seed), greedy and sampled."""
+    from alignkit.models.generate import HFGenerator, SamplingParams
+
+    model = tiny_llama("nano", vocab_size=40, seed=3).eval()
+    shapes = _token_counter(model)
+    prompts = [[3, 4, 5]] * 3 + [[6, 7]] * 3
+    for params in (SamplingParams(max_new_tokens=6, seed=5, stop_at_eos=False), SamplingParams(max_new_tokens=6, greedy=True)):
+        shapes.clear()
+        shared = HFGenerator(model, batch_size=8).generate(prompts, params)
+        assert shapes[0] == (2, 3) and shapes[1:] == [(6, 1)] * 5
+        plain = HFGenerator(model, batch_size=8, share_prefix=False).generate(prompts, params)
+        assert shapes[6] == (6, 3)
+        assert list(shared) == list(plain) and all(len(r) == 6 for r in shared)
+
+
 # ------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
@@ -151,6 +268,40 @@ def test_stage_runs_end_to_end(tiny_dirs, monkeypatch, stage):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5) and rows[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)
     assert result["advantage"] == cfg.advantage and (out / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("stage", [grpo, rloo])
+def test_sharing_the_prompt_prefix_gives_the_same_first_step(tiny_dirs, monkeypatch, stage):
+    """share_prompt_prefix on and off: the same rollout (the generator and seed do not depend on
+    it), hence the same metrics of the first step, through the reference pass and the update
+    (and the old-log-prob pass, which RLOO's kl_in=reward needs); only the on run goes through
+    grouped_response_logits."""
+    monkeypatch.syspath_prepend(str(tiny_dirs))
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return grouped_response_logits(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grouped_response_logits", spy)
+    rows = {}
+    for share in (True, False):
+        out = tiny_dirs / f"share-{stage.__name__.rsplit('.', 1)[1]}-{share}"
+        cfg = load_config(stage.Config, None, [
+            f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
+            "reward.source=function", "reward.function=grpo_rewards:count_e", "iterations=1", "prompts_per_step=2",
+            "group_size=3", "rollout.max_new_tokens=5", "train.batch_size=6", "train.lr=1e-3",
+            f"share_prompt_prefix={str(share).lower()}",
+        ])
+        stage.run(cfg)
+        rows[share] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        if share:  # reference + update, plus the old log-probs when the KL is in the reward
+            assert calls == [6] * (3 if cfg.kl_in == "reward" else 2)
+            calls.clear()
+    assert calls == []
+    for key in ("reward", "kl", "kl_k3", "loss", "entropy", "approx_kl", "grad_norm", "response_length"):
+        assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-5, abs=1e-6), key
+    assert rows[True]["grad_norm"] > 0 and rows[True]["entropy"] > 0
 
 
 def test_group_size_one_is_a_config_error(tiny_dirs):

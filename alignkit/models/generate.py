@@ -61,6 +61,22 @@ def _core_model(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
+def cache_kwarg(model: Any) -> str:
+    """Name of the forward's KV-cache argument: transformers 5 renamed `past_key_values` to `cache`."""
+    params = inspect.signature(_core_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_kv_cache(model: Any) -> Any:
+    """An empty transformers DynamicCache for `model` (sliding-window layers follow its config)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=_core_model(model).config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     if ids is None:
@@ -96,22 +112,26 @@ class HFGenerator:
     is left-padded, positions count only real tokens (cumsum(mask) - 1), and with `use_cache` the
     KV cache of the previous step is reused so each step feeds one new token per row. Without the
     cache every step recomputes the whole sequence (slower; kept for the benchmark and tests).
+    With the cache and `share_prefix`, a prompt that occurs several times in a batch (GRPO's G
+    samples per prompt) is prefilled once and its cache copied to its rows: the same logits,
+    one prompt forward instead of G.
     """
 
-    def __init__(self, model: Any, tokenizer: Any = None, batch_size: int = 64, use_cache: bool = True):
+    def __init__(
+        self, model: Any, tokenizer: Any = None, batch_size: int = 64, use_cache: bool = True, share_prefix: bool = True
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.use_cache = use_cache
+        self.share_prefix = share_prefix
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         if pad is None:
             pad = getattr(_core_model(model).config, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
-        params = inspect.signature(_core_model(model).forward).parameters
-        # transformers 5 renamed `past_key_values` to `cache`; support both
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_last = "logits_to_keep" in params
+        self._cache_kw = cache_kwarg(model)
+        self._keep_last = "logits_to_keep" in inspect.signature(_core_model(model).forward).parameters
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
         for i, p in enumerate(prompts):
@@ -160,13 +180,20 @@ class HFGenerator:
             kwargs["logits_to_keep"] = 1
         return self.model(**kwargs).logits[:, -1, :]  # (B, V)
 
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=_core_model(self.model).config)
-        except TypeError:  # older transformers
-            return DynamicCache()
+    def _prefill(self, seq: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        """(B, V) next-token logits after the (B, P) left-padded prompts, filling `cache`; each
+        distinct prompt row (ids and mask) goes through the model once when `share_prefix`."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        if not self.share_prefix:
+            return self._forward(seq, mask, positions, cache)
+        P = seq.shape[1]
+        unique, inverse = torch.unique(torch.cat([seq, mask], dim=1), dim=0, return_inverse=True)  # (U, 2P), (B,)
+        if unique.shape[0] == seq.shape[0]:
+            return self._forward(seq, mask, positions, cache)
+        u_mask = unique[:, P:]
+        logits = self._forward(unique[:, :P], u_mask, (u_mask.cumsum(-1) - 1).clamp(min=0), cache)  # (U, V)
+        cache.reorder_cache(inverse)  # (U, ...) -> (B, ...) in every layer
+        return logits.index_select(0, inverse)
 
     def _generate_batch(self, prompts, params, device, rng) -> tuple[list[list[int]], list[bool]]:
         B, P = len(prompts), max(len(p) for p in prompts)
@@ -179,13 +206,16 @@ class HFGenerator:
         done = torch.zeros(B, dtype=torch.bool, device=device)
         lengths = torch.zeros(B, dtype=torch.long, device=device)  # response tokens kept per row
         new_tokens = []
-        cache = self._new_cache() if self.use_cache else None
+        cache = new_kv_cache(self.model) if self.use_cache else None
         step_ids = seq
-        for _ in range(params.max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-            if cache is not None and new_tokens:
-                positions = positions[:, -1:]  # only the token fed this step
-            logits = self._forward(step_ids, mask, positions, cache)
+        for step in range(params.max_new_tokens):
+            if cache is not None and step == 0:
+                logits = self._prefill(seq, mask, cache)
+            else:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+                if cache is not None:
+                    positions = positions[:, -1:]  # only the token fed this step
+                logits = self._forward(step_ids, mask, positions, cache)
             token = self._next_token(logits, params, rng)  # (B,)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             new_tokens.append(token)

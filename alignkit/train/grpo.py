@@ -32,6 +32,7 @@ from alignkit.train.rollout import (
     RolloutConfig,
     autocast_for,
     gather_logprobs,
+    grouped_response_logits,
     response_logits,
 )
 
@@ -78,6 +79,9 @@ class Config:
     """'loss': beta * k3 per token in the loss; 'reward': score - beta * sum_t kl_t before the baseline."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token estimator when kl_in is 'reward' (the loss always uses k3, Shao et al. Eq. 4)."""
+    share_prompt_prefix: bool = True
+    """Run each distinct prompt once per forward (KV cache shared by its G responses) in the
+    reference, old-log-prob and update passes; same numbers, fewer tokens. False: full rows."""
     updates_per_rollout: int = 1
     """Passes over each rollout batch (GRPO's mu); with 1 and one minibatch the ratio is 1."""
     clip_eps: float = 0.2
@@ -98,6 +102,21 @@ def needs_old_logprobs(cfg: Config) -> bool:
     the reward (which needs the sampling policy's log-probs before the update)."""
     batch = cfg.prompts_per_step * cfg.group_size
     return cfg.kl_in == "reward" or cfg.updates_per_rollout > 1 or cfg.train.batch_size < batch
+
+
+def response_logits_for(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+    temperature: float, share_prompt_prefix: bool,
+) -> torch.Tensor:
+    """(B, T, V) logits / temperature predicting the response tokens (the last T columns of the
+    (B, L) `input_ids`); with `share_prompt_prefix` each distinct prompt goes through the model
+    once (rollout.grouped_response_logits), else every full row (rollout.response_logits)."""
+    T = response_ids.shape[1]
+    if not share_prompt_prefix:
+        return response_logits(model, input_ids, attention_mask, T, temperature)
+    P = input_ids.shape[1] - T
+    return grouped_response_logits(model, input_ids[:, :P], attention_mask[:, :P], response_ids,
+                                   attention_mask[:, P:], temperature)
 
 
 def sequence_rewards(ro: Rollout, cfg: Config) -> torch.Tensor:
@@ -134,7 +153,8 @@ def grpo_update(
     for epoch in range(cfg.updates_per_rollout):
         order = torch.randperm(n, generator=generator).to(ro.response_mask.device)
         for start in range(0, n, mb):
-            idx = order[start : start + mb]
+            # sorted, so a prompt's G rows share micro-batches (and their prompt forward)
+            idx = order[start : start + mb].sort().values
             tokens = ro.response_mask[idx].sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             stats: dict[str, float] = {}
@@ -142,7 +162,8 @@ def grpo_update(
                 mask = ro.response_mask[rows]
                 r_ids = ro.response_ids[rows]
                 with autocast:
-                    logits = response_logits(policy, input_ids[rows], attention_mask[rows], r_ids.shape[1], cfg.rollout.temperature)
+                    logits = response_logits_for(policy, input_ids[rows], attention_mask[rows], r_ids,
+                                                 cfg.rollout.temperature, cfg.share_prompt_prefix)
                 logp = gather_logprobs(logits, r_ids)  # (b, T)
                 old = ro.logprobs[rows] if old_pass else logp.detach()
                 ref = ro.ref_logprobs[rows] if ro.ref_logprobs is not None else None
@@ -227,14 +248,16 @@ def run(cfg: Config) -> dict:
         scheduler = build_scheduler(optimizer, cfg.train, cfg.iterations * steps_per_it)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         batches = prompt_batches(len(prompt_ids), cfg.prompts_per_step, cfg.train.seed)
-        temperature = cfg.rollout.temperature
+        temperature, share = cfg.rollout.temperature, cfg.share_prompt_prefix
         old_fn = None
         if needs_old_logprobs(cfg):
             def old_fn(ids, mask, r_ids):
-                return gather_logprobs(response_logits(policy, ids, mask, r_ids.shape[1], temperature), r_ids), None
+                return gather_logprobs(response_logits_for(policy, ids, mask, r_ids, temperature, share), r_ids), None
 
+        @torch.no_grad()
         def ref_fn(ids, mask, r_ids):
-            return reference.logprobs(ids, mask, r_ids, temperature)
+            with reference.active() as ref_model:
+                return gather_logprobs(response_logits_for(ref_model, ids, mask, r_ids, temperature, share), r_ids)
 
         last: dict[str, Any] = {}
         evals: list[dict] = []

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from alignkit.models.generate import HFGenerator, SamplingParams
+from alignkit.models.generate import HFGenerator, SamplingParams, cache_kwarg, new_kv_cache
 from alignkit.models.logprobs import position_ids_from_mask
 
 
@@ -166,6 +166,47 @@ def response_logits(
         logits_to_keep=n_response + 1,
     )
     logits = out.logits[:, -(n_response + 1) : -1]  # (B, T, V): column P-1+t predicts token t
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def grouped_response_logits(
+    model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+    response_mask: torch.Tensor, temperature: float = 1.0,
+) -> torch.Tensor:
+    """(B, T, V) the same logits as `response_logits` on [prompt; response], with each distinct
+    prompt run through the model once.
+
+    GRPO and RLOO sample G responses per prompt, so a rollout holds every prompt G times. Here
+    the U distinct prompt rows (ids and mask both equal) are prefilled once with a KV cache, the
+    cache is gathered back to the B rows (`index_select`, whose backward sums the rows' gradients
+    into their prompt, so the parameters get the same gradient as from B full sequences), and
+    only the first T - 1 response tokens are fed on top of it. Tokens through the model: U*P +
+    B*(T-1) instead of B*(P+T). The first response token is predicted by the prompt's last
+    position, taken from the prefill. Rows in any order; with no repeated prompt it is exactly
+    `response_logits`.
+
+    prompt_ids, prompt_mask: (B, P) left-padded; response_ids, response_mask: (B, T) right-padded.
+    """
+    B, P = prompt_ids.shape
+    T = response_ids.shape[1]
+    key = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)  # (B, 2P)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 2P), (B,)
+    full_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)  # (B, L)
+    if unique.shape[0] == B or P == 0:
+        return response_logits(model, torch.cat([prompt_ids, response_ids], dim=1), full_mask, T, temperature)
+    u_ids, u_mask = unique[:, :P], unique[:, P:]
+    cache_kw, cache = cache_kwarg(model), new_kv_cache(model)  # filled in place by the prefill
+    pre = model(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids_from_mask(u_mask),
+                use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    first = pre.logits[:, -1:].index_select(0, inverse)  # (B, 1, V): column P-1 predicts token 0
+    if T > 1:
+        cache.reorder_cache(inverse)  # (U, ...) -> (B, ...) per layer, differentiable
+        mask = full_mask[:, : P + T - 1]  # (B, P+T-1): the last response token predicts nothing
+        out = model(input_ids=response_ids[:, :-1], attention_mask=mask,
+                    position_ids=position_ids_from_mask(mask)[:, P:], use_cache=True, **{cache_kw: cache})
+        logits = torch.cat([first, out.logits], dim=1)  # (B, T, V)
+    else:
+        logits = first
     return logits / temperature if temperature != 1.0 else logits
 
 
