@@ -21,6 +21,7 @@ STAGES = {
     "dpo": ("alignkit.train.dpo", "DPO and its relatives (IPO, SLiC, cDPO, robust, RPO, SimPO, ORPO, KTO)"),
     "ppo": ("alignkit.train.ppo", "RLHF with PPO: reward minus a KL penalty to the reference, value head, GAE"),
     "grpo": ("alignkit.train.grpo", "GRPO: group-normalised advantages over several samples per prompt"),
+    "iterate": ("alignkit.train.iterate", "iterated RLHF: sample pairs from the policy, judge them, retrain the reward model, PPO again; R rounds"),
     "rloo": ("alignkit.train.rloo", "RLOO: REINFORCE with a leave-one-out baseline over several samples per prompt"),
     "cai": ("alignkit.feedback.cai", "Constitutional AI: `cai revise` (critique + revision -> SFT data), `cai label` (AI preferences)"),
     "serve": ("alignkit.serve", "OpenAI-compatible chat-completions server (with log-probs) for a local model"),
