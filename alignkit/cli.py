@@ -25,6 +25,7 @@ STAGES = {
     "rloo": ("alignkit.train.rloo", "RLOO: REINFORCE with a leave-one-out baseline over several samples per prompt"),
     "cai": ("alignkit.feedback.cai", "Constitutional AI: `cai revise` (critique + revision -> SFT data), `cai label` (AI preferences)"),
     "serve": ("alignkit.serve", "OpenAI-compatible chat-completions server (with log-probs) for a local model"),
+    "compare": ("alignkit.eval.compare", "the brief's RLHF-vs-DPO table, measured: DPO and PPO from one SFT model, plus a DPO beta sweep"),
     "winrate": ("alignkit.eval.winrate", "win rate of model a against model b under a judge, with a 95% interval"),
 }
 
@@ -54,6 +55,7 @@ SUBCOMMANDS = {
 # flags some stages accept as a shorthand for `key=value` overrides
 FLAGS = {
     "winrate": ("a", "b", "prompts", "judge", "world", "out", "human_labels"),
+    "compare": ("demo", "out"),
 }
 
 

@@ -171,31 +171,33 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     d.save()
     reward_model = res["model"]
 
+    from alignkit.eval.compare import annotate_stage
     from alignkit.train import dpo
 
-    res = d.run_stage("dpo", lambda: dpo.run(d.config(dpo, "dpo", [
-        f"model.path={sft_model}", f"data.path={world / 'preferences.jsonl'}", f"out={out / 'dpo'}"])))
+    cfg = d.config(dpo, "dpo", [f"model.path={sft_model}", f"data.path={world / 'preferences.jsonl'}", f"out={out / 'dpo'}"])
+    res = d.run_stage("dpo", lambda: dpo.run(cfg))
     d.summary["stages"]["dpo"]["notes"] = "offline preference optimisation on the 0.1-noise gold-labelled pairs"
     d.evaluate("dpo", res["model"])
+    annotate_stage(d.summary, "dpo", cfg, res)
 
     from alignkit.train import grpo, ppo
 
-    res = d.run_stage("ppo", lambda: ppo.run(d.config(ppo, "ppo", [
-        f"model.path={sft_model}", f"world={world}", f"out={out / 'ppo'}",
-        "reward.source=model", f"reward.model={reward_model}", *PPO_RM])))
-    d.summary["stages"]["ppo"]["notes"] = ("RLHF: rewards from the learned reward model (proxy) minus a KL "
-                                           "penalty to the SFT model; the gold judge only evaluates")
-    d.evaluate("ppo", res["model"])
-
-    res = d.run_stage("overopt", lambda: ppo.run(d.config(ppo, "ppo", [
-        f"model.path={sft_model}", f"world={world}", f"out={out / 'overopt'}",
-        "reward.source=model", f"reward.model={reward_model}", *PPO_OVEROPT])))
-    d.summary["stages"]["overopt"]["notes"] = ("deliberate over-optimisation: PPO on the same reward model with "
-                                               "beta 0.002 and 150 iterations; proxy and gold against KL in the plot")
-    d.evaluate("overopt", res["model"])
+    for name, overrides, notes in (
+        ("ppo", PPO_RM, "RLHF: rewards from the learned reward model (proxy) minus a KL penalty to the SFT "
+                        "model; the gold judge only evaluates"),
+        ("overopt", PPO_OVEROPT, "deliberate over-optimisation: PPO on the same reward model with beta 0.002 "
+                                 "and 150 iterations; proxy and gold against KL in the plot"),
+    ):
+        cfg = d.config(ppo, "ppo", [f"model.path={sft_model}", f"world={world}", f"out={out / name}",
+                                    "reward.source=model", f"reward.model={reward_model}", *overrides])
+        res = d.run_stage(name, lambda cfg=cfg: ppo.run(cfg))
+        d.summary["stages"][name]["notes"] = notes
+        d.evaluate(name, res["model"])
+        annotate_stage(d.summary, name, cfg, res)
 
     res = d.run_stage("grpo", lambda: grpo.run(d.config(grpo, "grpo", [
         f"model.path={sft_model}", f"world={world}", f"out={out / 'grpo'}"])))
     d.summary["stages"]["grpo"]["notes"] = "rewards from the world's gold judge (the machinery, not RLHF proper)"
     d.evaluate("grpo", res["model"])
+    d.save()
     return d.summary

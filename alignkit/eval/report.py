@@ -35,7 +35,7 @@ def render_markdown(summary: dict) -> str:
     stages = summary["stages"]
     cats = sorted({c for s in stages.values() for c in s.get("per_category", {})})
     lines = [
-        "# alignkit demo report",
+        f"# {summary.get('title', 'alignkit demo report')}",
         "",
         f"World seed {summary['seed']}, {'quick' if summary.get('quick') else 'full'} run on "
         f"{summary.get('machine', '?')}.",
@@ -64,7 +64,44 @@ def render_markdown(summary: dict) -> str:
         "reference-model or rollout work); 'base' is the pre-trained model.",
         "",
     ]
+    lines += _comparison_section(summary)
     return "\n".join(lines)
+
+
+def _comparison_section(summary: dict) -> list[str]:
+    """The brief's RLHF-vs-DPO table, measured, when both stages ran; the DPO beta sweep."""
+    from alignkit.eval.compare import render_beta_sweep, render_comparison
+
+    stages = summary["stages"]
+    lines: list[str] = []
+    if "dpo" in stages and "ppo" in stages:
+        lines += [
+            "## RLHF (PPO) vs DPO, measured",
+            "",
+            "The brief's head-to-head table, with each claim next to what the same task and the same "
+            "SFT model measured (docs/evaluation.md, 'RLHF vs DPO, measured', defines every figure). "
+            "Model states: weights, plus gradients and two AdamW moments for trained models. "
+            "Reward hacking: win rate against SFT by the proxy the method optimised minus the win "
+            "rate by the gold judge, on the same held-out answers (0: the proxy ranks as gold does). "
+            "Hyperparameters: knobs of the method's own config section, plus the model/data/optimizer "
+            "knobs both share.",
+            "",
+            render_comparison(summary),
+            "",
+        ]
+    sweep = render_beta_sweep(summary)
+    if sweep:
+        lines += [
+            "## DPO beta sweep",
+            "",
+            "Short DPO runs from the SFT model, one per beta, otherwise identical; gold score and KL "
+            "to SFT measured as above. The brief: too small a beta drifts far from SFT, too large "
+            "barely moves.",
+            "",
+            sweep,
+            "",
+        ]
+    return lines
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -148,51 +185,78 @@ def plot_training_curves(run_dir: Path, summary: dict) -> str | None:
 
 
 def plot_reward_vs_kl(run_dir: Path, summary: dict) -> str | None:
-    """Proxy (reward model) and gold reward against KL for the RL stages: Gao et al. 2022, Fig. 1."""
+    """Proxy and gold reward against KL for the RL stages, one panel each (Gao et al. 2022,
+    Fig. 1: over-optimisation shows as a proxy that keeps rising while gold stalls or falls).
+
+    Reads every metrics.jsonl row with "kl" and "reward" or "gold": the stages' own
+    (RUN/DIR/metrics.jsonl) and the files in summary["curves"] ({name: path}). The proxy is the
+    score the policy optimised (PPO: the normalised reward-model score), on its own axis; gold
+    is the gold judge's mean score of the same sampled responses. Points are iterations, joined
+    in order of KL, the per-response KL(policy || reference) of that iteration's samples.
+    """
     import matplotlib.pyplot as plt
+
+    def usable(rows: list[dict]) -> list[dict]:
+        return [r for r in rows if "kl" in r and ("reward" in r or "gold" in r)]
 
     series = []
     for name, s in summary["stages"].items():
-        rows = _read_metrics(run_dir / s.get("dir", name) / "metrics.jsonl")
-        pts = [r for r in rows if "kl" in r and ("reward" in r or "gold" in r)]
+        pts = usable(_read_metrics(run_dir / s.get("dir", name) / "metrics.jsonl"))
         if pts:
-            series.append((name, pts))
+            series.append((name, s.get("reward_source"), pts))
     for name, path in summary.get("curves", {}).items():
-        pts = [r for r in _read_metrics(Path(path)) if "kl" in r and ("reward" in r or "gold" in r)]
+        pts = usable(_read_metrics(Path(path)))
         if pts:
-            series.append((name, pts))
+            series.append((name, None, pts))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, pts in series:
+    ncols = min(2, len(series))
+    nrows = -(-len(series) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(series):]:
+        ax.set_visible(False)
+    for ax, (name, source, pts) in zip(axes.flat, series):
+        pts = sorted(pts, key=lambda r: r["kl"])
         kl = [r["kl"] for r in pts]
+        handles = []
         if any("reward" in r for r in pts):
-            ax.plot(kl, [r.get("reward", float("nan")) for r in pts], "-", label=f"{name}: proxy reward")
+            handles += ax.plot(kl, [r.get("reward", float("nan")) for r in pts], "o-", ms=3, lw=0.8,
+                               color="tab:blue", label=f"proxy ({source or 'reward optimised'})")
+            ax.set_ylabel("proxy reward", color="tab:blue")
         if any("gold" in r for r in pts):
-            ax.plot(kl, [r.get("gold", float("nan")) for r in pts], "--", label=f"{name}: gold score")
-    ax.set_xlabel("KL(policy || reference)")
-    ax.set_ylabel("reward")
-    ax.set_title("Reward against KL: proxy vs gold (over-optimisation shows as a gap)")
-    ax.legend(fontsize=8)
+            gx = ax.twinx()
+            handles += gx.plot(kl, [r.get("gold", float("nan")) for r in pts], "s--", ms=3, lw=0.8,
+                               color="tab:orange", label="gold score")
+            gx.set_ylabel("gold score", color="tab:orange")
+        ax.set_xlabel("KL(policy || reference) per response")
+        ax.set_title(f"{name}: proxy and gold against KL", fontsize=10)
+        ax.legend(handles=handles, fontsize=8, loc="lower right")
+    fig.tight_layout()
     return _png(fig)
 
 
 def plot_beta_sweep(summary: dict) -> str | None:
+    """Gold score and KL to SFT against DPO's beta. The axes start at 0 (KL) and span at least
+    0.1 (gold), so differences inside the evaluation's noise do not look like a trend."""
     import matplotlib.pyplot as plt
 
-    sweep = summary.get("beta_sweep")
+    sweep = sorted(summary.get("beta_sweep") or [], key=lambda r: r["beta"])
     if not sweep:
         return None
     betas = [r["beta"] for r in sweep]
+    gold, kl = [r["gold_score"] for r in sweep], [r["kl"] for r in sweep]
     fig, ax1 = plt.subplots(figsize=(6, 3.4))
-    ax1.semilogx(betas, [r["gold_score"] for r in sweep], "o-", label="gold score")
+    handles = ax1.semilogx(betas, gold, "o-", label="gold score")
+    mid, half = (max(gold) + min(gold)) / 2, max(0.05, (max(gold) - min(gold)) / 2 + 0.01)
+    ax1.set_ylim(mid - half, mid + half)
     ax1.set_xlabel("DPO beta")
     ax1.set_ylabel("gold score")
     ax2 = ax1.twinx()
-    ax2.semilogx(betas, [r["kl"] for r in sweep], "s--", color="tab:red", label="KL to SFT")
-    ax2.set_ylabel("KL")
+    handles += ax2.semilogx(betas, kl, "s--", color="tab:red", label="KL to SFT")
+    ax2.set_ylim(min(0.0, min(kl)), max(kl) * 1.15 + 1e-9)
+    ax2.set_ylabel("KL to SFT")
     ax1.set_title("DPO beta sweep")
-    fig.legend(fontsize=8, loc="upper right")
+    ax1.legend(handles=handles, fontsize=8, loc="lower left")
     return _png(fig)
 
 
@@ -202,7 +266,7 @@ def render_html(summary: dict, run_dir: Path) -> str:
         ("Gold score by category", plot_gold_by_category(summary)),
         ("Win rate against SFT", plot_win_rates(summary)),
         ("Training curves", plot_training_curves(run_dir, summary)),
-        ("Reward against KL", plot_reward_vs_kl(run_dir, summary)),
+        ("Over-optimisation: proxy and gold reward against KL", plot_reward_vs_kl(run_dir, summary)),
         ("DPO beta sweep", plot_beta_sweep(summary)),
     ]
     table = _md_table_to_html(md)
@@ -211,7 +275,7 @@ def render_html(summary: dict, run_dir: Path) -> str:
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>",
-        "<h1>alignkit demo report</h1>",
+        f"<h1>{html.escape(summary.get('title', 'alignkit demo report'))}</h1>",
         table,
     ]
     for title, img in plots:
