@@ -289,3 +289,11 @@ def test_compare_end_to_end(tiny, tmp_path):
     assert "## RLHF (PPO) vs DPO, measured" in md and "## DPO beta sweep" in md
     html = (out / "report.html").read_text()
     assert "Over-optimisation: proxy and gold reward against KL" in html
+
+
+def test_report_html_renders_notes_bold_and_escapes():
+    from alignkit.eval.report import _md_table_to_html
+
+    html = _md_table_to_html("- **ppo**: reward < gold & <script>\n| a | b |\n|---|---|\n| 1 | 2 |")
+    assert "<p>&bull; <b>ppo</b>: reward &lt; gold &amp; &lt;script&gt;</p>" in html
+    assert "<tr><th>a</th><th>b</th></tr>" in html and "<tr><td>1</td><td>2</td></tr>" in html

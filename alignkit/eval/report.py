@@ -285,6 +285,13 @@ def render_html(summary: dict, run_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _inline(text: str) -> str:
+    """Escape text and turn markdown's **bold** into <b>."""
+    import re
+
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+
+
 def _md_table_to_html(md: str) -> str:
     out, in_table = [], False
     for line in md.splitlines():
@@ -305,8 +312,10 @@ def _md_table_to_html(md: str) -> str:
                 continue
             if line.startswith("## "):
                 out.append(f"<h2>{html.escape(line[3:])}</h2>")
+            elif line.startswith("- "):
+                out.append(f"<p>&bull; {_inline(line[2:])}</p>")
             elif line.strip():
-                out.append(f"<p>{html.escape(line)}</p>")
+                out.append(f"<p>{_inline(line)}</p>")
     if in_table:
         out.append("</table>")
     return "\n".join(out)
