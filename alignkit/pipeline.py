@@ -1,7 +1,7 @@
 """The demo pipeline on the built-in world.
 
     world -> tokenizer + pre-training (base) -> SFT -> reward model -> DPO -> PPO -> over-optimised PPO
-    -> GRPO -> report
+    -> GRPO -> Constitutional AI (SL-CAI, RL-CAI) -> report
 
 Each stage reads its preset from configs/, runs in this process, and adds an entry to
 OUT/summary.json (`{"stages": {"base": {...}, "sft": {...}, ...}}`); report.md and report.html
@@ -199,5 +199,9 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
         f"model.path={sft_model}", f"world={world}", f"out={out / 'grpo'}"])))
     d.summary["stages"]["grpo"]["notes"] = "rewards from the world's gold judge (the machinery, not RLHF proper)"
     d.evaluate("grpo", res["model"])
+
+    from alignkit.world.cai_demo import cai_stage
+
+    cai_stage(d)  # Constitutional AI from the base model: SL-CAI and RL-CAI (docs/cai.md)
     d.save()
     return d.summary

@@ -529,3 +529,48 @@ def test_local_backend_generates_conversations(tiny_dir):
     out = b.generate([PROMPT, conv], SamplingParams(max_new_tokens=4, greedy=True))
     assert len(out) == 2 and all(isinstance(x, str) for x in out)
     assert b.generate([PROMPT], SamplingParams(max_new_tokens=4, greedy=True))[0] == out[0]
+
+
+# ---- the demo's CAI stage ----------------------------------------------------------------------
+
+
+def test_cai_stage_in_a_quick_demo(tiny_dir, tmp_path, monkeypatch):
+    """The demo stage runs start -> SL-CAI -> RL-CAI on a tiny random "base" model and records
+    the figures; its training data holds no held-out question and no human harmlessness label
+    (every harmful request in it is complied with, or is a prompt for the model's own revision)."""
+    from alignkit import pipeline
+    from alignkit.world.cai import label_agreement
+    from alignkit.world.cai_demo import cai_stage
+
+    # fewer steps than --quick: the code path is the same
+    for stage, steps in (("sft", 8), ("dpo", 4)):
+        monkeypatch.setitem(pipeline.QUICK, stage, [f"train.max_steps={steps}"])
+    monkeypatch.setitem(pipeline.QUICK, "eval", ["limit=12", "max_new_tokens=8"])
+    demo = pipeline.Demo(tmp_path / "demo", quick=True, seed=0)
+    demo.summary["stages"]["base"] = {"model": str(tiny_dir / "model")}
+    cai_stage(demo, ["revise_limit=8", "label_limit=8", "eval_max_new_tokens=8"])
+    entry = json.loads((tmp_path / "demo" / "summary.json").read_text())["stages"]["cai"]
+    assert entry["wall_s"] > 0 and entry["peak_mem_mb"] > 0 and 0.0 <= entry["gold_score"] <= 1.0
+    assert set(entry["harmless"]) == set(entry["helpful"]) == {"start", "sl", "rl"}
+    for name in ("start", "sl", "rl"):
+        red = entry[name]["red_team"]
+        assert red["harmful"]["n"] == 25 and red["benign"]["n"] == 20  # the held-out questions
+        assert entry["harmless"][name] == red["harmful"]["harmless"]
+        assert entry["helpful"][name] == red["benign"]["helpful"]
+    assert entry["model"] == entry["sl"]["model"] and entry["rl"]["from"] == "start"  # RL-CAI from the start model
+    world = demo.world
+    out = tmp_path / "demo" / "cai"
+    pairs = [json.loads(x) for x in (out / "label" / "preferences.jsonl").read_text().splitlines()]
+    assert entry["rl"]["label_agreement"] == label_agreement(world, pairs)
+    held = [t.question for c in world.eval for t in world.eval[c]]
+    for name in ("start_data.jsonl", "sl_data.jsonl", "revise_prompts.jsonl", "label_prompts.jsonl"):
+        text = (out / name).read_text()
+        assert not [q for q in held if q in text], name
+    revised = [json.loads(x) for x in (out / "revise_prompts.jsonl").read_text().splitlines()]
+    assert len(revised) == 16 and {r["category"] for r in revised} == {"harmful"}  # 8 prompts x 2
+    for line in (out / "start_data.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if isinstance(r["prompt"], str) and r["category"] == "harmful":
+            assert world.judge(r["prompt"], r["response"]).harmless == 0.0
+    assert "| cai |" in (tmp_path / "demo" / "report.md").read_text()
+    assert "harmless on held-out harmful requests" in entry["notes"]

@@ -18,7 +18,7 @@ from alignkit.world import (
 )
 from alignkit.world.write import FILES
 
-SMALL = dict(n_pairs=600, n_sft=300, n_pretrain=300, n_eval=60, n_pairs_eval=60)
+SMALL = dict(n_pairs=600, n_sft=300, n_pretrain=300, n_eval=60, n_pairs_eval=60, n_cai=240)
 
 
 def read_jsonl(path):
@@ -58,7 +58,13 @@ def test_counts_fields_and_metadata(written):
         "preferences_eval": {"prompt", "chosen", "rejected", "category"},
         "train_prompts": {"prompt", "category"},
         "eval_prompts": {"prompt", "category"},
+        "sft_helpful": {"prompt", "response", "category"},
+        "cai_sft": {"prompt", "response", "category"},
+        "redteam_train": {"prompt", "category"},
+        "redteam_eval": {"prompt", "category"},
     }
+    assert set(fields) == set(FILES)
+    assert counts["sft_helpful"] == 300 and counts["cai_sft"] == 240
     for name, keys in fields.items():
         rows = read_jsonl(out / FILES[name])
         assert len(rows) == counts[name]
@@ -66,6 +72,12 @@ def test_counts_fields_and_metadata(written):
     meta = json.loads((out / "world.json").read_text())
     assert meta["seed"] == 0 and meta["label_noise"] == 0.1 and meta["categories"] == list(CATEGORIES)
     assert load_world(out).seed == 0
+    w = World(0)
+    assert meta["red_team"] == {
+        "train": {"harmful": len(w.train["harmful"]), "benign": len(w.train["benign"])},
+        "eval": {"harmful": len(w.eval["harmful"]), "benign": len(w.eval["benign"])},
+    }
+    assert meta["files"] == FILES and meta["counts"] == counts
 
 
 def test_default_size_has_ten_thousand_pairs(tmp_path):
@@ -106,6 +118,32 @@ def test_eval_prompts_are_held_out(written):
     held_names = {t.entity for t in w.eval["unknown"]}
     training_text = pretrain + "\n".join(trained)
     assert not [n for n in held_names if n in training_text]
+
+
+def test_cai_files(world, written):
+    """The CAI files hold training questions only; the held-out red-team file is exactly the
+    held-out harmful and benign questions, harmful first (so `limit=` takes the harmful ones)."""
+    out, _ = written
+    held = {world.prompt(t) for c in ("harmful", "benign") for t in world.eval[c]}
+    held_q = [t.question for c in world.eval for t in world.eval[c]]
+    red_eval = read_jsonl(out / FILES["redteam_eval"])
+    assert {r["prompt"] for r in red_eval} == held and len(red_eval) == len(held)
+    red_train = read_jsonl(out / FILES["redteam_train"])
+    cats = [r["category"] for r in red_train]
+    assert cats == sorted(cats, key=lambda c: c != "harmful") and set(cats) == {"harmful", "benign"}
+    assert {r["prompt"] for r in red_train} == {
+        world.prompt(t) for c in ("harmful", "benign") for t in world.train[c]
+    }
+    demos = read_jsonl(out / FILES["cai_sft"])
+    texts = [m["content"] for r in demos for m in r["prompt"]] + [r["response"] for r in demos]
+    assert not [q for q in held_q if any(q in t for t in texts)]
+    assert {len(r["prompt"]) for r in demos} == {1, 3, 5}  # preference, critique, revision
+    helpful = read_jsonl(out / FILES["sft_helpful"])
+    assert not {r["prompt"] for r in helpful} & held
+    # the helpful-only assistant complies with every harmful request; otherwise it is sft.jsonl
+    sft = read_jsonl(out / FILES["sft"])
+    assert [r for r in helpful if r["category"] != "harmful"] == [r for r in sft if r["category"] != "harmful"]
+    assert all(world.judge(r["prompt"], r["response"]).harmless == 0.0 for r in helpful if r["category"] == "harmful")
 
 
 def test_sft_is_deliberately_imperfect(world, written):

@@ -8,7 +8,17 @@ Files (JSONL, one object a line, sorted keys, compact separators; same seed, sam
     preferences_eval.jsonl  same, on held-out questions, no label noise
     train_prompts.jsonl     {"prompt", "category"}                     every training question once
     eval_prompts.jsonl      {"prompt", "category"}                     held-out questions
+    sft_helpful.jsonl       {"prompt", "response", "category"}         a helpful-only assistant's
+                            demonstrations (harmful requests complied with): Constitutional AI's start
+    cai_sft.jsonl           {"prompt": [messages], "response", "category"}  critique, revision and
+                            preference-question demonstrations in the constitution's formats
+    redteam_train.jsonl     {"prompt", "category"}                     harmful requests, then their
+                            benign look-alikes, training questions (SL-CAI and RL-CAI prompts)
+    redteam_eval.jsonl      {"prompt", "category"}                     the same, held out
     world.json              seed, counts, label noise, categories, format version
+
+The Constitutional AI files (alignkit.world.cai, docs/cai.md) use training questions only, and
+no human harmlessness label: harm enters only through the constitution-format demonstrations.
 """
 
 from __future__ import annotations
@@ -30,6 +40,10 @@ FILES = {
     "preferences_eval": "preferences_eval.jsonl",
     "train_prompts": "train_prompts.jsonl",
     "eval_prompts": "eval_prompts.jsonl",
+    "sft_helpful": "sft_helpful.jsonl",
+    "cai_sft": "cai_sft.jsonl",
+    "redteam_train": "redteam_train.jsonl",
+    "redteam_eval": "redteam_eval.jsonl",
 }
 
 # How often each quality is drawn, by use. Pre-training is deliberately unaligned: compliance
@@ -42,7 +56,11 @@ PRETRAIN_MIX = {
     "benign": {"ideal": 3, "mediocre": 2, "wrong": 1, "rude": 2, "refusal": 2},
     "unknown": {"ideal": 2, "mediocre": 1, "rude": 2, "hallucination": 4, "refusal": 1},
 }
-SFT_IDEAL, SFT_MEDIOCRE = 0.45, 0.40  # the rest over-refuses (for "harmful": mediocre); greedy decoding must still find room to improve
+# The rest over-refuses, except where a refusal would be the wrong lesson: on harmful requests the
+# rest is a terse refusal, on small talk (which the base model already answers well) an ideal
+# answer. Greedy decoding must leave RLHF room to improve, yet SFT must beat base in every category.
+SFT_IDEAL, SFT_MEDIOCRE = 0.45, 0.40
+SFT_INSTEAD_OF_REFUSAL = {"harmful": "mediocre", "benign": "ideal"}
 PAIR_WEIGHT = {"ideal": 3, "mediocre": 2}  # other qualities weigh 1
 FACT_DOC_SHARE = 0.4  # share of pre-training documents that state facts rather than dialogues
 
@@ -108,8 +126,8 @@ def sft_examples(world: World, n: int, rng: random.Random) -> list[dict]:
         task = rng.choice(world.train[cat])
         u = rng.random()
         quality = "ideal" if u < SFT_IDEAL else "mediocre" if u < SFT_IDEAL + SFT_MEDIOCRE else "refusal"
-        if cat == "harmful" and quality == "refusal":
-            quality = "mediocre"
+        if quality == "refusal":
+            quality = SFT_INSTEAD_OF_REFUSAL.get(cat, quality)
         rows.append(
             {"prompt": world.prompt(task), "response": world.render(task, quality, rng), "category": cat}
         )
@@ -164,11 +182,15 @@ def write_world(
     n_pretrain: int = 4000,
     n_eval: int = 200,
     n_pairs_eval: int = 500,
+    n_cai: int = 3000,
 ) -> dict:
     """Write every file of world `seed` into `out_dir`; return counts and paths.
 
-    Same arguments, byte-identical files.
+    `n_cai` is the number of Constitutional AI demonstrations (cai_sft.jsonl); sft_helpful.jsonl
+    has `n_sft` rows. Same arguments, byte-identical files.
     """
+    from alignkit.world.cai import RED_TEAM_CATEGORIES, cai_sft_records, helpful_sft_records, red_team_prompts
+
     if not 0.0 <= label_noise <= 0.5:
         raise ValueError(f"label_noise must be in [0, 0.5], got {label_noise}")
     out = Path(out_dir)
@@ -187,6 +209,10 @@ def write_world(
             {"prompt": world.prompt(t), "category": c} for c in CATEGORIES for t in world.train[c]
         ],
         "eval_prompts": eval_prompt_rows(world, n_eval, rng("eval")),
+        "sft_helpful": helpful_sft_records(world, seed, n_sft),
+        "cai_sft": cai_sft_records(world, seed, n_cai),
+        "redteam_train": red_team_prompts(world, "train"),
+        "redteam_eval": red_team_prompts(world, "eval"),
     }
     for name, rows in data.items():
         _write_jsonl(out / FILES[name], rows)
@@ -200,6 +226,11 @@ def write_world(
         "counts": {name: len(rows) for name, rows in data.items()},
         "files": dict(FILES),
         "knowledge_base": {"known": len(world.kb.countries), "unknown": len(world.kb.unknown)},
+        # red-team files list the harmful questions first: `limit=<harmful>` selects them alone
+        "red_team": {
+            split: {c: sum(r["category"] == c for r in data[f"redteam_{split}"]) for c in RED_TEAM_CATEGORIES}
+            for split in ("train", "eval")
+        },
     }
     (out / "world.json").write_text(json.dumps(meta, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     paths = {name: str(out / f) for name, f in FILES.items()} | {"world": str(out / "world.json")}
