@@ -119,6 +119,10 @@ def test_config_guards_and_preset(tmp_path):
                          ("ppo.reward.model=x", "reward_model"), ("reward.out=x", "out")):
         with pytest.raises(ConfigError, match=f"set '{instead}"):
             iterate.run(load_config(iterate.Config, None, base + [key]))
+    with pytest.raises(ConfigError, match="set 'kl_reference'"):
+        iterate.run(load_config(iterate.Config, None, base + ["ppo.reference=x"]))
+    with pytest.raises(ConfigError, match="new_pairs_repeat"):
+        iterate.run(load_config(iterate.Config, None, base + ["new_pairs_repeat=0"]))
     with pytest.raises(ConfigError, match="ppo.reward.source"):
         iterate.run(load_config(iterate.Config, None, base + ["ppo.reward.source=gold"]))
     with pytest.raises(ConfigError, match="temperature"):
@@ -131,6 +135,14 @@ def test_config_guards_and_preset(tmp_path):
     preset = CONFIGS / "iterate.yaml"
     assert preset.read_text().startswith("#") and "alignkit iterate --config configs/iterate.yaml" in preset.read_text()
     load_config(iterate.Config, preset, ["policy=p", "world=w"])
+
+
+def test_draw_prompts_repeats_every_prompt_beyond_one_pass():
+    once = iterate.draw_prompts(10, 4, random.Random(0))
+    assert len(set(once)) == 4 and once == sorted(once) and all(0 <= i < 10 for i in once)
+    many = iterate.draw_prompts(10, 23, random.Random(0))  # two passes plus 3 more
+    counts = [many.count(i) for i in range(10)]
+    assert len(many) == 23 and many == sorted(many) and sorted(counts) == [2] * 7 + [3] * 3
 
 
 def test_spread_keeps_every_block():
@@ -248,3 +260,24 @@ def test_human_judge_exports_then_resumes(tiny):
     pairs = [json.loads(x) for x in (out / "round_1" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == len(shown) > 0
     assert {(p["chosen"], p["rejected"]) for p in pairs} == {(r["answer_A"], r["answer_B"]) for r in shown}
+
+
+def test_anchor_to_start_and_upweighted_new_pairs(tiny, monkeypatch):
+    """kl_reference=start: round 2's PPO starts from policy_1 but its KL anchor is policy_0, so
+    its first rollout already has KL > 0; new_pairs_repeat=2 writes each new pair twice.
+    ppo_init=start: every round's PPO starts from policy_0 (with its default anchor)."""
+    out = tiny / "anchored"
+    # fp32: under bf16 (a GPU) the policy's and the reference's passes round apart by ~1e-2
+    iterate.run(_cfg(tiny, f"out={out}", "kl_reference=start", "new_pairs_repeat=2", "ppo.train.precision=fp32"))
+    rows = json.loads((out / "summary.json").read_text())["rounds"]
+    data = (out / "round_2" / "reward_data.jsonl").read_text().splitlines()
+    assert len(data) == 40 + 2 * (rows[1]["pairs_new"] + rows[2]["pairs_new"])
+    assert rows[2]["pairs_total"] == 40 + rows[1]["pairs_new"] + rows[2]["pairs_new"]  # distinct pairs
+    first = [json.loads((out / f"round_{k}" / "ppo" / "metrics.jsonl").read_text().splitlines()[0])["kl"] for k in (1, 2)]
+    assert first[0] == pytest.approx(0.0, abs=1e-5) and first[1] > 1e-3
+
+    seen = []
+    real_run = iterate.ppo_stage.run
+    monkeypatch.setattr(iterate.ppo_stage, "run", lambda c: seen.append((c.model.path, c.reference)) or real_run(c))
+    iterate.run(_cfg(tiny, f"out={tiny / 'restart'}", "ppo_init=start"))
+    assert seen == [(str(tiny / "sft"), None)] * 2

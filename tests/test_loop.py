@@ -370,3 +370,12 @@ def test_tiny_llama_tied_weights_resume_and_hf_export(tmp_path):
     assert_same(exported.state_dict(), ref.state_dict())
     stored = weights(result.checkpoint)
     assert "lm_head.weight" not in stored or "model.embed_tokens.weight" not in stored  # tied: stored once
+
+
+def test_a_second_stage_in_the_process_may_change_precision():
+    """accelerate allows one AcceleratorState per process; a bf16 stage followed by an fp32 one (the
+    demo, `alignkit compare`, a test session on a GPU) must not fail on the second."""
+    from alignkit.train.loop import _make_accelerator
+
+    assert _make_accelerator(TrainConfig(precision="bf16")).mixed_precision == "bf16"
+    assert _make_accelerator(TrainConfig(precision="fp32")).mixed_precision == "no"

@@ -384,3 +384,27 @@ def test_ppo_lora_reference_is_the_adapter_free_policy(tiny_dirs, monkeypatch):
     assert rows[0]["kl"] == 0.0
     assert rows[1]["kl"] != 0.0  # the adapter moved the policy away from the reference
     assert not (out / "final" / "adapter_config.json").exists()
+
+
+def test_ppo_reference_option_sets_the_kl_anchor(tiny_dirs, monkeypatch):
+    """`reference` replaces model.path as the KL anchor: a copy of the start model gives KL 0 on
+    the first rollout, another model a positive KL; with LoRA it is a config error."""
+    from alignkit.config import ConfigError
+    from alignkit.models.load import load_tokenizer
+
+    monkeypatch.syspath_prepend(str(tiny_dirs))
+    tok = load_tokenizer(str(tiny_dirs / "sft"))
+    save_model(tiny_llama("nano", tokenizer=tok, seed=1), tok, tiny_dirs / "other")
+    base = [f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}",
+            "reward.source=function", "reward.function=rewards_mod:count_e", "iterations=1", "rollout_batch=4",
+            "train.batch_size=4", "ppo_epochs=1", "rollout.max_new_tokens=6"]
+    first_kl = {}
+    for name in ("sft", "other"):
+        out = tiny_dirs / f"out-ref-{name}"
+        ppo.run(load_config(ppo.Config, None, [*base, f"out={out}", f"reference={tiny_dirs / name}"]))
+        first_kl[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["kl"]
+    assert first_kl["sft"] == pytest.approx(0.0, abs=1e-5)
+    assert first_kl["other"] > 0.1
+    with pytest.raises(ConfigError, match="reference"):
+        ppo.run(load_config(ppo.Config, None, [*base, f"out={tiny_dirs / 'x'}", f"reference={tiny_dirs / 'sft'}",
+                                                "model.lora_r=4"]))

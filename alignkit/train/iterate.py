@@ -16,9 +16,10 @@ Round 0 is the starting point: `policy` (usually the SFT model) and the reward m
   3. reward model RM_k: trained (alignkit.train.reward) on the initial pairs plus the new pairs of
      rounds 1..k, starting from RM_{k-1} (`reward_init: previous`) or afresh from `reward_base`
      (`reward_init: base`);
-  4. PPO (alignkit.train.ppo) from policy_{k-1} against RM_k. ppo.run's KL reference is the model
-     it starts from, so each round is a trust region around the previous round's policy;
-     `kl_to_start` in the summary measures the whole drift from policy_0;
+  4. PPO (alignkit.train.ppo) from policy_{k-1} (or policy_0 with `ppo_init: start`) against
+     RM_k, its KL anchored to the model it starts from (`kl_reference: previous`, a trust region
+     around the previous policy) or to policy_0 (`kl_reference: start`); `kl_to_start` in the
+     summary measures the whole drift from policy_0;
   5. evaluation: gold score of policy_k on the world's held-out prompts (greedy,
      alignkit.eval.gold), RM_k's accuracy on held-out pairs, KL(policy_k || policy_0).
 
@@ -75,6 +76,13 @@ class Config:
     """Round 0's reward model directory; None trains one on `preferences` (OUT/round_0/reward)."""
     reward_init: Literal["previous", "base"] = "previous"
     """RM_k starts from RM_{k-1} ('previous', a warm start) or afresh from reward_base ('base')."""
+    ppo_init: Literal["previous", "start"] = "previous"
+    """Round k's PPO starts from policy_{k-1} ('previous') or afresh from policy_0 ('start'; its KL
+    anchor is then policy_0 too); the pairs are always sampled from policy_{k-1}."""
+    kl_reference: Literal["previous", "start"] = "previous"
+    """KL anchor of round k's PPO: policy_{k-1}, the model it starts from ('previous'), or policy_0 ('start')."""
+    new_pairs_repeat: int = 1
+    """Each new (on-policy) pair appears this many times in the reward model's data (upweighting)."""
     reward_base: str | None = None
     """Model a fresh reward model starts from (round 0 without reward_model, or reward_init=base); default `policy`."""
     world: str | None = None
@@ -94,7 +102,8 @@ class Config:
     rounds: int = 2
     """Rounds after round 0 (each: sample, label, reward model, PPO)."""
     prompts_per_round: int = 256
-    """Prompts sampled per round (two responses each); ties and identical responses are dropped."""
+    """Prompts sampled per round (two responses each; above the number of prompts, each prompt
+    is drawn several times); ties and identical responses are dropped."""
     temperature: float = 1.0
     """Sampling temperature of the two responses (> 0)."""
     max_new_tokens: int = 32
@@ -123,7 +132,8 @@ class Config:
 
 # keys of the nested stage configs that each round sets itself -> the top-level key to set instead
 PPO_SET_BY_ROUND = {
-    "model.path": "policy", "data.path": "prompts", "reward.model": "reward_model", "world": "world", "out": "out",
+    "model.path": "policy (or ppo_init)", "data.path": "prompts", "reward.model": "reward_model", "world": "world", "out": "out",
+    "reference": "kl_reference",
 }
 REWARD_SET_BY_ROUND = {
     "model.path": "reward_base (or reward_init)", "data.path": "preferences", "data.eval_path": "eval_preferences",
@@ -146,6 +156,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("set reward_model, or preferences / world to train round 0's reward model")
     if cfg.rounds > 0 and not cfg.preferences and not cfg.world:
         raise ConfigError("set preferences (or world): each round's reward model trains on them plus the new pairs")
+    if cfg.new_pairs_repeat < 1:
+        raise ConfigError(f"config key 'new_pairs_repeat' must be >= 1, got {cfg.new_pairs_repeat}")
+    if cfg.kl_reference == "start" and cfg.ppo.model.lora_r > 0:
+        raise ConfigError("config key 'kl_reference': 'start' needs ppo.model.lora_r = 0 (LoRA anchors to its own base)")
     if cfg.rounds < 0 or cfg.prompts_per_round < 1 or cfg.initial_pairs < 0 or cfg.eval_limit < 0:
         raise ConfigError("rounds, initial_pairs and eval_limit must be >= 0, prompts_per_round >= 1")
     if not cfg.temperature > 0:
@@ -286,6 +300,13 @@ def _stage_seeded(train_cfg: Any, k: int) -> Any:
 def round_seed(cfg: Config, k: int) -> int:
     """Seed of round k's prompt draw and sampling."""
     return cfg.seed * 100003 + k
+
+
+def draw_prompts(n_prompts: int, n: int, rng: random.Random) -> list[int]:
+    """`n` prompt indices, sorted: every prompt n // n_prompts times, plus a draw without
+    replacement of n % n_prompts more (n <= n_prompts: a plain draw of n distinct prompts)."""
+    full, rest = divmod(n, n_prompts)
+    return sorted([*range(n_prompts)] * full + rng.sample(range(n_prompts), rest))
 
 
 def spread(items: list, limit: int) -> list:
@@ -441,7 +462,7 @@ class _Run:
         if samples_path.is_file():
             samples = _read_jsonl(samples_path)
         else:
-            idx = sorted(random.Random(seed).sample(range(len(self.records)), min(cfg.prompts_per_round, len(self.records))))
+            idx = draw_prompts(len(self.records), cfg.prompts_per_round, random.Random(seed))
             tok = load_tokenizer(prev["policy"])
             items, _ = tokenize_prompts(tok, [self.records[i] for i in idx],
                                         TruncationLimits(max_prompt_len=cfg.ppo.data.max_prompt_len, max_len=None))
@@ -465,7 +486,7 @@ class _Run:
         data = d / "reward_data.jsonl"
         new_rows = [r for j in range(1, k + 1) for r in _read_jsonl(self.dir(j) / "pairs.jsonl")]
         if not data.is_file():
-            _write_jsonl(data, self.initial + new_rows)
+            _write_jsonl(data, self.initial + new_rows * cfg.new_pairs_repeat)
 
         row: dict[str, Any] = {"round": k, "pairs_sampled": counts["sampled"], "pairs_new": counts["pairs"],
                                "pairs_total": len(self.initial) + len(new_rows),
@@ -486,10 +507,11 @@ class _Run:
         if not ppo_json.is_file():
             c = cfg.ppo
             pcfg = dataclasses.replace(
-                c, model=dataclasses.replace(c.model, path=prev["policy"]),
+                c, model=dataclasses.replace(c.model, path=cfg.policy if cfg.ppo_init == "start" else prev["policy"]),
                 data=dataclasses.replace(c.data, path=self.prompts_path),
                 reward=dataclasses.replace(c.reward, source="model", model=res["model"]),
                 train=_stage_seeded(c.train, k), world=cfg.world, out=str(d / "ppo"),
+                reference=cfg.policy if cfg.kl_reference == "start" else None,
             )
             write_json_atomic(ppo_json, ppo_stage.run(pcfg), indent=2, default=str)
         pres = _read_json(ppo_json)

@@ -163,6 +163,13 @@ def _make_accelerator(cfg: TrainConfig):
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with
+    # another precision (a bf16 stage, then an fp32 one, in the same demo or test process):
+    # forget it, keeping the process group (PartialState)
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
     # Under torchrun on CPU a plain Accelerator() trains each rank alone; cpu=True gives gloo DDP.
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if precision == "bf16" else "no")
 

@@ -60,6 +60,8 @@ class Config:
     """World directory: enables gold-score metrics and the final win rate against the reference."""
     out: str = "runs/ppo"
     """Output directory: metrics.jsonl, eval.json, final/ (the policy)."""
+    reference: str | None = None
+    """KL reference model directory (None: model.path, the model PPO starts from; must be None with LoRA)."""
     iterations: int = 40
     """Rollout batches (each followed by ppo_epochs of updates)."""
     rollout_batch: int = 64
@@ -274,6 +276,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("set data.path (a prompt file) or world (uses WORLD/train_prompts.jsonl)")
     if cfg.iterations <= 0 or cfg.rollout_batch <= 0 or cfg.ppo_epochs <= 0:
         raise ConfigError("iterations, rollout_batch and ppo_epochs must be positive")
+    if cfg.reference and cfg.model.lora_r > 0:
+        raise ConfigError("config key 'reference' must be unset with model.lora_r > 0 (the reference is the adapter-free policy)")
 
 
 def build_value_model(cfg: Config, policy: nn.Module, device: torch.device) -> tuple[nn.Module | None, ValueHead | None]:
@@ -332,7 +336,7 @@ def run(cfg: Config) -> dict:
         prompt_ids, prompt_texts = load_prompts(prompt_path, tokenizer, cfg.data.max_prompt_len, cfg.data.limit, cfg.data.on_error)
         policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
         policy.eval()  # dropout off throughout: the ratio must be 1 before the first update
-        reference = build_reference(policy, cfg.model.path, cfg.model.lora_r > 0, device)
+        reference = build_reference(policy, cfg.reference or cfg.model.path, cfg.model.lora_r > 0, device)
         value_model, head = build_value_model(cfg, policy, device)
         ac = ActorCritic(policy, value_model, head, cfg.rollout.temperature)
         ac.eval()
