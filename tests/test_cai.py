@@ -557,7 +557,7 @@ def test_cai_stage_in_a_quick_demo(tiny_dir, tmp_path, monkeypatch):
         assert red["harmful"]["n"] == 25 and red["benign"]["n"] == 20  # the held-out questions
         assert entry["harmless"][name] == red["harmful"]["harmless"]
         assert entry["helpful"][name] == red["benign"]["helpful"]
-    assert entry["model"] == entry["sl"]["model"] and entry["rl"]["from"] == "start"  # RL-CAI from the start model
+    assert entry["model"] == entry["rl"]["model"] and entry["rl"]["from"] == "sl"  # the paper's order
     world = demo.world
     out = tmp_path / "demo" / "cai"
     pairs = [json.loads(x) for x in (out / "label" / "preferences.jsonl").read_text().splitlines()]

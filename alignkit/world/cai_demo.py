@@ -5,12 +5,10 @@
              questions in the constitution's formats, on training questions only
     SL-CAI   the start model answers the harmful red-team training prompts, critiques and revises
              its answers (`cai revise`); SFT from start on the revisions + helpful data
-    RL-CAI   the start model (`rl_from=start`, default) or the SL-CAI model samples two answers per
-             red-team training prompt; a feedback model (start + SFT on preference-question
+    RL-CAI   the SL-CAI model (`rl_from=sl`, the paper's order) samples two answers per red-team
+             training prompt; a feedback model (start + SFT on preference-question
              demonstrations) labels them with the constitution's questions (`cai label`); DPO
-             from that model on the AI labels (Bai et al. 2022, Sec. 4, train RL-CAI from SL-CAI;
-             here SL-CAI already refuses every held-out harmful request, so RL-CAI from SL-CAI
-             could show nothing, and the demo measures RL-CAI on its own from the start model)
+             (beta 0.5) from SL-CAI on the AI labels (Bai et al. 2022, Sec. 4)
 
 No human harmlessness label is used: harm enters only through the constitution-format
 demonstrations. The figures (summary["stages"]["cai"]) are the gold judge's, on held-out
@@ -57,8 +55,10 @@ class Config:
     """SFT steps of SL-CAI, from the start model (batch 32)."""
     rl: bool = True
     """Run RL-CAI after SL-CAI."""
-    rl_from: str = "start"
-    """The policy RL-CAI samples from and trains: "start" or "sl" (the paper's order)."""
+    rl_from: str = "sl"
+    """The policy RL-CAI samples from and trains: "sl" (the paper's order) or "start" (the
+    helpful-only model: it complies with nearly every harmful request, so nearly all its
+    harmful pairs are two compliances the labels cannot separate; docs/cai.md)."""
     rl_skip_after_s: float = 150.0
     """Skip RL-CAI when the stage has already taken longer than this (0: never skip)."""
     fb_steps: int = 60
@@ -66,7 +66,7 @@ class Config:
     demonstrations only (0: the start model labels)."""
     fb_demos: int = 3000
     """Preference-question demonstrations generated for it (training questions only)."""
-    label_repeats: int = 2
+    label_repeats: int = 4
     """Response pairs sampled per red-team training prompt (harmful and benign) for RL-CAI."""
     label_limit: int = 0
     """Label only the first N red-team training prompts (0: all)."""
