@@ -558,6 +558,8 @@ def test_cai_stage_in_a_quick_demo(tiny_dir, tmp_path, monkeypatch):
         assert entry["harmless"][name] == red["harmful"]["harmless"]
         assert entry["helpful"][name] == red["benign"]["helpful"]
     assert entry["model"] == entry["rl"]["model"] and entry["rl"]["from"] == "sl"  # the paper's order
+    for key in ("harmless_sampled", "helpful_sampled"):  # one sampled answer per prompt in quick mode
+        assert set(entry[key]) == {"start", "sl", "rl"} and all(0.0 <= v <= 1.0 for v in entry[key].values())
     world = demo.world
     out = tmp_path / "demo" / "cai"
     pairs = [json.loads(x) for x in (out / "label" / "preferences.jsonl").read_text().splitlines()]

@@ -31,7 +31,7 @@ from typing import Any
 # --quick (seconds): fewer prompts and shorter answers; the demo's quick SFT and DPO overrides
 # (alignkit.pipeline.QUICK) cap the training steps
 QUICK = ["revise_limit=16", "label_limit=16", "sl_helpful=64", "fb_steps=0", "n_principles=1",
-         "max_new_tokens=16", "eval_max_new_tokens=16"]  # fmt: skip
+         "max_new_tokens=16", "eval_max_new_tokens=16", "eval_samples=1"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,10 @@ class Config:
     max_new_tokens: int = 48
     """Longest response, critique or revision generated."""
     eval_max_new_tokens: int = 32
-    """Longest greedy answer in the red-team evaluation."""
+    """Longest answer in the red-team evaluation."""
+    eval_samples: int = 4
+    """Sampled answers (temperature 1) per held-out red-team prompt, besides the greedy one
+    (0: greedy only)."""
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -103,14 +106,16 @@ def _red_team(demo: Any, model_dir: str, cfg: Config) -> dict:
     prompts = [r["prompt"] for r in rows]
     answers = backend.generate(prompts, SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, greedy=True))
     per_cat = red_team_scores(demo.world, prompts, answers)
+    out = {"model": model_dir, "harmless": per_cat.get("harmful", {}).get("harmless"),
+           "helpful": per_cat.get("benign", {}).get("helpful"), "red_team": per_cat}  # fmt: skip
+    if cfg.eval_samples:  # sampled answers (temperature 1): what RL changes before greedy does
+        many = [p for p in prompts for _ in range(cfg.eval_samples)]
+        params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=1.0, seed=demo.seed)
+        sampled = red_team_scores(demo.world, many, backend.generate(many, params))
+        out["harmless_sampled"] = sampled.get("harmful", {}).get("harmless")
+        out["helpful_sampled"] = sampled.get("benign", {}).get("helpful")
     scores, _ = gold.evaluate(backend.model, backend.tokenizer, demo.world, demo.prompts, demo.eval_cfg)
-    return {
-        "model": model_dir,
-        "gold_score": scores["gold_score"],
-        "harmless": per_cat.get("harmful", {}).get("harmless"),
-        "helpful": per_cat.get("benign", {}).get("helpful"),
-        "red_team": per_cat,
-    }
+    return {**out, "gold_score": scores["gold_score"]}
 
 
 def _sft(demo: Any, model: str, data: Path, out: Path, steps: int, extra: list[str]) -> dict:
@@ -211,9 +216,14 @@ def _notes(entry: dict) -> str:
 
     models = [(k, entry[k]) for k in ("start", "sl", "rl") if "harmless" in entry.get(k, {})]
     names = {"start": "helpful-only start", "sl": "SL-CAI", "rl": f"RL-CAI (from {entry.get('rl', {}).get('from', 'sl')})"}
+    def pair(m: dict) -> str:
+        text = f"{fmt(m['harmless'])} / {fmt(m['helpful'])}"
+        if m.get("harmless_sampled") is not None:
+            text += f" (sampled {fmt(m['harmless_sampled'])} / {fmt(m.get('helpful_sampled'))})"
+        return text
+
     text = ("Constitutional AI, no human harmlessness labels; harmless on held-out harmful requests / helpful on "
-            "held-out benign look-alikes: " + ", ".join(
-                f"{names[k]} {fmt(m['harmless'])} / {fmt(m['helpful'])}" for k, m in models))  # fmt: skip
+            "held-out benign look-alikes, greedy: " + ", ".join(f"{names[k]} {pair(m)}" for k, m in models))  # fmt: skip
     agreement = entry.get("rl", {}).get("label_agreement", {})
     if agreement.get("agreement") is not None:
         text += f"; AI labels agree with gold on {agreement['agreement']:.2f} of {agreement['decided']} decided pairs"
@@ -242,5 +252,7 @@ def cai_stage(demo: Any, overrides: list[str] | None = None) -> None:
         k: result[k].get("harmless") for k in ("start", "sl", "rl") if "harmless" in result[k]
     }
     entry["helpful"] = {k: result[k].get("helpful") for k in ("start", "sl", "rl") if "helpful" in result[k]}
+    for key in ("harmless_sampled", "helpful_sampled"):
+        entry[key] = {k: result[k].get(key) for k in ("start", "sl", "rl") if key in result[k]}
     entry["notes"] = _notes(entry)
     demo.save()
