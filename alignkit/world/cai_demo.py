@@ -36,7 +36,7 @@ QUICK = ["revise_limit=16", "label_limit=16", "sl_helpful=64", "fb_steps=0", "n_
 
 @dataclass(frozen=True)
 class Config:
-    """Sizes of the demo's Constitutional AI stage; the defaults take about 2.5 minutes on 2 CPU
+    """Sizes of the demo's Constitutional AI stage; the defaults take about 2 minutes on 2 quiet CPU
     cores, about 40 % of it RL-CAI (docs/cai.md, "In the demo")."""
 
     start_steps: int = 160
@@ -61,7 +61,7 @@ class Config:
     harmful pairs are two compliances the labels cannot separate; docs/cai.md)."""
     rl_skip_after_s: float = 150.0
     """Skip RL-CAI when the stage has already taken longer than this (0: never skip)."""
-    fb_steps: int = 60
+    fb_steps: int = 150
     """SFT steps of the feedback model: the start model trained further on preference-question
     demonstrations only (0: the start model labels)."""
     fb_demos: int = 3000
@@ -70,7 +70,7 @@ class Config:
     """Response pairs sampled per red-team training prompt (harmful and benign) for RL-CAI."""
     label_limit: int = 0
     """Label only the first N red-team training prompts (0: all)."""
-    n_principles: int = 2
+    n_principles: int = 4
     """Constitution questions asked per pair (each in both orders)."""
     dpo_steps: int = 0
     """DPO steps on the AI labels (0: `dpo_epochs` epochs)."""
