@@ -75,11 +75,7 @@ class Demo:
         self.world = load_world(self.world_dir)
         self.eval_cfg = load_config(gold.Config, _preset("eval"), [f"model={out}", f"world={self.world_dir}"]
                                     + self.q("eval"))
-        prompts = gold.read_eval_prompts(self.world_dir)
-        if self.eval_cfg.limit and self.eval_cfg.limit < len(prompts):
-            stride = len(prompts) / self.eval_cfg.limit  # every category keeps its share
-            prompts = [prompts[int(i * stride)] for i in range(self.eval_cfg.limit)]
-        self.prompts = prompts
+        self.prompts = gold.read_eval_prompts(self.world_dir, self.eval_cfg.limit)  # every category keeps its share
         self.scores: dict[str, list[float]] = {}  # stage -> per-prompt gold score, for win rates
 
     def q(self, stage: str) -> list[str]:

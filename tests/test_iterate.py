@@ -146,8 +146,10 @@ def test_draw_prompts_repeats_every_prompt_beyond_one_pass():
 
 
 def test_spread_keeps_every_block():
-    assert iterate.spread(list(range(12)), 4) == [0, 3, 6, 9]
-    assert iterate.spread([1, 2], 0) == [1, 2]
+    from alignkit.eval.gold import spread
+
+    assert spread(list(range(12)), 4) == [0, 3, 6, 9]
+    assert spread([1, 2], 0) == [1, 2] and spread([1, 2], 5) == [1, 2]
 
 
 # ------------------------------------------------------------------ end to end

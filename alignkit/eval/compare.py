@@ -679,11 +679,7 @@ def _open_demo(cfg: Config):
     extra += [f"max_new_tokens={cfg.eval_max_new_tokens}"] if cfg.eval_max_new_tokens else []
     d.eval_cfg = load_config(gold.Config, CONFIGS / "eval.yaml",
                              [f"model={cfg.sft_dir}", f"world={d.world_dir}"] + d.q("eval") + extra)
-    prompts = gold.read_eval_prompts(d.world_dir)
-    if d.eval_cfg.limit and d.eval_cfg.limit < len(prompts):
-        stride = len(prompts) / d.eval_cfg.limit  # every category keeps its share, as in the demo
-        prompts = [prompts[int(i * stride)] for i in range(d.eval_cfg.limit)]
-    d.prompts = prompts
+    d.prompts = gold.read_eval_prompts(d.world_dir, d.eval_cfg.limit)  # spread over categories, as in the demo
     d.scores = {}
     return d
 

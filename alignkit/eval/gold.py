@@ -76,11 +76,21 @@ def evaluate(model, tokenizer, world, prompts: list[str], cfg: Config) -> tuple[
     return score_responses(world, prompts, responses)
 
 
+def spread(items: list, limit: int) -> list:
+    """`limit` items spread evenly over `items`, so that every block of a category-ordered file
+    (the world's eval prompts) keeps its share; all of them when `limit` is 0 or too large."""
+    if not limit or limit >= len(items):
+        return list(items)
+    stride = len(items) / limit
+    return [items[int(i * stride)] for i in range(limit)]
+
+
 def read_eval_prompts(world_dir: str | Path, limit: int = 0) -> list[str]:
+    """The world's held-out prompts; `limit` of them spread over every category (0: all)."""
     from alignkit.data.load import load_records
 
-    records = load_records(Path(world_dir) / "eval_prompts.jsonl", kind="prompt", limit=limit).records
-    return [r.prompt for r in records]
+    records = load_records(Path(world_dir) / "eval_prompts.jsonl", kind="prompt").records
+    return spread([r.prompt for r in records], limit)
 
 
 def run(cfg: Config) -> dict:

@@ -377,13 +377,6 @@ def gold_outcomes(scores: Sequence[float], baseline: Sequence[float]) -> list[fl
     return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]
 
 
-def _spread(prompts: list[str], limit: int) -> list[str]:
-    if not limit or limit >= len(prompts):
-        return prompts
-    stride = len(prompts) / limit  # every category keeps its share
-    return [prompts[int(i * stride)] for i in range(limit)]
-
-
 def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any, out: Path | None = None) -> dict:
     """Greedy answers of the trained policy and of the starting model on held-out world prompts,
     judged by the gold judge; the win rate counts ties as half (`alignkit.eval.winrate.tally`,
@@ -397,7 +390,7 @@ def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any, out: Path | None
     from alignkit.world import load_world
 
     world = load_world(cfg.eval_world)
-    prompts = _spread(gold.read_eval_prompts(cfg.eval_world), cfg.eval_limit)
+    prompts = gold.read_eval_prompts(cfg.eval_world, cfg.eval_limit)
     ecfg = gold.Config(model=str(cfg.model.path), world=str(cfg.eval_world), max_new_tokens=cfg.eval_max_new_tokens)
     base = load_model(cfg.model.path)
     base_summary, base_rows = gold.evaluate(base, tokenizer, world, prompts, ecfg)

@@ -309,13 +309,6 @@ def draw_prompts(n_prompts: int, n: int, rng: random.Random) -> list[int]:
     return sorted([*range(n_prompts)] * full + rng.sample(range(n_prompts), rest))
 
 
-def spread(items: list, limit: int) -> list:
-    """`limit` items spread evenly over `items` (every block of a category-ordered file keeps its share)."""
-    if not limit or limit >= len(items):
-        return list(items)
-    stride = len(items) / limit
-    return [items[int(i * stride)] for i in range(limit)]
-
 
 def _win_rate(a: Sequence[float], b: Sequence[float]) -> dict:
     from alignkit.eval.winrate import win_rate
@@ -362,7 +355,7 @@ class _Run:
         if cfg.world:
             from alignkit.eval.gold import read_eval_prompts
 
-            self.eval_prompts = spread(read_eval_prompts(cfg.world), cfg.eval_limit)
+            self.eval_prompts = read_eval_prompts(cfg.world, cfg.eval_limit)
         self.rows: list[dict] = []
         self.pending: dict = {}
         self.t0 = time.perf_counter()
@@ -403,6 +396,7 @@ class _Run:
         return [r["score"] for r in _read_jsonl(self.dir(k) / "eval_responses.jsonl")]
 
     def kl_to_start(self, model_dir: str) -> float | None:
+        from alignkit.eval.gold import spread
         from alignkit.eval.policy_kl import sequence_kl
         from alignkit.models.load import load_model, load_tokenizer
 
