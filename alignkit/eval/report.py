@@ -129,11 +129,11 @@ def _png(fig) -> str:
 def plot_gold_by_category(summary: dict) -> str | None:
     import matplotlib.pyplot as plt
 
-    stages = summary["stages"]
-    cats = sorted({c for s in stages.values() for c in s.get("per_category", {})})
+    stages = {k: s for k, s in summary["stages"].items() if s.get("per_category")}  # not the reward model
+    cats = sorted({c for s in stages.values() for c in s["per_category"]})
     if not cats:
         return None
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(9, 3.9))
     width = 0.8 / max(1, len(stages))
     for i, (name, s) in enumerate(stages.items()):
         per = s.get("per_category", {})
@@ -143,7 +143,8 @@ def plot_gold_by_category(summary: dict) -> str | None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("gold score")
     ax.set_title("Gold score by category (overall in the legend)")
-    ax.legend(fontsize=8, ncol=min(4, len(stages)))
+    ax.legend(fontsize=8, ncol=min(8, len(stages)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
     return _png(fig)
 
 
