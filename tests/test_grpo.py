@@ -291,6 +291,7 @@ def test_sharing_the_prompt_prefix_gives_the_same_first_step(tiny_dirs, monkeypa
             f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
             "reward.source=function", "reward.function=grpo_rewards:count_e", "iterations=1", "prompts_per_step=2",
             "group_size=3", "rollout.max_new_tokens=5", "train.batch_size=6", "train.lr=1e-3",
+            "train.precision=fp32",  # the two paths agree to 1e-5 in fp32; bf16 (a GPU) rounds them apart
             f"share_prompt_prefix={str(share).lower()}",
         ])
         stage.run(cfg)
@@ -311,3 +312,21 @@ def test_group_size_one_is_a_config_error(tiny_dirs):
                                           "group_size=1"])
     with pytest.raises(ConfigError, match="group_size"):
         grpo.run(cfg)
+
+
+@pytest.mark.parametrize("stage", [grpo, rloo])
+def test_bf16_rollout_passes_round_like_the_update(tiny_dirs, monkeypatch, stage):
+    """Under bf16 autocast (a GPU's default; forced here on the CPU) the reference and old-log-prob
+    passes run under the update's autocast, so before the first step the policy equals its
+    reference to within bf16 noise: the KL is ~0, not the fp32-vs-bf16 rounding gap."""
+    monkeypatch.syspath_prepend(str(tiny_dirs))
+    out = tiny_dirs / f"bf16-{stage.__name__.rsplit('.', 1)[1]}"
+    cfg = load_config(stage.Config, None, [
+        f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
+        "reward.source=function", "reward.function=grpo_rewards:count_e", "iterations=1", "prompts_per_step=2",
+        "group_size=3", "rollout.max_new_tokens=5", "train.batch_size=6", "train.lr=1e-3", "train.precision=bf16",
+        "share_prompt_prefix=false",
+    ])
+    stage.run(cfg)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6) and row["approx_kl"] == pytest.approx(0.0, abs=1e-6)

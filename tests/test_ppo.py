@@ -368,6 +368,22 @@ def test_ppo_run_end_to_end(tiny_dirs, monkeypatch):
     assert (out / "final" / "config.json").is_file() and result["peak_mem_mb"] > 0
 
 
+def test_ppo_bf16_rollout_log_probs_round_like_the_update(tiny_dirs, monkeypatch):
+    """Under bf16 autocast (a GPU's default; forced here on the CPU) the rollout's log-prob and
+    reference passes run under the update's autocast: one epoch over one minibatch then has
+    ratio 1 (approx_kl 0) and the first KL is 0, not the fp32-vs-bf16 rounding gap."""
+    monkeypatch.syspath_prepend(str(tiny_dirs))
+    out = tiny_dirs / "out-bf16"
+    ppo.run(load_config(ppo.Config, None, [
+        f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
+        "reward.source=function", "reward.function=rewards_mod:count_e", "iterations=1", "rollout_batch=4",
+        "train.batch_size=4", "ppo_epochs=1", "rollout.max_new_tokens=6", "train.precision=bf16",
+    ]))
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # first order in the rounding gap
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6) and row["clipfrac"] == 0.0
+
+
 def test_ppo_lora_reference_is_the_adapter_free_policy(tiny_dirs, monkeypatch):
     """With LoRA no second model is loaded; the first rollout's KL is exactly 0 because the
     adapter starts as a no-op (B = 0), and a saved policy is a plain merged model."""

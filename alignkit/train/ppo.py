@@ -373,6 +373,7 @@ def run(cfg: Config) -> dict:
                 policy, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
                 cfg.rollout, logprob_fn=logprob_fn, ref_logprob_fn=ref_fn,
                 missing_eos_penalty=cfg.reward.missing_eos_penalty, seed=cfg.train.seed * 100003 + it,
+                autocast=autocast_for(cfg.train.precision, device),
             )
             t_roll = time.perf_counter() - t_it
             beta = controller.beta

@@ -383,6 +383,7 @@ def collect_rollout(
     group_size: int = 1,
     missing_eos_penalty: float = 0.0,
     seed: int | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
 ) -> Rollout:
     """Sample `group_size` responses per prompt with the KV-cached generator, then score them.
 
@@ -392,6 +393,8 @@ def collect_rollout(
         from its first update, as GRPO does with one update per rollout).
     ref_logprob_fn: the frozen reference's log-probs, or None.
     missing_eos_penalty: subtracted from `scores` where a response has no EOS.
+    autocast: the update's autocast context (`autocast_for`), so that the log-prob passes round
+        as the update does (under bf16 the ratio is then 1 and the KL 0 before the first step).
     """
     device = next(policy.parameters()).device
     rows = [list(p) for p in prompt_ids for _ in range(group_size)]  # group members contiguous
@@ -412,13 +415,15 @@ def collect_rollout(
     was_training = policy.training
     policy.eval()  # no dropout in the log-prob pass: old_logp must be the sampling distribution
     try:
-        if logprob_fn is not None:
-            logp, values = in_chunks(logprob_fn, cfg.forward_batch_size, input_ids, attention_mask, r_ids)
-        else:
-            logp, values = torch.zeros_like(mask), None
-        ref = None
-        if ref_logprob_fn is not None:
-            ref = in_chunks(ref_logprob_fn, cfg.forward_batch_size, input_ids, attention_mask, r_ids) * mask
+        with autocast if autocast is not None else contextlib.nullcontext():
+            if logprob_fn is not None:
+                logp, values = in_chunks(logprob_fn, cfg.forward_batch_size, input_ids, attention_mask, r_ids)
+            else:
+                logp, values = torch.zeros_like(mask), None
+            ref = None
+            if ref_logprob_fn is not None:
+                ref = in_chunks(ref_logprob_fn, cfg.forward_batch_size, input_ids, attention_mask, r_ids) * mask
+        values = None if values is None else values.float()
     finally:
         policy.train(was_training)
     scores, raw = reward(texts, responses, input_ids, attention_mask)
