@@ -126,8 +126,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
 
     module = importlib.import_module(STAGES[name][0])
     config_cls, run = module.Config, module.run
-    if args.overrides and args.overrides[0] in SUBCOMMANDS.get(name, {}):
-        cls_name, fn_name = SUBCOMMANDS[name][args.overrides.pop(0)]
+    if getattr(args, "subcommand", None):
+        cls_name, fn_name = SUBCOMMANDS[name][args.subcommand]
         config_cls, run = getattr(module, cls_name), getattr(module, fn_name)
     flags = [f"{k}={getattr(args, 'flag_' + k)}" for k in FLAGS.get(name, ()) if getattr(args, "flag_" + k) is not None]
     cfg = load_config(config_cls, args.config, flags + list(args.overrides))
@@ -199,7 +199,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `alignkit cai label --config F k=v`: take the word out before argparse, which would end the
+    # positional overrides at the first flag and then reject the `k=v` after it
+    word = argv.pop(1) if len(argv) > 1 and argv[1] in SUBCOMMANDS.get(argv[0], {}) else None
     args = build_parser().parse_args(argv)
+    args.subcommand = word
     try:
         return _dispatch(args)
     except _user_errors() as e:

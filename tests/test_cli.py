@@ -1,6 +1,7 @@
 """The command line: bad input gives one clear line and exit code 2; the quick demo runs end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert summary["stages"]["sft"]["gold_score"] > summary["stages"]["base"]["gold_score"]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| sft |" in report and "| base |" in report
+
+
+def test_stage_subcommand_takes_flags_and_overrides_after_it(capsys):
+    """`alignkit cai label --config F k=v`: argparse alone ends the positional overrides at the
+    first flag and rejects the k=v after it."""
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "cai.yaml")
+    code, out, _ = run_cli(capsys, "cai", "label", "--config", cfg, "--print-config", "policy=p", "feedback=f")
+    assert code == 0 and "policy: p" in out and "feedback: f" in out
+    code, out, _ = run_cli(capsys, "reward", "eval", "--print-config", "model=m")
+    assert code == 0 and "model: m" in out
