@@ -126,8 +126,11 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
 
     module = importlib.import_module(STAGES[name][0])
     config_cls, run = module.Config, module.run
-    if getattr(args, "subcommand", None):
-        cls_name, fn_name = SUBCOMMANDS[name][args.subcommand]
+    word = getattr(args, "subcommand", None)
+    if word is None and args.overrides and args.overrides[0] in SUBCOMMANDS.get(name, {}):
+        word = args.overrides.pop(0)  # `alignkit cai --config F label k=v`
+    if word:
+        cls_name, fn_name = SUBCOMMANDS[name][word]
         config_cls, run = getattr(module, cls_name), getattr(module, fn_name)
     flags = [f"{k}={getattr(args, 'flag_' + k)}" for k in FLAGS.get(name, ()) if getattr(args, "flag_" + k) is not None]
     cfg = load_config(config_cls, args.config, flags + list(args.overrides))

@@ -92,3 +92,5 @@ def test_stage_subcommand_takes_flags_and_overrides_after_it(capsys):
     assert code == 0 and "policy: p" in out and "feedback: f" in out
     code, out, _ = run_cli(capsys, "reward", "eval", "--print-config", "model=m")
     assert code == 0 and "model: m" in out
+    code, out, _ = run_cli(capsys, "cai", "--config", cfg, "label", "policy=p", "--print-config")  # word after a flag
+    assert code == 0 and "policy: p" in out

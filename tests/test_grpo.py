@@ -314,18 +314,19 @@ def test_group_size_one_is_a_config_error(tiny_dirs):
         grpo.run(cfg)
 
 
+@pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("stage", [grpo, rloo])
-def test_bf16_rollout_passes_round_like_the_update(tiny_dirs, monkeypatch, stage):
+def test_bf16_rollout_passes_round_like_the_update(tiny_dirs, monkeypatch, stage, share):
     """Under bf16 autocast (a GPU's default; forced here on the CPU) the reference and old-log-prob
     passes run under the update's autocast, so before the first step the policy equals its
     reference to within bf16 noise: the KL is ~0, not the fp32-vs-bf16 rounding gap."""
     monkeypatch.syspath_prepend(str(tiny_dirs))
-    out = tiny_dirs / f"bf16-{stage.__name__.rsplit('.', 1)[1]}"
+    out = tiny_dirs / f"bf16-{stage.__name__.rsplit('.', 1)[1]}-{share}"
     cfg = load_config(stage.Config, None, [
         f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
         "reward.source=function", "reward.function=grpo_rewards:count_e", "iterations=1", "prompts_per_step=2",
         "group_size=3", "rollout.max_new_tokens=5", "train.batch_size=6", "train.lr=1e-3", "train.precision=bf16",
-        "share_prompt_prefix=false",
+        f"share_prompt_prefix={str(share).lower()}",
     ])
     stage.run(cfg)
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

@@ -13,7 +13,6 @@ baseline, as RLOO does). No value model. docs/grpo.md has the details and the me
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from alignkit.atomic import write_json_atomic
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from alignkit.losses.advantages import group_advantages, masked_mean, rloo_advantages
 from alignkit.losses.kl import get_kl_estimator
@@ -312,7 +312,7 @@ def run(cfg: Config) -> dict:
         if world is not None:
             ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
             ev["during_training"] = evals
-            (out / "eval.json").write_text(json.dumps(ev, indent=2))
+            write_json_atomic(out / "eval.json", ev)
             result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
                           win_rate_ci=ev["win_rate_ci"])
     result.update(

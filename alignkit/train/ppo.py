@@ -19,7 +19,6 @@ Metrics go to OUT/metrics.jsonl, one line per rollout batch; the policy to OUT/f
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from alignkit.atomic import write_json_atomic
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from alignkit.losses.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
@@ -420,7 +420,7 @@ def run(cfg: Config) -> dict:
         if world is not None:
             ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
             ev["during_training"] = evals
-            (out / "eval.json").write_text(json.dumps(ev, indent=2))
+            write_json_atomic(out / "eval.json", ev)
             result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
                           win_rate_ci=ev["win_rate_ci"])
     result.update(

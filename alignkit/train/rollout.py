@@ -575,8 +575,13 @@ def append_jsonl(path: Any, row: dict) -> None:
 def final_gold_eval(
     policy: Any, reference: Reference, tokenizer: Any, world: Any, world_dir: str, limit: int, max_new_tokens: int
 ) -> dict:
-    """Greedy responses of the policy and the reference on the world's held-out prompts, judged."""
-    ids, texts = load_prompts(f"{world_dir}/eval_prompts.jsonl", tokenizer, max_prompt_len=512, limit=limit)
+    """Greedy responses of the policy and the reference on the world's held-out prompts (`limit`
+    of them spread over every category; 0: all), judged."""
+    from alignkit.eval.gold import spread
+
+    ids, texts = load_prompts(f"{world_dir}/eval_prompts.jsonl", tokenizer, max_prompt_len=512)
+    keep = spread(list(range(len(ids))), limit)
+    ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
     mine = greedy_responses(policy, tokenizer, ids, max_new_tokens)
     with reference.active() as ref:
         theirs = greedy_responses(ref, tokenizer, ids, max_new_tokens)
