@@ -106,7 +106,7 @@ class Demo:
     def evaluate(self, name: str, model_dir: str | Path, kl_to_sft: bool = True) -> None:
         """Gold score of a model on the held-out prompts, its win rate and KL against SFT."""
         from alignkit.eval import gold
-        from alignkit.eval.winrate import win_rate
+        from alignkit.eval.winrate import win_rate_entry
         from alignkit.models.load import load_model, load_tokenizer
 
         model_dir = Path(model_dir)
@@ -118,9 +118,7 @@ class Demo:
         entry.update(scores)
         entry["model"] = str(model_dir)
         if name != "sft" and "sft" in self.scores:
-            outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(self.scores[name], self.scores["sft"])]
-            rate, lo, hi = win_rate(outcomes)
-            entry["win_rate_vs_sft"] = {"rate": rate, "lo": lo, "hi": hi, "n": len(outcomes)}
+            entry["win_rate_vs_sft"] = win_rate_entry(self.scores[name], self.scores["sft"])
             if kl_to_sft:
                 from alignkit.eval.policy_kl import sequence_kl
 

@@ -369,9 +369,11 @@ def test_beta_outside_sane_range_warns_and_sane_beta_does_not():
 
 
 def test_gold_outcomes_win_tie_loss():
-    assert dpo.gold_outcomes([1.0, 0.3, 0.5, 0.0], [0.5, 0.3, 1.0, 0.0]) == [1.0, 0.5, 0.0, 0.5]
+    from alignkit.eval.winrate import pairwise_outcomes
+
+    assert pairwise_outcomes([1.0, 0.3, 0.5, 0.0], [0.5, 0.3, 1.0, 0.0]) == [1.0, 0.5, 0.0, 0.5]
     with pytest.raises(ValueError):
-        dpo.gold_outcomes([1.0], [])
+        pairwise_outcomes([1.0], [])
 
 
 REAL = [

@@ -280,13 +280,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def outcomes(mine: Sequence[float], theirs: Sequence[float], tie: float = 0.0) -> list[float]:
-    """Per-prompt 1 (mine higher), 0.5 (within `tie`), 0 (lower)."""
-    if len(mine) != len(theirs) or not mine:
-        raise ValueError("outcomes needs two equally long, non-empty score lists")
-    return [1.0 if a - b > tie else 0.0 if b - a > tie else 0.5 for a, b in zip(mine, theirs)]
-
-
 PROXY_TIE = 1e-6
 """Proxy scores this close are a tie: identical answers get identical scores up to rounding."""
 
@@ -299,8 +292,10 @@ def proxy_gold_gap(
     half). A proxy that ranks answers as gold does gives 0; > 0 means the proxy claims wins the
     gold judge does not confirm. Rank-based, so the proxy's scale (normalised reward, implicit
     reward, any per-prompt offset such as DPO's log Z(x)) does not matter."""
-    p = outcomes(proxy_policy, proxy_sft, PROXY_TIE)
-    g = outcomes(gold_policy, gold_sft)
+    from alignkit.eval.winrate import pairwise_outcomes
+
+    p = pairwise_outcomes(proxy_policy, proxy_sft, PROXY_TIE)
+    g = pairwise_outcomes(gold_policy, gold_sft)
     pw, gw = sum(p) / len(p), sum(g) / len(g)
     return {"proxy_win_rate": pw, "gold_win_rate": gw, "gap": pw - gw, "n": len(p)}
 
@@ -640,17 +635,16 @@ def score_model(d: Any, model_dir: str | Path, out_dir: Path) -> dict:
     without adding a stage to the summary (the sweep's runs)."""
     from alignkit.eval import gold
     from alignkit.eval.policy_kl import sequence_kl
-    from alignkit.eval.winrate import win_rate
+    from alignkit.eval.winrate import win_rate_entry
     from alignkit.models.load import load_model, load_tokenizer
 
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     scores, rows = gold.evaluate(model, tok, d.world, d.prompts, d.eval_cfg)
     gold.write_jsonl_atomic(out_dir / "eval_responses.jsonl", rows)
-    rate, lo, hi = win_rate(outcomes([r["score"] for r in rows], d.scores["sft"]))
     ref = load_model(d.summary["stages"]["sft"]["model"])
     kl = sequence_kl(model, ref, tok, d.prompts, d.eval_cfg.max_new_tokens, d.seed)
     return {"gold_score": scores["gold_score"], "per_category": scores["per_category"],
-            "win_rate_vs_sft": {"rate": rate, "lo": lo, "hi": hi, "n": len(rows)}, "kl": kl}
+            "win_rate_vs_sft": win_rate_entry([r["score"] for r in rows], d.scores["sft"]), "kl": kl}
 
 
 def _open_demo(cfg: Config):

@@ -159,6 +159,21 @@ def win_rate(
     return sum(xs) / len(xs), lo, hi
 
 
+def pairwise_outcomes(mine: Sequence[float], theirs: Sequence[float], tie: float = 0.0) -> list[float]:
+    """Per-prompt outcomes of two score lists: 1 where mine is higher by more than `tie`, 0 where
+    lower by more than `tie`, 0.5 otherwise (a tie)."""
+    if len(mine) != len(theirs) or not mine:
+        raise ValueError("pairwise_outcomes needs two equally long, non-empty score lists")
+    return [1.0 if a - b > tie else 0.0 if b - a > tie else 0.5 for a, b in zip(mine, theirs)]
+
+
+def win_rate_entry(mine: Sequence[float], theirs: Sequence[float]) -> dict:
+    """{"rate", "lo", "hi", "n"}: the win rate (ties half, 95% Wilson interval) of per-prompt
+    scores against a baseline's, as summaries record it."""
+    rate, lo, hi = win_rate(pairwise_outcomes(mine, theirs))
+    return {"rate": rate, "lo": lo, "hi": hi, "n": len(mine)}
+
+
 def tally(outcomes: Sequence[float], confidence: float = 0.95, interval: str = "wilson", **kw: Any) -> dict:
     """Wins (> 0.5), ties (= 0.5), losses (< 0.5), the win rate and its interval."""
     rate, lo, hi = win_rate(outcomes, confidence, interval, **kw)

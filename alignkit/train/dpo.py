@@ -370,13 +370,6 @@ def disable_dropout(model: nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
-def gold_outcomes(scores: Sequence[float], baseline: Sequence[float]) -> list[float]:
-    """Per-prompt outcome of `scores` against `baseline` by gold score: 1 win, 0.5 tie, 0 loss."""
-    if len(scores) != len(baseline) or not scores:
-        raise ValueError("gold_outcomes needs two equally long, non-empty score lists")
-    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]
-
-
 def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any, out: Path | None = None) -> dict:
     """Greedy answers of the trained policy and of the starting model on held-out world prompts,
     judged by the gold judge; the win rate counts ties as half (`alignkit.eval.winrate.tally`,
@@ -385,7 +378,7 @@ def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any, out: Path | None
     from collections import defaultdict
 
     from alignkit.eval import gold
-    from alignkit.eval.winrate import tally
+    from alignkit.eval.winrate import pairwise_outcomes, tally
     from alignkit.models.load import load_model
     from alignkit.world import load_world
 
@@ -396,7 +389,7 @@ def evaluate_win_rate(policy: Any, cfg: Config, tokenizer: Any, out: Path | None
     base_summary, base_rows = gold.evaluate(base, tokenizer, world, prompts, ecfg)
     del base
     summary, rows = gold.evaluate(policy, tokenizer, world, prompts, ecfg)
-    outcomes = gold_outcomes([r["score"] for r in rows], [b["score"] for b in base_rows])
+    outcomes = pairwise_outcomes([r["score"] for r in rows], [b["score"] for b in base_rows])
     by_cat: dict[str, list[float]] = defaultdict(list)
     for r, x in zip(rows, outcomes):
         by_cat[r["category"]].append(x)

@@ -311,10 +311,9 @@ def draw_prompts(n_prompts: int, n: int, rng: random.Random) -> list[int]:
 
 
 def _win_rate(a: Sequence[float], b: Sequence[float]) -> dict:
-    from alignkit.eval.winrate import win_rate
+    from alignkit.eval.winrate import win_rate_entry
 
-    rate, lo, hi = win_rate([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)])
-    return {"rate": rate, "lo": lo, "hi": hi, "n": len(a)}
+    return win_rate_entry(a, b)
 
 
 def _default_noise(cfg: Config) -> float:

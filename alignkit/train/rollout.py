@@ -491,11 +491,11 @@ def gold_comparison(
     Per prompt the gold judge scores both responses: a higher score is a win (1), equal a tie
     (0.5), lower a loss (0). `win_rate_ci` is a 95% Wilson interval.
     """
-    from alignkit.eval.winrate import win_rate
+    from alignkit.eval.winrate import pairwise_outcomes, win_rate
 
     a = [world.judge(p, r).total for p, r in zip(prompts, policy_responses)]
     b = [world.judge(p, r).total for p, r in zip(prompts, ref_responses)]
-    outcomes = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    outcomes = pairwise_outcomes(a, b)
     rate, lo, hi = win_rate(outcomes)
     return {
         "gold": sum(a) / len(a),
