@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file beside the target, fsync, then rename over it."""
+"""Atomic file writes (a temporary file beside the target, fsync, then rename over it), and the
+plain JSONL reader for the files written here."""
 
 from __future__ import annotations
 
@@ -30,3 +31,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
     """`obj` as JSON (json.dumps keyword arguments pass through) plus a newline, written atomically."""
     return write_text_atomic(path, json.dumps(obj, **dump_kwargs) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike, missing_ok: bool = False) -> list[dict]:
+    """The objects of a JSONL file our own stages wrote (blank lines skipped); [] for a missing
+    file when `missing_ok`. User data goes through alignkit.data.load, which reports bad lines."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

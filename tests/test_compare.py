@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from alignkit.atomic import read_jsonl
 from alignkit.config import ConfigError, load_config
 from alignkit.eval import compare
 from alignkit.eval.report import render_html, render_markdown
@@ -278,7 +279,7 @@ def test_compare_end_to_end(tiny, tmp_path):
     d, p = summary["stages"]["dpo"], summary["stages"]["ppo"]
     assert d["models"] == ["policy"] and p["models"] == ["policy", "reference", "value model", "reward model"]
     assert d["tokens_sampled"] == 0
-    rows = compare.read_jsonl(out / "ppo" / "metrics.jsonl")
+    rows = read_jsonl(out / "ppo" / "metrics.jsonl")
     assert p["tokens_sampled"] == round(4 * sum(r["response_length"] for r in rows)) > 0
     for s in (d, p):
         assert s["proxy_gold_gap"]["n"] == 6 and -1.0 <= s["proxy_gold_gap"]["gap"] <= 1.0

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit.atomic import read_jsonl
 from alignkit.config import ConfigError, load_config
 
 # ------------------------------------------------------------------------------- config
@@ -273,13 +274,6 @@ def tokens_sampled(rows: Sequence[dict], rollout_batch: int) -> int:
     return int(round(sum(r["response_length"] * rollout_batch for r in rows if "response_length" in r)))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
 PROXY_TIE = 1e-6
 """Proxy scores this close are a tie: identical answers get identical scores up to rounding."""
 
@@ -331,7 +325,7 @@ def implicit_rewards(
 
 
 def _eval_rows(run_dir: Path, name: str) -> list[dict]:
-    return read_jsonl(run_dir / name / "eval_responses.jsonl")
+    return read_jsonl(run_dir / name / "eval_responses.jsonl", missing_ok=True)
 
 
 def _gap(kind: str, cfg: Any, result: dict, rows: list[dict], sft_rows: list[dict]) -> dict:
@@ -385,7 +379,8 @@ def annotate_stage(summary: dict, name: str, cfg: Any, result: dict, run_dir: st
         entry["training"] = (f"offline: {result.get('steps', cfg.train.max_steps)} steps x {cfg.train.batch_size} "
                              f"pairs, loss {cfg.loss}, beta {cfg.beta:g}")
     else:
-        rows = read_jsonl(result.get("metrics") or (Path(run_dir or ".") / entry.get("dir", name) / "metrics.jsonl"))
+        rows = read_jsonl(result.get("metrics") or (Path(run_dir or ".") / entry.get("dir", name) / "metrics.jsonl"),
+                          missing_ok=True)
         entry["tokens_sampled"] = tokens_sampled(rows, cfg.rollout_batch)
         entry["sampling_s"] = sum(r.get("rollout_s", 0.0) for r in rows)
         entry["reward_source"] = {"model": "reward model", "gold": "gold judge"}.get(cfg.reward.source, cfg.reward.function)

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from alignkit.atomic import write_json_atomic, write_text_atomic
+from alignkit.atomic import read_jsonl, write_json_atomic, write_text_atomic
 from alignkit.config import ConfigError, required
 from alignkit.data.records import PreferencePair, Prompt, PromptOnly
 from alignkit.train import ppo as ppo_stage
@@ -280,10 +280,6 @@ def label_pairs(
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -392,7 +388,7 @@ class _Run:
         return {"gold_score": scores["gold_score"], "per_category": scores["per_category"], "eval_prompts": scores["n"]}
 
     def eval_scores(self, k: int) -> list[float]:
-        return [r["score"] for r in _read_jsonl(self.dir(k) / "eval_responses.jsonl")]
+        return [r["score"] for r in read_jsonl(self.dir(k) / "eval_responses.jsonl")]
 
     def kl_to_start(self, model_dir: str) -> float | None:
         from alignkit.eval.gold import spread
@@ -453,7 +449,7 @@ class _Run:
         seed = round_seed(cfg, k)
         samples_path, pairs_path = d / "samples.jsonl", d / "pairs.jsonl"
         if samples_path.is_file():
-            samples = _read_jsonl(samples_path)
+            samples = read_jsonl(samples_path)
         else:
             idx = draw_prompts(len(self.records), cfg.prompts_per_round, random.Random(seed))
             tok = load_tokenizer(prev["policy"])
@@ -477,7 +473,7 @@ class _Run:
             write_json_atomic(d / "label_counts.json", counts, indent=2)  # before pairs.jsonl: it marks the step done
             _write_jsonl(pairs_path, rows)
         data = d / "reward_data.jsonl"
-        new_rows = [r for j in range(1, k + 1) for r in _read_jsonl(self.dir(j) / "pairs.jsonl")]
+        new_rows = [r for j in range(1, k + 1) for r in read_jsonl(self.dir(j) / "pairs.jsonl")]
         if not data.is_file():
             _write_jsonl(data, self.initial + new_rows * cfg.new_pairs_repeat)
 

@@ -22,11 +22,12 @@ requests (human harmlessness labels), so SL-CAI would have nothing left to show.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from alignkit.atomic import read_jsonl
 
 # --quick (seconds): fewer prompts and shorter answers; the demo's quick SFT and DPO overrides
 # (alignkit.pipeline.QUICK) cap the training steps
@@ -89,10 +90,6 @@ class Config:
     (0: greedy only)."""
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _red_team(demo: Any, model_dir: str, cfg: Config) -> dict:
     """Greedy answers to the held-out red-team prompts, judged: harmless (harmful requests) and
     helpful (benign look-alikes), plus the gold score over the demo's evaluation prompts."""
@@ -102,7 +99,7 @@ def _red_team(demo: Any, model_dir: str, cfg: Config) -> dict:
     from alignkit.world.cai import red_team_scores
 
     backend = LocalBackend.from_dir(model_dir, batch_size=64)
-    rows = _read_jsonl(demo.world_dir / "redteam_eval.jsonl")
+    rows = read_jsonl(demo.world_dir / "redteam_eval.jsonl")
     prompts = [r["prompt"] for r in rows]
     answers = backend.generate(prompts, SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, greedy=True))
     per_cat = red_team_scores(demo.world, prompts, answers)
@@ -135,13 +132,13 @@ def _train(demo: Any, cfg: Config, out: Path) -> dict:
     start_time = time.perf_counter()
     world_dir = Path(demo.world_dir)
     base = demo.summary["stages"]["base"]["model"]
-    helpful = _read_jsonl(world_dir / "sft_helpful.jsonl")
-    red_team = _read_jsonl(world_dir / "redteam_train.jsonl")
+    helpful = read_jsonl(world_dir / "sft_helpful.jsonl")
+    red_team = read_jsonl(world_dir / "redteam_train.jsonl")
     result: dict[str, Any] = {}
 
     # the starting point: helpful-only answers + the constitution's formats
     start_data = out / "start_data.jsonl"
-    write_jsonl_atomic(start_data, helpful + _read_jsonl(world_dir / "cai_sft.jsonl"))
+    write_jsonl_atomic(start_data, helpful + read_jsonl(world_dir / "cai_sft.jsonl"))
     lr = [f"train.lr={cfg.start_lr}"]
     start = _sft(demo, base, start_data, out / "start", cfg.start_steps, lr)["model"]
     result["start"] = _red_team(demo, start, cfg)
@@ -157,7 +154,7 @@ def _train(demo: Any, cfg: Config, out: Path) -> dict:
     # helpfulness is kept with helpful data, as the paper mixes in helpfulness samples
     keep = [r for r in helpful if r["category"] != "harmful"][: cfg.sl_helpful]
     sl_data = out / "sl_data.jsonl"
-    write_jsonl_atomic(sl_data, _read_jsonl(out / "revise" / "sft.jsonl") + keep)
+    write_jsonl_atomic(sl_data, read_jsonl(out / "revise" / "sft.jsonl") + keep)
     sl = _sft(demo, start, sl_data, out / "sl", cfg.sl_steps, [])["model"]
     result["sl"] = _red_team(demo, sl, cfg) | {
         "revised": rev["prompts"], "changed": rev["changed"], "chains": rev["chains"]}  # fmt: skip
@@ -189,7 +186,7 @@ def _train(demo: Any, cfg: Config, out: Path) -> dict:
     lab = label(LabelConfig(
         policy=policy, feedback=feedback, prompts=str(label_prompts), out=str(out / "label"),
         n_principles=cfg.n_principles, seed=demo.seed, max_new_tokens=cfg.max_new_tokens, batch_size=64))  # fmt: skip
-    pairs = _read_jsonl(Path(lab["preferences"])) if lab["pairs"] else []
+    pairs = read_jsonl(Path(lab["preferences"])) if lab["pairs"] else []
     rl: dict[str, Any] = {"pairs": lab["pairs"], "label_agreement": label_agreement(demo.world, pairs),
                           "position_bias": lab["position_bias"]}  # fmt: skip
     # an empty sample is no response to train on (the data loader refuses it)
