@@ -40,6 +40,7 @@ from typing import Any
 
 from alignkit.atomic import read_jsonl
 from alignkit.config import ConfigError, load_config
+from alignkit.eval.report import win_cell
 
 # ------------------------------------------------------------------------------- config
 
@@ -475,13 +476,6 @@ def _perf_cell(s: dict, sft: dict) -> str:
     return text + (f" (SFT {sft['gold_score']:.3f})" if _num(sft.get("gold_score")) else "")
 
 
-def _win_cell(s: dict) -> str:
-    w = s.get("win_rate_vs_sft")
-    if not isinstance(w, dict):
-        return "n/a"
-    return f"{w['rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}] (n={w['n']})"
-
-
 def _cells(s: dict, sft: dict) -> dict[str, str]:
     tokens = s.get("tokens_sampled")
     return {
@@ -494,7 +488,7 @@ def _cells(s: dict, sft: dict) -> dict[str, str]:
         "Reward hacking": _gap_cell(s),
         "Hyperparameters": _hp_cell(s),
         "Performance": _perf_cell(s, sft),
-        "Win rate vs SFT": _win_cell(s),
+        "Win rate vs SFT": win_cell(s, "n/a", with_n=True),
         "KL to SFT": f"{s['kl']:.3f}" if _num(s.get("kl")) else "n/a",
     }
 
@@ -539,7 +533,7 @@ def render_beta_sweep(summary: dict) -> str:
     for r in sweep:
         m = r.get("margin")
         margin, ratio = (f"{m:.3f}", f"{m / r['beta']:.2f}") if _num(m) else ("", "")
-        lines.append(f"| {r['beta']:g} | {r['gold_score']:.3f} | {r['kl']:.3f} | {_win_cell(r)} | {margin} | {ratio} | "
+        lines.append(f"| {r['beta']:g} | {r['gold_score']:.3f} | {r['kl']:.3f} | {win_cell(r, 'n/a', with_n=True)} | {margin} | {ratio} | "
                      f"{r.get('steps', '')} | {r.get('wall_s', 0.0):.1f} |")
     return "\n".join(lines)
 

@@ -24,11 +24,12 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
-def _win_cell(s: dict) -> str:
+def win_cell(s: dict, missing: str = "", with_n: bool = False) -> str:
+    """A stage's win rate against SFT as 'rate [lo, hi]' (plus '(n=N)'), or `missing`."""
     w = s.get("win_rate_vs_sft")
     if not isinstance(w, dict):
-        return ""
-    return f"{w['rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]"
+        return missing
+    return f"{w['rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]" + (f" (n={w['n']})" if with_n else "")
 
 
 def render_markdown(summary: dict) -> str:
@@ -51,7 +52,7 @@ def render_markdown(summary: dict) -> str:
         per = s.get("per_category", {})
         cells = " | ".join(_fmt(per.get(c)) for c in cats)
         lines.append(
-            f"| {name} | {_fmt(s.get('gold_score'))} | {_win_cell(s)} | {_fmt(s.get('kl'), 2)} | {cells} | "
+            f"| {name} | {_fmt(s.get('gold_score'))} | {win_cell(s)} | {_fmt(s.get('kl'), 2)} | {cells} | "
             f"{_fmt(s.get('wall_s'), 1)} | {_fmt(s.get('peak_mem_mb'), 0)} |"
         )
     extra = [(n, s) for n, s in stages.items() if s.get("notes")]
