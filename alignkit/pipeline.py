@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -54,7 +54,10 @@ def _preset(name: str) -> Path:
 class Demo:
     """State shared by the demo's stages: the world, the eval prompts, the summary."""
 
-    def __init__(self, out: Path, quick: bool, seed: int):
+    def __init__(self, out: Path, quick: bool, seed: int, world_dir: str | Path | None = None,
+                 eval_overrides: Sequence[str] = ()):
+        """world_dir: an existing world to use (`alignkit compare`); None writes one to OUT/world.
+        eval_overrides: extra keys for the gold evaluation's config (e.g. `limit=50`)."""
         from alignkit.eval import gold
         from alignkit.world import load_world, write_world
 
@@ -67,14 +70,18 @@ class Demo:
             "stages": {},
             "report": str(out / "report.md"),
         }
-        self.world_dir = out / "world"
-        start = time.perf_counter()
-        info = write_world(self.world_dir, seed=seed, n_pairs=2000 if quick else 10000)
-        self.summary["world"] = {"dir": str(self.world_dir), "wall_s": time.perf_counter() - start,
-                                 "counts": info.get("counts", {})}
+        if world_dir is not None:
+            self.world_dir = Path(world_dir)
+            self.summary["world"] = {"dir": str(self.world_dir)}
+        else:
+            self.world_dir = out / "world"
+            start = time.perf_counter()
+            info = write_world(self.world_dir, seed=seed, n_pairs=2000 if quick else 10000)
+            self.summary["world"] = {"dir": str(self.world_dir), "wall_s": time.perf_counter() - start,
+                                     "counts": info.get("counts", {})}
         self.world = load_world(self.world_dir)
         self.eval_cfg = load_config(gold.Config, _preset("eval"), [f"model={out}", f"world={self.world_dir}"]
-                                    + self.q("eval"))
+                                    + self.q("eval") + list(eval_overrides))
         self.prompts = gold.read_eval_prompts(self.world_dir, self.eval_cfg.limit)  # every category keeps its share
         self.scores: dict[str, list[float]] = {}  # stage -> per-prompt gold score, for win rates
 

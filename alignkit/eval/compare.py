@@ -637,43 +637,15 @@ def score_model(d: Any, model_dir: str | Path, out_dir: Path) -> dict:
 
 
 def _open_demo(cfg: Config):
-    """A `Demo` on an existing world (Demo.__init__ would write a new one)."""
-    from alignkit.eval import gold
-    from alignkit.pipeline import CONFIGS, Demo
-    from alignkit.world import load_world
+    """A `Demo` on the existing world of the SFT model, titled for the comparison."""
+    from alignkit.pipeline import Demo
 
-    d = Demo.__new__(Demo)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    d.out, d.quick, d.seed = out, cfg.quick, cfg.seed
-    d.summary = {
-        "title": "alignkit compare: RLHF (PPO) vs DPO",
-        "seed": cfg.seed,
-        "quick": cfg.quick,
-        "machine": _machine(),
-        "stages": {},
-        "report": str(out / "report.md"),
-        "world": {"dir": cfg.world_dir},
-        "compare": {"sft": cfg.sft_dir, "reward": cfg.reward_dir, "isolate": cfg.isolate},
-    }
-    d.world_dir = Path(cfg.world_dir)
-    d.world = load_world(d.world_dir)
     extra = [f"limit={cfg.eval_limit}"] if cfg.eval_limit else []
     extra += [f"max_new_tokens={cfg.eval_max_new_tokens}"] if cfg.eval_max_new_tokens else []
-    d.eval_cfg = load_config(gold.Config, CONFIGS / "eval.yaml",
-                             [f"model={cfg.sft_dir}", f"world={d.world_dir}"] + d.q("eval") + extra)
-    d.prompts = gold.read_eval_prompts(d.world_dir, d.eval_cfg.limit)  # spread over categories, as in the demo
-    d.scores = {}
+    d = Demo(Path(cfg.out), cfg.quick, cfg.seed, world_dir=cfg.world_dir, eval_overrides=extra)
+    d.summary["title"] = "alignkit compare: RLHF (PPO) vs DPO"
+    d.summary["compare"] = {"sft": cfg.sft_dir, "reward": cfg.reward_dir, "isolate": cfg.isolate}
     return d
-
-
-def _machine() -> str:
-    import os
-    import platform
-
-    import torch
-
-    return f"{platform.machine()}, {os.cpu_count()} CPUs" + (", CUDA" if torch.cuda.is_available() else "")
 
 
 def _check(cfg: Config) -> None:
