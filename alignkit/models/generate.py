@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from alignkit.models.logprobs import position_ids_from_mask
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -65,6 +67,16 @@ def cache_kwarg(model: Any) -> str:
     """Name of the forward's KV-cache argument: transformers 5 renamed `past_key_values` to `cache`."""
     params = inspect.signature(_core_model(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def distinct_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The distinct rows of (B, P) left-padded prompts (ids and mask both equal): (U, P) ids,
+    (U, P) mask and the (B,) index of each row's distinct prompt; None when no row repeats."""
+    P = ids.shape[1]
+    unique, inverse = torch.unique(torch.cat([ids, mask.to(ids.dtype)], dim=1), dim=0, return_inverse=True)
+    if unique.shape[0] == ids.shape[0]:
+        return None
+    return unique[:, :P], unique[:, P:], inverse
 
 
 def new_kv_cache(model: Any) -> Any:
@@ -183,15 +195,11 @@ class HFGenerator:
     def _prefill(self, seq: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         """(B, V) next-token logits after the (B, P) left-padded prompts, filling `cache`; each
         distinct prompt row (ids and mask) goes through the model once when `share_prefix`."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        if not self.share_prefix:
-            return self._forward(seq, mask, positions, cache)
-        P = seq.shape[1]
-        unique, inverse = torch.unique(torch.cat([seq, mask], dim=1), dim=0, return_inverse=True)  # (U, 2P), (B,)
-        if unique.shape[0] == seq.shape[0]:
-            return self._forward(seq, mask, positions, cache)
-        u_mask = unique[:, P:]
-        logits = self._forward(unique[:, :P], u_mask, (u_mask.cumsum(-1) - 1).clamp(min=0), cache)  # (U, V)
+        distinct = distinct_prompts(seq, mask) if self.share_prefix else None
+        if distinct is None:
+            return self._forward(seq, mask, position_ids_from_mask(mask), cache)
+        u_ids, u_mask, inverse = distinct  # (U, P), (U, P), (B,)
+        logits = self._forward(u_ids, u_mask, position_ids_from_mask(u_mask), cache)  # (U, V)
         cache.reorder_cache(inverse)  # (U, ...) -> (B, ...) in every layer
         return logits.index_select(0, inverse)
 
@@ -212,7 +220,7 @@ class HFGenerator:
             if cache is not None and step == 0:
                 logits = self._prefill(seq, mask, cache)
             else:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+                positions = position_ids_from_mask(mask)  # (B, T)
                 if cache is not None:
                     positions = positions[:, -1:]  # only the token fed this step
                 logits = self._forward(step_ids, mask, positions, cache)

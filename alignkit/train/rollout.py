@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from alignkit.models.generate import HFGenerator, SamplingParams, cache_kwarg, new_kv_cache
+from alignkit.models.generate import HFGenerator, SamplingParams, cache_kwarg, distinct_prompts, new_kv_cache
 from alignkit.models.logprobs import position_ids_from_mask
 
 
@@ -187,14 +187,13 @@ def grouped_response_logits(
 
     prompt_ids, prompt_mask: (B, P) left-padded; response_ids, response_mask: (B, T) right-padded.
     """
-    B, P = prompt_ids.shape
+    P = prompt_ids.shape[1]
     T = response_ids.shape[1]
-    key = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)  # (B, 2P)
-    unique, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 2P), (B,)
     full_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)  # (B, L)
-    if unique.shape[0] == B or P == 0:
+    distinct = distinct_prompts(prompt_ids, prompt_mask) if P else None
+    if distinct is None:
         return response_logits(model, torch.cat([prompt_ids, response_ids], dim=1), full_mask, T, temperature)
-    u_ids, u_mask = unique[:, :P], unique[:, P:]
+    u_ids, u_mask, inverse = distinct  # (U, P), (U, P), (B,)
     cache_kw, cache = cache_kwarg(model), new_kv_cache(model)  # filled in place by the prefill
     pre = model(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids_from_mask(u_mask),
                 use_cache=True, logits_to_keep=1, **{cache_kw: cache})
