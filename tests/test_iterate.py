@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignkit.config import ConfigError, load_config
 from alignkit.data.load import load_records
@@ -26,12 +25,7 @@ from alignkit.world import load_world, write_world
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------ labelling
