@@ -126,11 +126,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
 
     module = importlib.import_module(STAGES[name][0])
     config_cls, run = module.Config, module.run
-    word = getattr(args, "subcommand", None)
-    if word is None and args.overrides and args.overrides[0] in SUBCOMMANDS.get(name, {}):
-        word = args.overrides.pop(0)  # `alignkit cai --config F label k=v`
-    if word:
-        cls_name, fn_name = SUBCOMMANDS[name][word]
+    if getattr(args, "subcommand", None):
+        cls_name, fn_name = SUBCOMMANDS[name][args.subcommand]
         config_cls, run = getattr(module, cls_name), getattr(module, fn_name)
     flags = [f"{k}={getattr(args, 'flag_' + k)}" for k in FLAGS.get(name, ()) if getattr(args, "flag_" + k) is not None]
     cfg = load_config(config_cls, args.config, flags + list(args.overrides))
@@ -201,11 +198,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise UserError(f"unknown command {args.command}")
 
 
+def _take_subcommand(argv: list[str]) -> str | None:
+    """Remove and return a stage's subcommand word (`alignkit cai [flags] label [flags] k=v`): the
+    first argument after the stage that is neither a flag nor --config's value. argparse alone
+    would end the positional overrides at the first flag and reject the `k=v` after it."""
+    words = SUBCOMMANDS.get(argv[0], {}) if argv else {}
+    i = 1
+    while i < len(argv):
+        if argv[i] == "--config":
+            i += 2
+        elif argv[i].startswith("-"):
+            i += 1
+        else:
+            return argv.pop(i) if argv[i] in words else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `alignkit cai label --config F k=v`: take the word out before argparse, which would end the
-    # positional overrides at the first flag and then reject the `k=v` after it
-    word = argv.pop(1) if len(argv) > 1 and argv[1] in SUBCOMMANDS.get(argv[0], {}) else None
+    word = _take_subcommand(argv)
     args = build_parser().parse_args(argv)
     args.subcommand = word
     try:
