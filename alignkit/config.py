@@ -94,7 +94,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of the data order and initialisation."""
     save_every: int = 0
-    """Checkpoint every N optimizer steps (0: only at the end)."""
+    """Checkpoint every N optimizer steps, in the RL stages every N iterations (0: only at the end)."""
     keep_checkpoints: int = 1
     """How many step checkpoints to keep."""
     log_every: int = 10

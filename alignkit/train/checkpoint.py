@@ -125,6 +125,31 @@ def prune(root: Path, keep: int) -> None:
         remove(p)
 
 
+def earlier_run_error(root: Path) -> FileExistsError:
+    """The error of a fresh run (resume and overwrite both off) where `root` holds earlier checkpoints."""
+    return FileExistsError(
+        f"{root} already holds checkpoints of an earlier run; set train.resume=true to "
+        "continue it, train.overwrite=true to replace it, or choose another output directory"
+    )
+
+
+class StateDicts:
+    """Several optimizers (or schedulers) saved and loaded as one, e.g. PPO's policy and value
+    optimizers in one optimizer.pt: {"0": first.state_dict(), "1": second.state_dict(), ...}."""
+
+    def __init__(self, items: list[Any]):
+        self.items = list(items)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): x.state_dict() for i, x in enumerate(self.items)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state) != len(self.items):
+            raise ValueError(f"the checkpoint holds {len(state)} states, this run has {len(self.items)}")
+        for i, x in enumerate(self.items):
+            x.load_state_dict(state[str(i)])
+
+
 def weights_state(model: nn.Module, trainable: set[int] | None = None) -> tuple[dict, dict]:
     """Tensors to save: parameters in `trainable` (ids; None: all) and all persistent buffers.
 

@@ -8,11 +8,13 @@ them with any reward source, turn the scores into one advantage per response wit
 estimator named by `advantage` (a registry, ADVANTAGES), and update with the clipped surrogate.
 The KL to the frozen reference sits either in the loss (`kl_in: loss`, the k3 term of
 DeepSeekMath Eq. 3) or in the reward (`kl_in: reward`: score - beta * sum_t kl_t before the
-baseline, as RLOO does). No value model. docs/grpo.md has the details and the metrics.
+baseline, as RLOO does). No value model. docs/grpo.md has the details and the metrics;
+checkpoints in OUT/checkpoints make `train.resume=true` exact.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-from alignkit.atomic import write_json_atomic
-from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from alignkit.atomic import read_jsonl, write_json_atomic
+from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
 from alignkit.losses.advantages import group_advantages, masked_mean, rloo_advantages
 from alignkit.losses.kl import get_kl_estimator
 from alignkit.losses.policy import entropy_from_logits, grpo_loss
@@ -56,7 +58,7 @@ class Config:
     data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_len=128))
     """`data.path`: prompts (any prompt format); default WORLD/train_prompts.jsonl."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, batch_size=64, schedule="constant"))
-    """Optimizer settings: lr, betas, weight_decay, schedule, warmup_steps, batch_size (minibatch), grad_accum, max_grad_norm, precision, seed."""
+    """Optimizer settings: lr, betas, weight_decay, schedule, warmup_steps, batch_size (minibatch), grad_accum, max_grad_norm, precision, seed; checkpoints: save_every (iterations), keep_checkpoints, resume, overwrite."""
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(source="gold"))
     """Reward source: the gold judge (default), a reward model, or module:function."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -64,7 +66,7 @@ class Config:
     world: str | None = None
     """World directory: gold reward / metrics and the final win rate against the reference."""
     out: str = "runs/grpo"
-    """Output directory: metrics.jsonl, eval.json, final/ (the policy)."""
+    """Output directory: metrics.jsonl, eval.json, checkpoints/ (resume), final/ (the policy)."""
     iterations: int = 40
     """Rollout batches."""
     prompts_per_step: int = 8
@@ -212,9 +214,12 @@ def run(cfg: Config) -> dict:
         collect_rollout,
         final_gold_eval,
         gold_fn,
+        load_iteration,
         load_prompts,
+        open_run_dir,
         pick_device,
         prompt_batches,
+        save_iteration,
     )
 
     _check(cfg)
@@ -222,7 +227,7 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    resume_from = open_run_dir(out, cfg.train)
     device = pick_device()
     torch.manual_seed(cfg.train.seed)
     world = None
@@ -244,8 +249,10 @@ def run(cfg: Config) -> dict:
 
         batch = cfg.prompts_per_step * cfg.group_size
         steps_per_it = cfg.updates_per_rollout * -(-batch // max(1, min(cfg.train.batch_size, batch)))
-        optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.train)
-        scheduler = build_scheduler(optimizer, cfg.train, cfg.iterations * steps_per_it)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        total_steps = cfg.iterations * steps_per_it
+        optimizer = build_optimizer(params, cfg.train)
+        scheduler = build_scheduler(optimizer, cfg.train, total_steps)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         batches = prompt_batches(len(prompt_ids), cfg.prompts_per_step, cfg.train.seed)
         temperature, share = cfg.rollout.temperature, cfg.share_prompt_prefix
@@ -259,9 +266,15 @@ def run(cfg: Config) -> dict:
             with reference.active() as ref_model:
                 return gather_logprobs(response_logits_for(ref_model, ids, mask, r_ids, temperature, share), r_ids)
 
-        last: dict[str, Any] = {}
-        evals: list[dict] = []
-        for it in range(1, cfg.iterations + 1):
+        done, evals = 0, []
+        if resume_from is not None:
+            state = load_iteration(resume_from, policy, [optimizer], [scheduler], gen, cfg.train, total_steps, metrics_path)
+            done, evals = state["step"], state["evals"]
+            for _ in range(state["prompt_batches"]):
+                next(batches)
+            print(f"alignkit: resumed from {resume_from} (iteration {done})", file=sys.stderr)
+        last: dict[str, Any] = (read_jsonl(metrics_path, missing_ok=True) or [{}])[-1]
+        for it in range(done + 1, cfg.iterations + 1):
             t_it = time.perf_counter()
             idx = next(batches)
             ro = collect_rollout(
@@ -305,6 +318,11 @@ def run(cfg: Config) -> dict:
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             append_jsonl(metrics_path, row)
             last = row
+            if it == cfg.iterations or (cfg.train.save_every > 0 and it % cfg.train.save_every == 0):
+                save_iteration(out, it, policy, {id(p) for p in params}, [optimizer], [scheduler], gen, {
+                    "prompt_batches": it, "evals": evals, "iterations": cfg.iterations, "total_steps": total_steps,
+                    "config": to_dict(cfg),
+                }, cfg.train.keep_checkpoints)
 
         save_model(policy, tokenizer, out / "final")
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations, "advantage": cfg.advantage,

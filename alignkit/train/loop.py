@@ -145,6 +145,17 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, Schedule(cfg.schedule, cfg.warmup_steps, total_steps))
 
 
+def reshape_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, total_steps: int) -> None:
+    """After loading a checkpoint into `scheduler`: follow this run's schedule over `total_steps`
+    from the saved step (identical on a plain resume; a changed horizon re-shapes the remaining
+    steps instead of keeping the saved one)."""
+    fn = Schedule(cfg.schedule, cfg.warmup_steps, total_steps)
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [fn] * len(groups)
+    for g, base in zip(groups, scheduler.base_lrs):
+        g["lr"] = base * fn(scheduler.last_epoch)
+
+
 def split_batch(indices: Sequence[int], n: int) -> list[list[int]]:
     """Cut a global batch into `n` contiguous chunks, sizes differing by at most one (first ones larger)."""
     base, extra = divmod(len(indices), n)
@@ -192,7 +203,7 @@ def _seed(seed: int) -> None:
         pass
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines of steps after `step` (written by a run that died before its next checkpoint)."""
     if not path.is_file():
         return
@@ -259,12 +270,7 @@ def train(
             state = ckpt.read_checkpoint(last_ckpt, raw)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            # this run's schedule shapes the remaining steps (identical on a plain resume; a changed
-            # max_steps re-shapes the rest instead of keeping the saved horizon)
-            fn = Schedule(cfg.schedule, cfg.warmup_steps, total)
-            scheduler.lr_lambdas = [fn] * len(optimizer.param_groups)
-            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                g["lr"] = base * fn(scheduler.last_epoch)
+            reshape_schedule(scheduler, cfg, total)
             rngs = state["rng"]
             # a different world size keeps the fresh per-rank seed for ranks without a saved state
             if rank < len(rngs):
@@ -273,15 +279,12 @@ def train(
             step_n, epoch, pos = ts["step"], ts["epoch"], ts["batch_in_epoch"]
             items_seen, tokens_seen = ts["items_seen"], ts["tokens_seen"]
             if main:
-                _truncate_metrics(metrics_path, step_n)
+                truncate_metrics(metrics_path, step_n)
                 print(f"alignkit: resumed from {last_ckpt} (step {step_n})", file=sys.stderr)
     else:
         old_steps = ckpt.step_dirs(ckpt_root)  # every rank checks, so all of them stop together
         if old_steps and not cfg.overwrite:
-            raise FileExistsError(
-                f"{ckpt_root} already holds checkpoints of an earlier run; set train.resume=true to "
-                "continue it, train.overwrite=true to replace it, or choose another output directory"
-            )
+            raise ckpt.earlier_run_error(ckpt_root)
         if main:  # an old run's checkpoints and metrics would confuse a later resume
             for _, old in old_steps:
                 ckpt.remove(old)

@@ -13,12 +13,14 @@ One iteration (docs/ppo.md has the details and the metrics):
      value loss (Schulman et al. 2017), optional early stop when approx_kl passes a threshold;
   5. the KL controller (fixed or adaptive) sets beta for the next rollout.
 
-Metrics go to OUT/metrics.jsonl, one line per rollout batch; the policy to OUT/final.
+Metrics go to OUT/metrics.jsonl, one line per rollout batch; the policy to OUT/final;
+checkpoints for an exact `train.resume=true` to OUT/checkpoints (docs/ppo.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +29,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from alignkit.atomic import write_json_atomic
-from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from alignkit.atomic import read_jsonl, write_json_atomic
+from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
 from alignkit.losses.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
@@ -51,7 +53,7 @@ class Config:
     data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_len=128))
     """`data.path`: prompts (any prompt format); default WORLD/train_prompts.jsonl."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, batch_size=16, schedule="constant"))
-    """Optimizer settings: lr, betas, weight_decay, schedule, warmup_steps, batch_size (minibatch), grad_accum, max_grad_norm, precision, seed."""
+    """Optimizer settings: lr, betas, weight_decay, schedule, warmup_steps, batch_size (minibatch), grad_accum, max_grad_norm, precision, seed; checkpoints: save_every (iterations), keep_checkpoints, resume, overwrite."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward source: a reward model (normalised with its stats), the gold judge, or module:function."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -59,7 +61,7 @@ class Config:
     world: str | None = None
     """World directory: enables gold-score metrics and the final win rate against the reference."""
     out: str = "runs/ppo"
-    """Output directory: metrics.jsonl, eval.json, final/ (the policy)."""
+    """Output directory: metrics.jsonl, eval.json, checkpoints/ (resume), final/ (the policy)."""
     reference: str | None = None
     """KL reference model directory (None: model.path, the model PPO starts from; must be None with LoRA)."""
     iterations: int = 40
@@ -311,9 +313,12 @@ def run(cfg: Config) -> dict:
         collect_rollout,
         final_gold_eval,
         gold_fn,
+        load_iteration,
         load_prompts,
+        open_run_dir,
         pick_device,
         prompt_batches,
+        save_iteration,
     )
 
     _check(cfg)
@@ -321,7 +326,7 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    resume_from = open_run_dir(out, cfg.train)
     device = pick_device()
     torch.manual_seed(cfg.train.seed)
     world = None
@@ -364,9 +369,17 @@ def run(cfg: Config) -> dict:
         def ref_fn(ids, mask, r_ids):
             return reference.logprobs(ids, mask, r_ids, cfg.rollout.temperature)
 
-        last: dict[str, Any] = {}
-        evals: list[dict] = []
-        for it in range(1, cfg.iterations + 1):
+        trainable = {id(p) for p in ac.policy_parameters() + ac.value_parameters()}
+        done, evals = 0, []
+        if resume_from is not None:
+            state = load_iteration(resume_from, ac, optimizers, schedulers, gen, cfg.train, total_steps, metrics_path)
+            done, evals = state["step"], state["evals"]
+            controller.load_state_dict(state["kl_controller"])
+            for _ in range(state["prompt_batches"]):
+                next(batches)
+            print(f"alignkit: resumed from {resume_from} (iteration {done})", file=sys.stderr)
+        last: dict[str, Any] = (read_jsonl(metrics_path, missing_ok=True) or [{}])[-1]
+        for it in range(done + 1, cfg.iterations + 1):
             t_it = time.perf_counter()
             idx = next(batches)
             ro = collect_rollout(
@@ -414,6 +427,11 @@ def run(cfg: Config) -> dict:
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             append_jsonl(metrics_path, row)
             last = row
+            if it == cfg.iterations or (cfg.train.save_every > 0 and it % cfg.train.save_every == 0):
+                save_iteration(out, it, ac, trainable, optimizers, schedulers, gen, {
+                    "prompt_batches": it, "kl_controller": controller.state_dict(), "evals": evals,
+                    "iterations": cfg.iterations, "total_steps": total_steps, "config": to_dict(cfg),
+                }, cfg.train.keep_checkpoints)
 
         save_model(policy, tokenizer, out / "final")
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations}

@@ -22,7 +22,7 @@ class Config(grpo.Config):
     """RLOO settings: grpo.Config with the leave-one-out baseline and the KL in the reward."""
 
     out: str = "runs/rloo"
-    """Output directory: metrics.jsonl, eval.json, final/ (the policy)."""
+    """Output directory: metrics.jsonl, eval.json, checkpoints/ (resume), final/ (the policy)."""
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "rloo"
     """Advantage estimator, a key of grpo.ADVANTAGES."""
     kl_in: Literal["loss", "reward"] = "reward"

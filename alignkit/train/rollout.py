@@ -25,12 +25,16 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 
+from alignkit.config import TrainConfig
 from alignkit.models.generate import HFGenerator, SamplingParams, cache_kwarg, distinct_prompts, new_kv_cache
 from alignkit.models.logprobs import position_ids_from_mask
+from alignkit.train import checkpoint as ckpt
+from alignkit.train.loop import reshape_schedule, truncate_metrics
 
 
 @dataclass(frozen=True)
@@ -569,6 +573,73 @@ def append_jsonl(path: Any, row: dict) -> None:
 
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def open_run_dir(out: Path, train: TrainConfig) -> Path | None:
+    """Get OUT ready for an RL run as the training loop does; return the checkpoint to resume from.
+
+    With `train.resume`: the newest complete OUT/checkpoints/step-N, or None when there is none
+    yet (a fresh start). Otherwise earlier checkpoints are an error unless `train.overwrite`,
+    which deletes them. A fresh start also drops metrics.jsonl.
+    """
+    root = out / ckpt.CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_tmp(root)
+    found = ckpt.latest(root) if train.resume else None
+    if not train.resume:
+        earlier = ckpt.step_dirs(root)
+        if earlier and not train.overwrite:
+            raise ckpt.earlier_run_error(root)
+        for _, old in earlier:
+            ckpt.remove(old)
+    if found is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    return found
+
+
+def save_iteration(
+    out: Path, iteration: int, model: torch.nn.Module, trainable: set[int], optimizers: list[Any],
+    schedulers: list[Any], shuffle: torch.Generator, state: dict, keep: int,
+) -> Path:
+    """Write OUT/checkpoints/step-`iteration` atomically and keep the `keep` newest (0: all).
+
+    It holds `model`'s parameters whose ids are in `trainable` plus its buffers, the optimizers
+    and schedulers, the python / numpy / torch RNG states with the update's minibatch `shuffle`
+    generator, and `state` (JSON: what else the next iteration reads) with "step": iteration.
+    """
+    root = out / ckpt.CHECKPOINTS
+    rng = {**ckpt.rng_state(), "shuffle": shuffle.get_state()}
+    path = ckpt.write_checkpoint(
+        root / f"step-{iteration}", model=model, optimizer=ckpt.StateDicts(optimizers),
+        scheduler=ckpt.StateDicts(schedulers), rng_states=[rng], trainer_state={**state, "step": iteration},
+        trainable=trainable,
+    )
+    ckpt.prune(root, keep)
+    return path
+
+
+def load_iteration(
+    path: Path, model: torch.nn.Module, optimizers: list[Any], schedulers: list[Any], shuffle: torch.Generator,
+    train: TrainConfig, total_steps: int, metrics_path: Path,
+) -> dict:
+    """Restore what `save_iteration` wrote into the freshly built objects and return its `state`.
+
+    The schedulers follow `train`'s schedule over `total_steps` from the saved step (the loop's
+    rule), metrics rows after the saved iteration (a killed run's) are dropped, and the global
+    RNGs are restored: call it just before the first iteration.
+    """
+    saved = ckpt.read_checkpoint(path, model)
+    ckpt.StateDicts(optimizers).load_state_dict(saved["optimizer"])
+    ckpt.StateDicts(schedulers).load_state_dict(saved["scheduler"])
+    for s in schedulers:
+        reshape_schedule(s, train, total_steps)
+    state = saved["trainer_state"]
+    truncate_metrics(metrics_path, state["step"])
+    rng = saved["rng"][0]
+    ckpt.set_rng_state(rng)
+    shuffle.set_state(rng["shuffle"])
+    return state
 
 
 def final_gold_eval(
