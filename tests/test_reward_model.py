@@ -448,3 +448,57 @@ def test_real_data_end_to_end(rel, on_error, tmp_path):
     assert res["steps"] == 2 and math.isfinite(res["final_loss"])
     stats = json.loads((Path(res["model"]) / "reward_stats.json").read_text())
     assert stats["n"] == 16 and stats["std"] > 0
+
+
+def _pair(prompt: str, chosen: str, rejected: str = " no.", category: str | None = None):
+    from alignkit.data.records import PreferencePair
+
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, category=category)
+
+
+def test_mismatched_pairs_rank_another_prompts_answer_below_this_ones():
+    pairs = [
+        _pair("Human: 1+1?\nAssistant:", " 2.", category="arithmetic"),
+        _pair("Human: 1+1?\nAssistant:", " Two.", category="arithmetic"),  # same prompt: never a partner
+        _pair("Human: capital of X?\nAssistant:", " Y.", category="facts"),
+        _pair("Human: say hi\nAssistant:", " 2."),  # " 2." is chosen for 1+1 too: never a 1+1 rejected
+    ]
+    extra = reward.add_mismatched_pairs(pairs, fraction=1.0, seed=0)
+    assert len(extra) == 4  # one per anchor, anchors without replacement at fraction 1
+    assert sorted(p.chosen for p in extra) == sorted(p.chosen for p in pairs)
+    by_prompt_chosen = {(p.prompt, p.chosen): p for p in pairs}
+    for p in extra:
+        anchor = by_prompt_chosen[(p.prompt, p.chosen)]
+        assert p.category == anchor.category and p.margin is None and p.soft_label is None
+        assert any(q.chosen == p.rejected and q.prompt != p.prompt for q in pairs)
+        assert p.rejected not in {q.chosen for q in pairs if q.prompt == p.prompt}
+    one_plus_one = [p.rejected for p in extra if p.prompt.startswith("Human: 1+1")]
+    assert set(one_plus_one) == {" Y."}  # the only answer that is not a 1+1 answer
+    assert extra == reward.add_mismatched_pairs(pairs, fraction=1.0, seed=0)  # deterministic
+
+
+def test_mismatched_pairs_count_and_impossible_partners():
+    pairs = [_pair(f"Human: q{i}\nAssistant:", f" a{i}.") for i in range(10)]
+    assert len(reward.add_mismatched_pairs(pairs, 0.5, seed=1)) == 5
+    assert len(reward.add_mismatched_pairs(pairs, 2.0, seed=1)) == 20  # anchors with replacement
+    assert reward.add_mismatched_pairs(pairs, 0.0, seed=1) == []
+    same_prompt = [_pair("Human: q\nAssistant:", f" a{i}.") for i in range(5)]
+    assert reward.add_mismatched_pairs(same_prompt, 1.0, seed=0) == []  # no other prompt to borrow from
+    with pytest.raises(ConfigError, match="mismatched_pairs"):
+        reward.Config(mismatched_pairs=-0.1)
+
+
+def test_stage_trains_on_the_mismatched_pairs_but_keeps_stats_of_the_data(world_dir, sft_dir, tmp_path):
+    """64 data pairs + 32 mismatched: 96 pairs = 3 steps of 32; reward_stats count only data pairs."""
+    common = dict(
+        model=ModelConfig(path=str(sft_dir)),
+        data=DataConfig(path=str(world_dir / "preferences.jsonl"), max_prompt_len=48, max_len=96),
+        mode="head",
+        stats_pairs=0,
+    )
+    train_cfg = TrainConfig(lr=1e-3, batch_size=32, epochs=1, log_every=1, progress=False)
+    res = reward.run(reward.Config(**common, train=train_cfg, mismatched_pairs=0.5, out=str(tmp_path / "m")))
+    assert res["mismatched_pairs"] == 32 and res["steps"] == 3
+    assert json.loads((Path(res["model"]) / "reward_stats.json").read_text())["n"] == 2 * 64
+    plain = reward.run(reward.Config(**common, train=train_cfg, out=str(tmp_path / "p")))
+    assert plain["mismatched_pairs"] == 0 and plain["steps"] == 2

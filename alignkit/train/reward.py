@@ -60,6 +60,9 @@ class Config:
     """Use the records' `soft_label` (cross-entropy against P(chosen better)) when they carry one."""
     center_coef: float = 0.0
     """Weight of the reward-centring term (r_c + r_r)^2 (Eisenstein et al. 2023 use 0.01)."""
+    mismatched_pairs: float = 0.0
+    """Extra training pairs, as a fraction of the data's pairs, whose rejected response is the chosen
+    response of another prompt (`add_mismatched_pairs`): they teach the model to read the prompt. 0: none."""
     stats_pairs: int = 1000
     """Training pairs (both responses) scored after training for reward_stats.json (0: all)."""
     eval_batch_size: int = 64
@@ -82,6 +85,8 @@ class Config:
             )
         if self.center_coef < 0:
             raise ConfigError(f"config key 'center_coef' must be >= 0, got {self.center_coef}")
+        if self.mismatched_pairs < 0:
+            raise ConfigError(f"config key 'mismatched_pairs' must be >= 0, got {self.mismatched_pairs}")
         if self.stats_pairs < 0 or self.eval_batch_size < 1:
             raise ConfigError(
                 "config keys 'stats_pairs' (>= 0) and 'eval_batch_size' (>= 1) are out of range"
@@ -102,6 +107,41 @@ class EvalConfig:
     """Pairs per forward."""
     out: str | None = None
     """JSON file to write; default MODEL/eval-<data file name>.json."""
+
+
+def add_mismatched_pairs(
+    pairs: Sequence[PreferencePair], fraction: float, seed: int, tries: int = 20
+) -> list[PreferencePair]:
+    """round(fraction * N) new pairs (prompt_i, chosen_i, rejected = chosen_j) with j a pair of
+    another prompt whose chosen text is not chosen anywhere in the data for prompt_i: an answer to
+    a different question ranked below this question's answer.
+
+    Pairs that share a prompt always differ only in the answer, so a reward model trained on them
+    alone may score answers without reading the prompt, and a policy then earns reward with a
+    polished answer to another question (the word "bottle" in uppercase when asked for "apple").
+    Anchors i are drawn without replacement while fraction <= 1 (with replacement above); a draw
+    that finds no other pair in `tries` attempts is skipped. The assumption (the other answer is
+    worse here) fails where answers are interchangeable (two refusals); docs/reward.md measures
+    how often the world's gold judge agrees. Deterministic in `seed`.
+    """
+    n = len(pairs)
+    want = round(fraction * n)
+    if n < 2 or want == 0:
+        return []
+    chosen_for: dict = {}
+    for p in pairs:
+        chosen_for.setdefault(p.prompt, set()).add(p.chosen)
+    rng = random.Random(seed)
+    anchors = rng.sample(range(n), want) if want <= n else [rng.randrange(n) for _ in range(want)]
+    out = []
+    for i in anchors:
+        a = pairs[i]
+        for _ in range(tries):
+            b = pairs[rng.randrange(n)]
+            if b.prompt != a.prompt and b.chosen not in chosen_for[a.prompt]:
+                out.append(PreferencePair(prompt=a.prompt, chosen=a.chosen, rejected=b.chosen, category=a.category))
+                break
+    return out
 
 
 def reward_step(
@@ -282,6 +322,10 @@ def run(cfg: Config) -> dict:
     items, trunc = tokenize_preference(tokenizer, loaded.records, limits)
     if not items:
         raise ValueError(f"{cfg.data.path}: no preference pair left after tokenisation")
+    n_data = len(items)  # reward_stats.json describes the data's own responses
+    extra = add_mismatched_pairs(loaded.records, cfg.mismatched_pairs, cfg.train.seed)
+    if extra:
+        items = items + tokenize_preference(tokenizer, extra, limits)[0]
 
     torch.manual_seed(cfg.train.seed)
     model = RewardModel.from_pretrained(
@@ -296,8 +340,8 @@ def run(cfg: Config) -> dict:
     def step(m: torch.nn.Module, batch: PreferenceBatch) -> StepOutput:
         return reward_step(m, batch, cfg.use_margin, cfg.use_soft_label, cfg.center_coef)
 
-    n_ref = len(items) if cfg.stats_pairs == 0 else min(cfg.stats_pairs, len(items))
-    ref = [items[i] for i in sorted(random.Random(cfg.train.seed).sample(range(len(items)), n_ref))]
+    n_ref = n_data if cfg.stats_pairs == 0 else min(cfg.stats_pairs, n_data)
+    ref = [items[i] for i in sorted(random.Random(cfg.train.seed).sample(range(n_data), n_ref))]
     stats_box: list[RewardStats] = []
 
     def save_fn(m: RewardModel, d: Path) -> None:
@@ -321,6 +365,7 @@ def run(cfg: Config) -> dict:
         "model": str(result.final_dir),
         "mode": cfg.mode,
         "records": len(loaded.records),
+        "mismatched_pairs": len(items) - n_data,
         "skipped": len(loaded.skipped),
         "format": loaded.format,
         "truncation": trunc.report(),
