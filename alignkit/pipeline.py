@@ -36,9 +36,10 @@ QUICK = {
 }
 
 
-# PPO against the learned reward model: gentler than configs/ppo.yaml (tuned on the gold judge),
-# because the proxy is over-optimised quickly (gold falls while KL grows: see docs/ppo.md)
-PPO_RM = ["iterations=30", "kl_coef=0.1", "train.lr=5e-5", "rollout_batch=32"]
+# PPO against the learned reward model: configs/ppo.yaml (tuned on the gold judge) with a smaller
+# learning rate and more iterations; the reward model's mismatched pairs (configs/reward.yaml) keep
+# it from paying for answers to other questions, so beta can be small (docs/ppo.md, seed tables)
+PPO_RM = ["iterations=40", "kl_coef=0.05", "train.lr=5e-5", "rollout_batch=64"]
 # The deliberate over-optimisation run: the same reward model, a tiny KL penalty and many more
 # steps, so the proxy keeps rising while the gold score turns down (Gao et al. 2022)
 PPO_OVEROPT = ["iterations=150", "kl_coef=0.002", "train.lr=1e-4", "rollout_batch=32"]
