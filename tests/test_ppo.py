@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from alignkit.config import load_config
+from alignkit.config import ConfigError, load_config
 from alignkit.losses.kl import AdaptiveKLController
 from alignkit.models.heads import RewardModel, RewardStats
 from alignkit.models.load import save_model, tiny_llama
@@ -25,6 +25,7 @@ from alignkit.train.rollout import (
     RolloutConfig,
     build_reward_source,
     collect_rollout,
+    combine_ensemble,
     gold_comparison,
     pad_left,
     pad_right,
@@ -167,6 +168,46 @@ def test_reward_model_source_normalises_with_stored_stats_and_clips():
     rm.stats = None
     with pytest.raises(ValueError, match="reward_stats"):
         RewardModelSource(rm, normalize=True)
+
+
+def test_combine_ensemble_by_hand():
+    scores = torch.tensor([[1.0, 2.0], [3.0, 0.0]])  # 2 members x 2 responses
+    assert combine_ensemble(scores, "mean").tolist() == [2.0, 1.0]
+    assert combine_ensemble(scores, "min").tolist() == [1.0, 0.0]
+    # members' population std is 1 for both responses
+    assert combine_ensemble(scores, "uwo", coef=0.5).tolist() == [1.5, 0.5]
+    one = torch.tensor([[0.3, -1.2]])
+    for mode in ("mean", "min", "uwo"):
+        assert torch.equal(combine_ensemble(one, mode, coef=2.0), one[0])
+    with pytest.raises(ValueError, match="ensemble mode"):
+        combine_ensemble(scores, "max")
+
+
+def test_reward_model_ensemble_normalises_each_member_then_combines():
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    members, normalised = [], []
+    for seed, (mean, std) in zip((2, 3, 4), ((0.0, 1.0), (0.5, 2.0), (-1.0, 0.25))):
+        rm = RewardModel.from_model(tiny_llama("nano", vocab_size=40, seed=seed), seed=seed).eval()
+        rm.stats = RewardStats(mean=mean, std=std, n=2)
+        with torch.no_grad():
+            normalised.append((rm(ids, mask) - mean) / std)
+        members.append(rm)
+    want = torch.stack(normalised)
+    for mode, expect in (("mean", want.mean(0)), ("min", want.min(0).values),
+                         ("uwo", want.mean(0) - 0.7 * want.std(0, unbiased=False))):
+        got, _ = RewardModelSource(members[0], ensemble=members[1:], mode=mode, coef=0.7)(None, None, ids, mask)
+        assert got.tolist() == pytest.approx(expect.tolist(), abs=1e-5)
+    single, _ = RewardModelSource(members[0])(None, None, ids, mask)
+    alone, _ = RewardModelSource(members[0], mode="uwo", coef=3.0)(None, None, ids, mask)
+    assert torch.equal(single, alone)
+    members[2].stats = None
+    with pytest.raises(ValueError, match="ensemble member 2"):
+        RewardModelSource(members[0], ensemble=members[1:])
+    with pytest.raises(ConfigError, match="reward.ensemble"):
+        RewardConfig(source="gold", ensemble=("a",))
+    with pytest.raises(ConfigError, match="ensemble_mode"):
+        RewardConfig(ensemble_mode="max")
 
 
 def test_gold_comparison_counts_ties_half():

@@ -30,11 +30,13 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from alignkit.config import TrainConfig
+from alignkit.config import ConfigError, TrainConfig
 from alignkit.models.generate import HFGenerator, SamplingParams, cache_kwarg, distinct_prompts, new_kv_cache
 from alignkit.models.logprobs import position_ids_from_mask
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.loop import reshape_schedule, truncate_metrics
+
+ENSEMBLE_MODES = ("mean", "min", "uwo")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ class RewardConfig:
     """'model': a reward model directory; 'gold': the world's gold judge; 'function': module:function."""
     model: str | None = None
     """Reward model directory (alignkit reward's OUT/final) when source is 'model'."""
+    ensemble: tuple[str, ...] = ()
+    """More reward model directories scored alongside `model` (an ensemble: e.g. the same recipe, other seeds)."""
+    ensemble_mode: Literal["mean", "min", "uwo"] = "mean"
+    """How the members' normalised scores combine: mean, min (worst case), or uwo: mean - ensemble_coef * std."""
+    ensemble_coef: float = 1.0
+    """uwo only: weight of the members' disagreement (std) subtracted from their mean (Coste et al. 2023)."""
     function: str | None = None
     """'module:function' taking (prompts: list[str], responses: list[str]) -> list[float]."""
     normalize: bool = True
@@ -53,6 +61,14 @@ class RewardConfig:
     """Clip scores to [-clip, clip] after normalisation (0: no clipping)."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response that never reached EOS (0: no penalty)."""
+
+    def __post_init__(self):
+        if self.ensemble_mode not in ENSEMBLE_MODES:
+            raise ConfigError(f"config key 'reward.ensemble_mode': expected one of {list(ENSEMBLE_MODES)}, got {self.ensemble_mode!r}")
+        if self.ensemble_coef < 0:
+            raise ConfigError(f"config key 'reward.ensemble_coef' must be >= 0, got {self.ensemble_coef}")
+        if self.ensemble and self.source != "model":
+            raise ConfigError(f"config key 'reward.ensemble' needs reward.source=model, got source {self.source!r}")
 
 
 @dataclass(frozen=True)
@@ -254,6 +270,22 @@ class RewardSource(Protocol):
         ...
 
 
+def combine_ensemble(scores: torch.Tensor, mode: str = "mean", coef: float = 1.0) -> torch.Tensor:
+    """(K, B) scores of K reward models -> (B,).
+
+    mean: the average; min: the most pessimistic member; uwo (uncertainty-weighted optimisation,
+    Coste et al. 2023): mean - coef * std over the members (population std, 0 for one member), so
+    answers the members disagree on earn less. Members must be on one scale (normalised scores).
+    """
+    if mode == "mean":
+        return scores.mean(0)
+    if mode == "min":
+        return scores.min(0).values
+    if mode == "uwo":
+        return scores.mean(0) - coef * scores.std(0, unbiased=False)
+    raise ValueError(f"unknown ensemble mode {mode!r} (valid: {', '.join(ENSEMBLE_MODES)})")
+
+
 class RewardModelSource:
     """A learned reward model's score of the full sequence (the proxy, in RLHF).
 
@@ -261,26 +293,40 @@ class RewardModelSource:
     model (reward_stats.json), so a fixed KL coefficient means the same across reward models;
     `clip` then bounds them. The reward model must share the policy's vocabulary (it reads the
     policy's token ids, EOS included, exactly as it was trained on them).
+
+    With `ensemble` (more reward models), each member's score is normalised with its own
+    statistics and `combine_ensemble(mode, coef)` makes one score; raw_scores are the members'
+    mean raw score. One model and any mode give exactly the single model's scores.
     """
 
-    def __init__(self, model: Any, normalize: bool = True, clip: float = 0.0, batch_size: int = 64):
-        if normalize and getattr(model, "stats", None) is None:
-            raise ValueError(
-                "the reward model has no reward_stats.json to normalise with; set reward.normalize=false"
-            )
+    def __init__(
+        self, model: Any, normalize: bool = True, clip: float = 0.0, batch_size: int = 64,
+        ensemble: Sequence[Any] = (), mode: str = "mean", coef: float = 1.0,
+    ):
+        self.models = [model, *ensemble]
+        for i, m in enumerate(self.models):
+            if normalize and getattr(m, "stats", None) is None:
+                which = "the reward model" if i == 0 else f"ensemble member {i}"
+                raise ValueError(f"{which} has no reward_stats.json to normalise with; set reward.normalize=false")
         self.model = model
         self.normalize = normalize
         self.clip = clip
         self.batch_size = batch_size
+        self.mode = mode
+        self.coef = coef
 
     @torch.no_grad()
     def __call__(self, prompts, responses, input_ids, attention_mask):
-        self.model.eval()
-        raw = in_chunks(lambda i, m: self.model(i, m).float(), self.batch_size, input_ids, attention_mask)  # (B,)
-        scores = self.model.normalize(raw) if self.normalize else raw
+        raws, scores = [], []
+        for m in self.models:
+            m.eval()
+            raw = in_chunks(lambda i, a, m=m: m(i, a).float(), self.batch_size, input_ids, attention_mask)  # (B,)
+            raws.append(raw)
+            scores.append(m.normalize(raw) if self.normalize else raw)
+        score = combine_ensemble(torch.stack(scores), self.mode, self.coef)
         if self.clip > 0:
-            scores = scores.clamp(-self.clip, self.clip)
-        return scores, raw
+            score = score.clamp(-self.clip, self.clip)
+        return score, torch.stack(raws).mean(0)
 
 
 class FunctionSource:
@@ -332,9 +378,11 @@ def _model_source(cfg: RewardConfig, world: Any, device: Any) -> RewardSource:
 
     if not cfg.model:
         raise ValueError("reward.source=model needs reward.model (a reward model directory)")
-    rm = load_reward_model(cfg.model).to(device)
-    rm.requires_grad_(False)
-    return RewardModelSource(rm, normalize=cfg.normalize, clip=cfg.clip)
+    members = [load_reward_model(path).to(device).requires_grad_(False) for path in (cfg.model, *cfg.ensemble)]
+    return RewardModelSource(
+        members[0], normalize=cfg.normalize, clip=cfg.clip, ensemble=members[1:],
+        mode=cfg.ensemble_mode, coef=cfg.ensemble_coef,
+    )
 
 
 def _gold_source(cfg: RewardConfig, world: Any, device: Any) -> RewardSource:
