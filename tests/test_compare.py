@@ -145,6 +145,12 @@ def test_hyperparameters_of_known_ppo_configs():
                                               ("reward model", "/r", False)]
     full = load_config(ppo.Config, None, ["model.path=/m", "reward.model=/r"])
     assert [m[0] for m in compare.models_in_memory(full)] == ["policy", "reference", "value model", "reward model"]
+    ens = ["model.path=/m", "reward.model=/r", "reward.ensemble=[/r2,/r3]"]
+    assert compare.models_in_memory(load_config(ppo.Config, None, ens))[-3:] == [
+        ("reward model", "/r", False), ("reward model 2", "/r2", False), ("reward model 3", "/r3", False)]
+    # an ensemble adds its mode (+1), and uwo its coefficient (+1); the member paths are not knobs
+    assert compare.count_hyperparameters(load_config(ppo.Config, None, ens))["method"] == 24
+    assert compare.count_hyperparameters(load_config(ppo.Config, None, [*ens, "reward.ensemble_mode=uwo"]))["method"] == 25
 
 
 def test_proxy_gold_gap_by_hand():

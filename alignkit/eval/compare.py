@@ -122,6 +122,7 @@ NOT_HYPERPARAMETERS = frozenset({
     # where data, models and outputs are
     "out", "world", "model.path", "model.tokenizer", "model.preset", "data.path", "data.eval_path",
     "data.on_error", "data.limit", "reference_path", "cache_dir", "reward.model", "reward.function", "value_init",
+    "reward.ensemble",
     # how a result is computed, not which result: the same numbers at another cost
     "reference", "reference_batch_size", "train.grad_accum", "train.precision",
     "rollout.generation_batch_size", "rollout.forward_batch_size",
@@ -165,6 +166,8 @@ def _inactive(name: str, cfg: Any) -> bool:
         return getattr(cfg, "kl_target", None) is None
     if name == "reward.normalize":
         return cfg.reward.source != "model"
+    if name in ("reward.ensemble_mode", "reward.ensemble_coef"):  # a knob once there are two members
+        return not cfg.reward.ensemble or (name == "reward.ensemble_coef" and cfg.reward.ensemble_mode != "uwo")
     return False
 
 
@@ -238,6 +241,7 @@ def models_in_memory(cfg: Any) -> list[tuple[str, str | None, bool]]:
             models.append(("value model", init, True))
         if cfg.reward.source == "model":
             models.append(("reward model", cfg.reward.model, False))
+            models += [(f"reward model {i + 2}", path, False) for i, path in enumerate(cfg.reward.ensemble)]
         return models
     raise ValueError(f"models_in_memory knows DPO and PPO configs, not {type(cfg).__module__}")
 
