@@ -10,6 +10,7 @@ are re-rendered after every stage, so a run stopped half-way still leaves a read
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -36,10 +37,12 @@ QUICK = {
 }
 
 
-# PPO against the learned reward model: configs/ppo.yaml (tuned on the gold judge) with a smaller
-# learning rate and more iterations; the reward model's mismatched pairs (configs/reward.yaml) keep
-# it from paying for answers to other questions, so beta can be small (docs/ppo.md, seed tables)
+# PPO against the learned reward models: configs/ppo.yaml (tuned on the gold judge) with a smaller
+# learning rate; the reward models' mismatched pairs (configs/reward.yaml) keep them from paying for
+# answers to other questions, and PPO scores with the mean of REWARD_ENSEMBLE of them (docs/ppo.md)
 PPO_RM = ["iterations=40", "kl_coef=0.05", "train.lr=5e-5", "rollout_batch=64"]
+# Reward models trained for PPO (seeds seed, seed+1, ...): PPO scores with their mean (docs/ppo.md)
+REWARD_ENSEMBLE = 3
 # The deliberate over-optimisation run: the same reward model, a tiny KL penalty and many more
 # steps, so the proxy keeps rising while the gold score turns down (Gao et al. 2022)
 PPO_OVEROPT = ["iterations=150", "kl_coef=0.002", "train.lr=1e-4", "rollout_batch=32"]
@@ -158,20 +161,36 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
 
     from alignkit.train import reward
 
-    res = d.run_stage("reward", lambda: reward.run(d.config(reward, "reward", [
+    rm_cfg = d.config(reward, "reward", [
         f"model.path={sft_model}", f"data.path={world / 'preferences.jsonl'}",
-        f"data.eval_path={world / 'preferences_eval.jsonl'}", f"world={world}", f"out={out / 'reward'}"])))
+        f"data.eval_path={world / 'preferences_eval.jsonl'}", f"world={world}", f"out={out / 'reward'}"])
+
+    def train_reward_models() -> dict:
+        """The demo's reward model, then the ensemble's other members: the same recipe, other seeds."""
+        first = reward.run(rm_cfg)
+        members = [reward.run(dataclasses.replace(
+            rm_cfg, train=dataclasses.replace(rm_cfg.train, seed=d.seed + k), out=str(out / f"reward_{k + 1}")))
+            for k in range(1, REWARD_ENSEMBLE)]
+        return {**first, "members": members}
+
+    res = d.run_stage("reward", train_reward_models)
     ev = res.get("eval", {})
+    member_acc = [m.get("eval", {}).get("accuracy") for m in res["members"]]
     d.summary["stages"]["reward"].update({
         "model": res["model"],
         "heldout_accuracy": ev.get("accuracy"),
         "gold_agreement": ev.get("gold_agreement"),
         "ece": ev.get("ece"),
+        "ensemble": [m["model"] for m in res["members"]],
+        "ensemble_heldout_accuracy": member_acc,
         "notes": f"held-out pair accuracy {ev.get('accuracy', float('nan')):.3f} against the gold labels, "
-                 f"calibration error {ev.get('ece', float('nan')):.3f}",
+                 f"calibration error {ev.get('ece', float('nan')):.3f}; "
+                 + (f"{len(member_acc)} more seeds for PPO's ensemble: "
+                    + ", ".join(f"{a:.3f}" for a in member_acc) if member_acc else ""),
     })
     d.save()
     reward_model = res["model"]
+    ensemble = "reward.ensemble=[" + ",".join(m["model"] for m in res["members"]) + "]"
 
     from alignkit.eval.compare import annotate_stage
     from alignkit.train import dpo
@@ -185,13 +204,14 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     from alignkit.train import grpo, ppo
 
     for name, overrides, notes in (
-        ("ppo", PPO_RM, "RLHF: rewards from the learned reward model (proxy) minus a KL penalty to the SFT "
-                        "model; the gold judge only evaluates"),
+        ("ppo", PPO_RM, f"RLHF: rewards from the learned reward models (proxy: the mean of {REWARD_ENSEMBLE} "
+                        "seeds) minus a KL penalty to the SFT model; the gold judge only evaluates"),
         ("overopt", PPO_OVEROPT, "deliberate over-optimisation: PPO on the same reward model with beta 0.002 "
                                  "and 150 iterations; proxy and gold against KL in the plot"),
     ):
+        members = [ensemble] if name == "ppo" else []  # the over-optimised run keeps one reward model
         cfg = d.config(ppo, "ppo", [f"model.path={sft_model}", f"world={world}", f"out={out / name}",
-                                    "reward.source=model", f"reward.model={reward_model}", *overrides])
+                                    "reward.source=model", f"reward.model={reward_model}", *members, *overrides])
         res = d.run_stage(name, lambda cfg=cfg: ppo.run(cfg))
         d.summary["stages"][name]["notes"] = notes
         d.evaluate(name, res["model"])

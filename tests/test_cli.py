@@ -82,6 +82,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert summary["stages"]["sft"]["gold_score"] > summary["stages"]["base"]["gold_score"]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| sft |" in report and "| base |" in report
+    # PPO scores with the mean of 3 reward models (seeds 0, 1, 2); the over-optimised run with one
+    members = summary["stages"]["reward"]["ensemble"]
+    assert len(members) == 2 and all(Path(m, "model.safetensors").is_file() for m in members)
+    assert summary["stages"]["ppo"]["models"][-3:] == ["reward model", "reward model 2", "reward model 3"]
+    assert summary["stages"]["overopt"]["models"][-1] == "reward model"
 
 
 def test_stage_subcommand_takes_flags_and_overrides_after_it(capsys):

@@ -189,6 +189,16 @@ def test_config_errors_name_the_key(tmp_path):
     assert (cfg.sft_dir, cfg.reward_dir, cfg.world_dir) == ("/runs/d/sft/final", "/runs/d/reward/final", "/runs/d/world")
 
 
+def test_ppo_uses_the_demos_reward_ensemble_unless_told_otherwise(tmp_path):
+    for k in (3, 2):
+        (tmp_path / f"reward_{k}" / "final").mkdir(parents=True)
+    assert compare.Config(demo=str(tmp_path)).ensemble_dirs == [
+        str(tmp_path / "reward_2" / "final"), str(tmp_path / "reward_3" / "final")]
+    assert compare.Config(demo=str(tmp_path), reward="/rm").ensemble_dirs == []  # a reward model of one's own
+    assert compare.Config(demo=str(tmp_path), reward_ensemble=[]).ensemble_dirs == []
+    assert compare.Config(reward="/rm", reward_ensemble=["/a"]).ensemble_dirs == ["/a"]
+
+
 # ------------------------------------------------------------------ with tiny models
 
 

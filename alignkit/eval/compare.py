@@ -61,6 +61,9 @@ class Config:
     """The SFT model directory: both methods start from it and it is their reference."""
     reward: str | None = None
     """The reward model directory PPO optimises (the proxy)."""
+    reward_ensemble: list[str] | None = None
+    """More reward models PPO averages with `reward` (None: with `demo` and no `reward`, the demo's
+    ensemble DEMO/reward_K/final; []: `reward` alone)."""
     world: str | None = None
     """The world directory (preferences.jsonl for DPO, train_prompts.jsonl for PPO, eval_prompts.jsonl)."""
     out: str = "runs/compare"
@@ -110,6 +113,14 @@ class Config:
     @property
     def reward_dir(self) -> str | None:
         return self.reward or (str(Path(self.demo) / "reward" / "final") if self.demo else None)
+
+    @property
+    def ensemble_dirs(self) -> list[str]:
+        if self.reward_ensemble is not None:
+            return list(self.reward_ensemble)
+        if self.reward or not self.demo:
+            return []
+        return [str(p) for p in sorted(Path(self.demo).glob("reward_*/final"))]
 
     @property
     def world_dir(self) -> str | None:
@@ -648,7 +659,8 @@ def _open_demo(cfg: Config):
     extra += [f"max_new_tokens={cfg.eval_max_new_tokens}"] if cfg.eval_max_new_tokens else []
     d = Demo(Path(cfg.out), cfg.quick, cfg.seed, world_dir=cfg.world_dir, eval_overrides=extra)
     d.summary["title"] = "alignkit compare: RLHF (PPO) vs DPO"
-    d.summary["compare"] = {"sft": cfg.sft_dir, "reward": cfg.reward_dir, "isolate": cfg.isolate}
+    d.summary["compare"] = {"sft": cfg.sft_dir, "reward": cfg.reward_dir, "reward_ensemble": cfg.ensemble_dirs,
+                            "isolate": cfg.isolate}
     return d
 
 
@@ -690,7 +702,8 @@ def run(cfg: Config) -> dict:
     if "ppo" in cfg.methods:
         pcfg = _stage_config(ppo, cfg.ppo_config, "ppo", [
             f"model.path={cfg.sft_dir}", f"world={world}", f"out={out / 'ppo'}",
-            "reward.source=model", f"reward.model={cfg.reward_dir}"], d, cfg.ppo_overrides)
+            "reward.source=model", f"reward.model={cfg.reward_dir}",
+            *([f"reward.ensemble=[{','.join(cfg.ensemble_dirs)}]"] if cfg.ensemble_dirs else [])], d, cfg.ppo_overrides)
         res = train_stage(d, "ppo", ppo, pcfg, cfg.isolate)
         d.summary["stages"]["ppo"]["notes"] = ("RLHF: rewards from the learned reward model (proxy) minus a KL "
                                                "penalty to the SFT model; the gold judge only evaluates")
