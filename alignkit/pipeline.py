@@ -206,7 +206,7 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     for name, overrides, notes in (
         ("ppo", PPO_RM, f"RLHF: rewards from the learned reward models (proxy: the mean of {REWARD_ENSEMBLE} "
                         "seeds) minus a KL penalty to the SFT model; the gold judge only evaluates"),
-        ("overopt", PPO_OVEROPT, "deliberate over-optimisation: PPO on the same reward model with beta 0.002 "
+        ("overopt", PPO_OVEROPT, "deliberate over-optimisation: PPO on the first reward model alone, beta 0.002 "
                                  "and 150 iterations; proxy and gold against KL in the plot"),
     ):
         members = [ensemble] if name == "ppo" else []  # the over-optimised run keeps one reward model
