@@ -26,7 +26,7 @@ STAGES = {
     "cai": ("alignkit.feedback.cai", "Constitutional AI: `cai revise` (critique + revision -> SFT data), `cai label` (AI preferences)"),
     "serve": ("alignkit.serve", "OpenAI-compatible chat-completions server (with log-probs) for a local model"),
     "compare": ("alignkit.eval.compare", "the brief's RLHF-vs-DPO table, measured: DPO and PPO from one SFT model, plus a DPO beta sweep"),
-    "winrate": ("alignkit.eval.winrate", "win rate of model a against model b under a judge, with a 95% interval"),
+    "winrate": ("alignkit.eval.winrate", "win rate of model a against model b under a judge, with a 95%% interval"),
 }
 
 

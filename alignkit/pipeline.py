@@ -184,13 +184,14 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
         "ensemble": [m["model"] for m in res["members"]],
         "ensemble_heldout_accuracy": member_acc,
         "notes": f"held-out pair accuracy {ev.get('accuracy', float('nan')):.3f} against the gold labels, "
-                 f"calibration error {ev.get('ece', float('nan')):.3f}; "
-                 + (f"{len(member_acc)} more seeds for PPO's ensemble: "
-                    + ", ".join(f"{a:.3f}" for a in member_acc) if member_acc else ""),
+                 f"calibration error {ev.get('ece', float('nan')):.3f}"
+                 + (f"; {len(member_acc)} more seeds for PPO's ensemble: "
+                    + ", ".join(f"{a if a is not None else float('nan'):.3f}" for a in member_acc)
+                    if member_acc else ""),
     })
     d.save()
     reward_model = res["model"]
-    ensemble = "reward.ensemble=[" + ",".join(m["model"] for m in res["members"]) + "]"
+    ensemble = tuple(m["model"] for m in res["members"])
 
     from alignkit.eval.compare import annotate_stage
     from alignkit.train import dpo
@@ -209,9 +210,10 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
         ("overopt", PPO_OVEROPT, "deliberate over-optimisation: PPO on the first reward model alone, beta 0.002 "
                                  "and 150 iterations; proxy and gold against KL in the plot"),
     ):
-        members = [ensemble] if name == "ppo" else []  # the over-optimised run keeps one reward model
         cfg = d.config(ppo, "ppo", [f"model.path={sft_model}", f"world={world}", f"out={out / name}",
-                                    "reward.source=model", f"reward.model={reward_model}", *members, *overrides])
+                                    "reward.source=model", f"reward.model={reward_model}", *overrides])
+        if name == "ppo":  # the over-optimised run keeps one reward model
+            cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, ensemble=ensemble))
         res = d.run_stage(name, lambda cfg=cfg: ppo.run(cfg))
         d.summary["stages"][name]["notes"] = notes
         d.evaluate(name, res["model"])

@@ -241,6 +241,18 @@ def test_crashed_saves_are_ignored_on_resume(tmp_path, monkeypatch):
     assert not (root / ".tmp-step-4-12345").exists()
 
 
+def test_resume_without_a_checkpoint_starts_fresh_without_old_rows(tmp_path):
+    """A run killed before its first checkpoint left metric rows; resume=true has nothing to load,
+    so it starts over and the dead run's rows do not stay in front of the new ones."""
+    run_toy(tmp_path / "ref", config(max_steps=3))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 123.0}\n{"step": 2, "loss": 99.0}\n')
+    run_toy(tmp_path / "run", config(max_steps=3, resume=True))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] and rows[0]["loss"] == ref[0]["loss"]
+
+
 def test_schedule_warmup_then_cosine_by_hand():
     """warm-up 2, 6 steps, lr 1: steps 0, 1 -> 1/2, 2/2; then p = (s - 2) / 4 for s = 2..5 and
     cosine 0.5 * (1 + cos(pi * p)) = 1, (1 + sqrt(1/2)) / 2, 1/2, (1 - sqrt(1/2)) / 2; linear 1 - p."""

@@ -208,6 +208,10 @@ def test_reward_model_ensemble_normalises_each_member_then_combines():
         RewardConfig(source="gold", ensemble=("a",))
     with pytest.raises(ConfigError, match="ensemble_mode"):
         RewardConfig(ensemble_mode="max")
+    with pytest.raises(ConfigError, match="normalize=true"):
+        RewardConfig(model="/a", ensemble=("/b",), normalize=False)
+    with pytest.raises(ConfigError, match="twice"):
+        RewardConfig(model="/a", ensemble=("/b", "/a"))
 
 
 def test_gold_comparison_counts_ties_half():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignkit.config import load_config
+from alignkit.config import ConfigError, load_config
 from alignkit.models.load import save_model, tiny_llama
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import grpo, ppo, rloo
@@ -257,3 +257,19 @@ def test_an_earlier_run_needs_resume_or_overwrite(tiny_dirs, tmp_path, monkeypat
 
     stage.run(load_config(stage.Config, None, [*args, "iterations=2", "train.overwrite=true"]))
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2] and _steps(tmp_path) == ["step-2"]
+
+
+def test_resume_refuses_another_runs_settings(tiny_dirs, tmp_path, monkeypatch):
+    """A changed knob (kl_coef here) or fewer iterations than done is an error naming the key,
+    before anything is loaded or written; bookkeeping keys (iterations up, save_every) may change."""
+    monkeypatch.syspath_prepend(str(tiny_dirs))
+    args = [*_base(tiny_dirs), *PPO_SEPARATE, "iterations=2", f"out={tmp_path}"]
+    ppo.run(load_config(ppo.Config, None, args))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"kl_coef \([0-9.e-]+ -> 0\.3\)"):
+        ppo.run(load_config(ppo.Config, None, [*args, "kl_coef=0.3", "train.resume=true"]))
+    with pytest.raises(ConfigError, match="'iterations' is 1.*already at iteration 2"):
+        ppo.run(load_config(ppo.Config, None, [*args, "iterations=1", "train.resume=true"]))
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    ppo.run(load_config(ppo.Config, None, [*args, "iterations=3", "train.save_every=1", "train.resume=true"]))
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3]

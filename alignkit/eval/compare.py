@@ -702,10 +702,13 @@ def run(cfg: Config) -> dict:
     if "ppo" in cfg.methods:
         pcfg = _stage_config(ppo, cfg.ppo_config, "ppo", [
             f"model.path={cfg.sft_dir}", f"world={world}", f"out={out / 'ppo'}",
-            "reward.source=model", f"reward.model={cfg.reward_dir}",
-            *([f"reward.ensemble=[{','.join(cfg.ensemble_dirs)}]"] if cfg.ensemble_dirs else [])], d, cfg.ppo_overrides)
+            "reward.source=model", f"reward.model={cfg.reward_dir}"], d, cfg.ppo_overrides)
+        if cfg.ensemble_dirs and not pcfg.reward.ensemble:  # an ensemble in ppo_overrides wins
+            pcfg = dataclasses.replace(pcfg, reward=dataclasses.replace(pcfg.reward, ensemble=tuple(cfg.ensemble_dirs)))
         res = train_stage(d, "ppo", ppo, pcfg, cfg.isolate)
-        d.summary["stages"]["ppo"]["notes"] = ("RLHF: rewards from the learned reward model (proxy) minus a KL "
+        proxy = (f"the mean of {1 + len(pcfg.reward.ensemble)} learned reward models" if pcfg.reward.ensemble
+                 else "the learned reward model")
+        d.summary["stages"]["ppo"]["notes"] = (f"RLHF: rewards from {proxy} (proxy) minus a KL "
                                                "penalty to the SFT model; the gold judge only evaluates")
         d.evaluate("ppo", res["model"])
         annotate_stage(d.summary, "ppo", pcfg, res, out)

@@ -211,6 +211,7 @@ def run(cfg: Config) -> dict:
         append_jsonl,
         build_reference,
         build_reward_source,
+        check_resume,
         collect_rollout,
         final_gold_eval,
         gold_fn,
@@ -228,6 +229,8 @@ def run(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     resume_from = open_run_dir(out, cfg.train)
+    if resume_from is not None:
+        check_resume(resume_from, to_dict(cfg), cfg.iterations)
     device = pick_device()
     torch.manual_seed(cfg.train.seed)
     world = None

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.atomic import write_text_atomic
 from alignkit.config import TrainConfig, to_dict
 from alignkit.train import checkpoint as ckpt
 
@@ -208,7 +209,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    write_text_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 def train(
@@ -281,6 +282,8 @@ def train(
             if main:
                 truncate_metrics(metrics_path, step_n)
                 print(f"alignkit: resumed from {last_ckpt} (step {step_n})", file=sys.stderr)
+        elif main:  # nothing to resume from: a fresh start, without a dead run's metric rows
+            metrics_path.unlink(missing_ok=True)
     else:
         old_steps = ckpt.step_dirs(ckpt_root)  # every rank checks, so all of them stop together
         if old_steps and not cfg.overwrite:

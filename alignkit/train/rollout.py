@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +70,11 @@ class RewardConfig:
             raise ConfigError(f"config key 'reward.ensemble_coef' must be >= 0, got {self.ensemble_coef}")
         if self.ensemble and self.source != "model":
             raise ConfigError(f"config key 'reward.ensemble' needs reward.source=model, got source {self.source!r}")
+        if self.ensemble and not self.normalize:
+            raise ConfigError("config key 'reward.ensemble' needs reward.normalize=true (members' raw scores have their own scales)")
+        paths = [self.model, *self.ensemble]
+        if self.ensemble and len(set(paths)) < len(paths):
+            raise ConfigError(f"config key 'reward.ensemble' names a reward model twice (with reward.model): {paths}")
 
 
 @dataclass(frozen=True)
@@ -378,7 +384,13 @@ def _model_source(cfg: RewardConfig, world: Any, device: Any) -> RewardSource:
 
     if not cfg.model:
         raise ValueError("reward.source=model needs reward.model (a reward model directory)")
-    members = [load_reward_model(path).to(device).requires_grad_(False) for path in (cfg.model, *cfg.ensemble)]
+    members = []
+    for i, path in enumerate((cfg.model, *cfg.ensemble)):
+        rm = load_reward_model(path).to(device).requires_grad_(False)
+        if cfg.normalize and rm.stats is None:
+            key = "reward.model" if i == 0 else f"reward.ensemble[{i - 1}]"
+            raise ValueError(f"{key}: {path} has no reward_stats.json to normalise with; set reward.normalize=false")
+        members.append(rm)
     return RewardModelSource(
         members[0], normalize=cfg.normalize, clip=cfg.clip, ensemble=members[1:],
         mode=cfg.ensemble_mode, coef=cfg.ensemble_coef,
@@ -644,6 +656,39 @@ def open_run_dir(out: Path, train: TrainConfig) -> Path | None:
     if found is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     return found
+
+
+RESUME_MAY_CHANGE = frozenset({
+    "iterations", "out", "eval_every", "eval_limit", "eval_max_new_tokens", "train.resume", "train.overwrite",
+    "train.save_every", "train.keep_checkpoints", "train.progress", "train.tensorboard", "train.log_every",
+})
+"""Config keys a resumed RL run may change; any other change would make it a different run."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(checkpoint: Path, config: dict, iterations: int) -> None:
+    """Refuse to resume from `checkpoint` with another run's settings: every key of `config`
+    (`to_dict` of the stage's config) outside RESUME_MAY_CHANGE must equal the saved one, and
+    `iterations` must not be below the iterations already done."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    then, now = _flat(saved["config"]), _flat(json.loads(json.dumps(config)))
+    changed = sorted(k for k in then.keys() | now.keys() if k not in RESUME_MAY_CHANGE and then.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k} ({then.get(k)!r} -> {now.get(k)!r})" for k in changed[:5])
+        raise ConfigError(
+            f"train.resume=true: config keys differ from the run in {checkpoint}: {shown}"
+            f"{' ...' if len(changed) > 5 else ''}; resume with the run's settings or start afresh with train.overwrite=true"
+        )
+    if saved["step"] > iterations:
+        raise ConfigError(
+            f"config key 'iterations' is {iterations}, but {checkpoint} is already at iteration {saved['step']}"
+        )
 
 
 def save_iteration(
