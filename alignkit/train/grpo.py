@@ -14,7 +14,6 @@ checkpoints in OUT/checkpoints make `train.resume=true` exact.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -220,6 +219,7 @@ def run(cfg: Config) -> dict:
         open_run_dir,
         pick_device,
         prompt_batches,
+        save_due,
         save_iteration,
     )
 
@@ -271,11 +271,10 @@ def run(cfg: Config) -> dict:
 
         done, evals = 0, []
         if resume_from is not None:
-            state = load_iteration(resume_from, policy, [optimizer], [scheduler], gen, cfg.train, total_steps, metrics_path)
+            state = load_iteration(
+                resume_from, policy, [optimizer], [scheduler], gen, cfg.train, total_steps, metrics_path, batches
+            )
             done, evals = state["step"], state["evals"]
-            for _ in range(state["prompt_batches"]):
-                next(batches)
-            print(f"alignkit: resumed from {resume_from} (iteration {done})", file=sys.stderr)
         last: dict[str, Any] = (read_jsonl(metrics_path, missing_ok=True) or [{}])[-1]
         for it in range(done + 1, cfg.iterations + 1):
             t_it = time.perf_counter()
@@ -321,7 +320,7 @@ def run(cfg: Config) -> dict:
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             append_jsonl(metrics_path, row)
             last = row
-            if it == cfg.iterations or (cfg.train.save_every > 0 and it % cfg.train.save_every == 0):
+            if save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, policy, {id(p) for p in params}, [optimizer], [scheduler], gen, {
                     "prompt_batches": it, "evals": evals, "iterations": cfg.iterations, "total_steps": total_steps,
                     "config": to_dict(cfg),

@@ -20,7 +20,6 @@ checkpoints for an exact `train.resume=true` to OUT/checkpoints (docs/ppo.md).
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,6 +318,7 @@ def run(cfg: Config) -> dict:
         open_run_dir,
         pick_device,
         prompt_batches,
+        save_due,
         save_iteration,
     )
 
@@ -375,12 +375,11 @@ def run(cfg: Config) -> dict:
         trainable = {id(p) for p in ac.policy_parameters() + ac.value_parameters()}
         done, evals = 0, []
         if resume_from is not None:
-            state = load_iteration(resume_from, ac, optimizers, schedulers, gen, cfg.train, total_steps, metrics_path)
+            state = load_iteration(
+                resume_from, ac, optimizers, schedulers, gen, cfg.train, total_steps, metrics_path, batches
+            )
             done, evals = state["step"], state["evals"]
             controller.load_state_dict(state["kl_controller"])
-            for _ in range(state["prompt_batches"]):
-                next(batches)
-            print(f"alignkit: resumed from {resume_from} (iteration {done})", file=sys.stderr)
         last: dict[str, Any] = (read_jsonl(metrics_path, missing_ok=True) or [{}])[-1]
         for it in range(done + 1, cfg.iterations + 1):
             t_it = time.perf_counter()
@@ -430,7 +429,7 @@ def run(cfg: Config) -> dict:
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             append_jsonl(metrics_path, row)
             last = row
-            if it == cfg.iterations or (cfg.train.save_every > 0 and it % cfg.train.save_every == 0):
+            if save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, ac, trainable, optimizers, schedulers, gen, {
                     "prompt_batches": it, "kl_controller": controller.state_dict(), "evals": evals,
                     "iterations": cfg.iterations, "total_steps": total_steps, "config": to_dict(cfg),

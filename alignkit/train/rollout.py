@@ -24,6 +24,7 @@ import importlib
 import json
 import math
 import random
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -712,15 +713,21 @@ def save_iteration(
     return path
 
 
+def save_due(iteration: int, iterations: int, train: TrainConfig) -> bool:
+    """An RL stage checkpoints every `train.save_every` iterations (0: never) and after the last."""
+    return iteration == iterations or (train.save_every > 0 and iteration % train.save_every == 0)
+
+
 def load_iteration(
     path: Path, model: torch.nn.Module, optimizers: list[Any], schedulers: list[Any], shuffle: torch.Generator,
-    train: TrainConfig, total_steps: int, metrics_path: Path,
+    train: TrainConfig, total_steps: int, metrics_path: Path, batches: Iterator[Any],
 ) -> dict:
     """Restore what `save_iteration` wrote into the freshly built objects and return its `state`.
 
     The schedulers follow `train`'s schedule over `total_steps` from the saved step (the loop's
-    rule), metrics rows after the saved iteration (a killed run's) are dropped, and the global
-    RNGs are restored: call it just before the first iteration.
+    rule), metrics rows after the saved iteration (a killed run's) are dropped, the prompt
+    `batches` iterator skips the batches already used, and the global RNGs are restored: call it
+    just before the first iteration.
     """
     saved = ckpt.read_checkpoint(path, model)
     ckpt.StateDicts(optimizers).load_state_dict(saved["optimizer"])
@@ -732,6 +739,9 @@ def load_iteration(
     rng = saved["rng"][0]
     ckpt.set_rng_state(rng)
     shuffle.set_state(rng["shuffle"])
+    for _ in range(state["prompt_batches"]):  # the prompt order continues where the run stopped
+        next(batches)
+    print(f"alignkit: resumed from {path} (iteration {state['step']})", file=sys.stderr)
     return state
 
 
