@@ -730,8 +730,11 @@ def load_iteration(
     just before the first iteration.
     """
     saved = ckpt.read_checkpoint(path, model)
-    ckpt.StateDicts(optimizers).load_state_dict(saved["optimizer"])
-    ckpt.StateDicts(schedulers).load_state_dict(saved["scheduler"])
+    for name, items in (("optimizer", optimizers), ("scheduler", schedulers)):
+        try:
+            ckpt.StateDicts(items).load_state_dict(saved[name])
+        except ValueError as err:
+            raise ValueError(f"{path / (name + '.pt')}: {err}") from None
     for s in schedulers:
         reshape_schedule(s, train, total_steps)
     state = saved["trainer_state"]
