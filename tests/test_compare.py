@@ -315,3 +315,14 @@ def test_report_html_renders_notes_bold_and_escapes():
     html = _md_table_to_html("- **ppo**: reward < gold & <script>\n| a | b |\n|---|---|\n| 1 | 2 |")
     assert "<p>&bull; <b>ppo</b>: reward &lt; gold &amp; &lt;script&gt;</p>" in html
     assert "<tr><th>a</th><th>b</th></tr>" in html and "<tr><td>1</td><td>2</td></tr>" in html
+
+
+def test_binned_means_by_hand():
+    from alignkit.eval.report import binned_means
+
+    nan = float("nan")
+    # sorted by x: (0, 1) (1, 3) (2, nan) (3, 5) (4, 7) -> groups of sizes 2, 3 (5 points, 2 bins)
+    x, y = [3.0, 0.0, 4.0, 1.0, 2.0], [5.0, 1.0, 7.0, 3.0, nan]
+    assert binned_means(x, y, 2) == ([0.5, 3.0], [2.0, 6.0])
+    assert binned_means(x, y, 1) == ([2.0], [4.0])
+    assert binned_means([1.0, 2.0], [nan, 4.0], 5) == ([2.0], [4.0])  # at most one bin per point; NaN-only dropped

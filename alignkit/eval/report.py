@@ -11,6 +11,7 @@ import html
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -186,6 +187,22 @@ def plot_training_curves(run_dir: Path, summary: dict) -> str | None:
     return _png(fig)
 
 
+def binned_means(x: Sequence[float], y: Sequence[float], bins: int) -> tuple[list[float], list[float]]:
+    """Means of x and of y over `bins` consecutive groups of the points sorted by x (group sizes
+    differ by at most one; NaN y values are left out of their group's mean, a group of NaNs only
+    is dropped): the trend line drawn through noisy per-iteration points."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    bins = max(1, min(bins, len(order)))
+    out_x, out_y = [], []
+    for b in range(bins):
+        group = order[b * len(order) // bins:(b + 1) * len(order) // bins]
+        ys = [y[i] for i in group if y[i] == y[i]]
+        if ys:
+            out_x.append(sum(x[i] for i in group) / len(group))
+            out_y.append(sum(ys) / len(ys))
+    return out_x, out_y
+
+
 def plot_reward_vs_kl(run_dir: Path, summary: dict) -> str | None:
     """Proxy and gold reward against KL for the RL stages, one panel each (Gao et al. 2022,
     Fig. 1: over-optimisation shows as a proxy that keeps rising while gold stalls or falls).
@@ -193,8 +210,10 @@ def plot_reward_vs_kl(run_dir: Path, summary: dict) -> str | None:
     Reads every metrics.jsonl row with "kl" and "reward" or "gold": the stages' own
     (RUN/DIR/metrics.jsonl) and the files in summary["curves"] ({name: path}). The proxy is the
     score the policy optimised (PPO: the normalised reward-model score), on its own axis; gold
-    is the gold judge's mean score of the same sampled responses. Points are iterations, joined
-    in order of KL, the per-response KL(policy || reference) of that iteration's samples.
+    is the gold judge's mean score of the same sampled responses. Points are iterations, placed
+    at the per-response KL(policy || reference) of that iteration's samples; the lines join the
+    means of about 8 consecutive groups of them by KL (`binned_means`), since one iteration's
+    rollout batch is noisy.
     """
     import matplotlib.pyplot as plt
 
@@ -218,18 +237,20 @@ def plot_reward_vs_kl(run_dir: Path, summary: dict) -> str | None:
     for ax in axes.flat[len(series):]:
         ax.set_visible(False)
     for ax, (name, source, pts) in zip(axes.flat, series):
-        pts = sorted(pts, key=lambda r: r["kl"])
         kl = [r["kl"] for r in pts]
+        bins = min(8, max(1, len(pts) // 4))
         handles = []
-        if any("reward" in r for r in pts):
-            handles += ax.plot(kl, [r.get("reward", float("nan")) for r in pts], "o-", ms=3, lw=0.8,
-                               color="tab:blue", label=f"proxy ({source or 'reward optimised'})")
-            ax.set_ylabel("proxy reward", color="tab:blue")
-        if any("gold" in r for r in pts):
-            gx = ax.twinx()
-            handles += gx.plot(kl, [r.get("gold", float("nan")) for r in pts], "s--", ms=3, lw=0.8,
-                               color="tab:orange", label="gold score")
-            gx.set_ylabel("gold score", color="tab:orange")
+        for key, axis, marker, color, label in (
+            ("reward", ax, "o", "tab:blue", f"proxy ({source or 'reward optimised'})"),
+            ("gold", None, "s", "tab:orange", "gold score"),
+        ):
+            if not any(key in r for r in pts):
+                continue
+            axis = axis or ax.twinx()
+            y = [r.get(key, float("nan")) for r in pts]
+            axis.plot(kl, y, marker, ms=2.5, alpha=0.3, color=color, lw=0)
+            handles += axis.plot(*binned_means(kl, y, bins), marker + "-", ms=4, lw=1.6, color=color, label=label)
+            axis.set_ylabel("proxy reward" if key == "reward" else "gold score", color=color)
         ax.set_xlabel("KL(policy || reference) per response")
         ax.set_title(f"{name}: proxy and gold against KL", fontsize=10)
         ax.legend(handles=handles, fontsize=8, loc="lower right")
