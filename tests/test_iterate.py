@@ -277,3 +277,30 @@ def test_anchor_to_start_and_upweighted_new_pairs(tiny, monkeypatch):
     monkeypatch.setattr(iterate.ppo_stage, "run", lambda c: seen.append((c.model.path, c.reference)) or real_run(c))
     iterate.run(_cfg(tiny, f"out={tiny / 'restart'}", "ppo_init=start"))
     assert seen == [(str(tiny / "sft"), None)] * 2
+
+
+def test_a_run_killed_inside_ppo_resumes_from_the_stage_checkpoint(tiny, monkeypatch, capsys):
+    """Killed as iteration 2 of round 1's 3-iteration PPO writes its metrics row (before its
+    checkpoint; one is written every iteration): resume=true continues that PPO run from step-1,
+    and the round ends as in an uninterrupted run."""
+    from alignkit.train import rollout as rollout_mod
+
+    extra = ["ppo.iterations=3", "ppo.train.save_every=1", "rounds=1"]
+    ref = iterate.run(_cfg(tiny, *extra, f"out={tiny / 'ref'}"))
+    real = rollout_mod.append_jsonl
+
+    def append_then_die(path, row):
+        real(path, row)
+        if row.get("step") == 2 and "round_1" in str(path):
+            raise KeyboardInterrupt("killed inside round 1's PPO")
+
+    with monkeypatch.context() as m:
+        m.setattr(rollout_mod, "append_jsonl", append_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            iterate.run(_cfg(tiny, *extra, f"out={tiny / 'killed'}"))
+    capsys.readouterr()
+    done = iterate.run(_cfg(tiny, *extra, f"out={tiny / 'killed'}", "resume=true"))
+    assert "round_1/ppo/checkpoints/step-1 (iteration 1)" in capsys.readouterr().err
+    timing = {"wall_s", "policy", "reward_model"}
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in done["rounds"]]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in ref["rounds"]]

@@ -35,7 +35,8 @@ Files (k >= 1; round_0/ holds reward/ when RM_0 is trained here, and eval_respon
     OUT/round_k/round.json            the round's summary row: the round is finished
 
 With `resume`, finished rounds are read back and an unfinished one continues from its last
-finished step (samples, pairs, reward model, PPO), so a human-labelled round (judge=human, which
+finished step (samples, pairs, reward model, PPO), a killed reward-model or PPO stage from its
+newest checkpoint (`reward.train.save_every`, `ppo.train.save_every`), so a human-labelled round (judge=human, which
 exports OUT/round_k/human_pairs.jsonl and stops) picks up once the file is labelled.
 docs/ppo.md, "The iterate loop", explains the choices and the summary's columns.
 """
@@ -288,9 +289,11 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _stage_seeded(train_cfg: Any, k: int) -> Any:
-    # every round's inner run starts fresh in its own folder (`overwrite` only concerns that folder)
-    return dataclasses.replace(train_cfg, seed=train_cfg.seed + k, overwrite=True, resume=False)
+def _stage_seeded(train_cfg: Any, k: int, resume: bool) -> Any:
+    """Round k's stage settings: seed + k, in the round's own folder. A fresh iterate run starts
+    the stage afresh (overwrite); a resumed one continues it from its newest checkpoint (a stage
+    with none starts afresh), so a run killed inside a stage loses at most save_every steps."""
+    return dataclasses.replace(train_cfg, seed=train_cfg.seed + k, overwrite=not resume, resume=resume)
 
 
 def round_seed(cfg: Config, k: int) -> int:
@@ -412,7 +415,7 @@ class _Run:
     def train_reward(self, k: int, init: str, data_path: Path) -> dict:
         c = self.cfg.reward
         rcfg = dataclasses.replace(
-            c, model=dataclasses.replace(c.model, path=init), train=_stage_seeded(c.train, k),
+            c, model=dataclasses.replace(c.model, path=init), train=_stage_seeded(c.train, k, self.cfg.resume),
             data=dataclasses.replace(c.data, path=str(data_path), eval_path=self.eval_prefs),
             world=self.cfg.world, out=str(self.dir(k) / "reward"),
         )
@@ -499,7 +502,7 @@ class _Run:
                 c, model=dataclasses.replace(c.model, path=cfg.policy if cfg.ppo_init == "start" else prev["policy"]),
                 data=dataclasses.replace(c.data, path=self.prompts_path),
                 reward=dataclasses.replace(c.reward, source="model", model=res["model"]),
-                train=_stage_seeded(c.train, k), world=cfg.world, out=str(d / "ppo"),
+                train=_stage_seeded(c.train, k, self.cfg.resume), world=cfg.world, out=str(d / "ppo"),
                 reference=cfg.policy if cfg.kl_reference == "start" else None,
             )
             write_json_atomic(ppo_json, ppo_stage.run(pcfg), indent=2, default=str)
