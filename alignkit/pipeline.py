@@ -193,7 +193,7 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     reward_model = res["model"]
     ensemble = tuple(m["model"] for m in res["members"])
 
-    from alignkit.eval.compare import annotate_stage
+    from alignkit.eval.compare import annotate_stage, rlhf_notes
     from alignkit.train import dpo
 
     cfg = d.config(dpo, "dpo", [f"model.path={sft_model}", f"data.path={world / 'preferences.jsonl'}", f"out={out / 'dpo'}"])
@@ -205,8 +205,7 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
     from alignkit.train import grpo, ppo
 
     for name, overrides, notes in (
-        ("ppo", PPO_RM, f"RLHF: rewards from the learned reward models (proxy: the mean of {REWARD_ENSEMBLE} "
-                        "seeds) minus a KL penalty to the SFT model; the gold judge only evaluates"),
+        ("ppo", PPO_RM, rlhf_notes(REWARD_ENSEMBLE)),
         ("overopt", PPO_OVEROPT, "deliberate over-optimisation: PPO on the first reward model alone, beta 0.002 "
                                  "and 150 iterations; proxy and gold against KL in the plot"),
     ):

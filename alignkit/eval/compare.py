@@ -651,6 +651,12 @@ def score_model(d: Any, model_dir: str | Path, out_dir: Path) -> dict:
             "win_rate_vs_sft": win_rate_entry([r["score"] for r in rows], d.scores["sft"]), "kl": kl}
 
 
+def rlhf_notes(n_reward_models: int) -> str:
+    """The report's note on a PPO stage that optimises learned reward models (their mean when several)."""
+    proxy = f"the mean of {n_reward_models} learned reward models" if n_reward_models > 1 else "the learned reward model"
+    return f"RLHF: rewards from {proxy} (proxy) minus a KL penalty to the SFT model; the gold judge only evaluates"
+
+
 def _open_demo(cfg: Config):
     """A `Demo` on the existing world of the SFT model, titled for the comparison."""
     from alignkit.pipeline import Demo
@@ -706,10 +712,7 @@ def run(cfg: Config) -> dict:
         if cfg.ensemble_dirs and not pcfg.reward.ensemble:  # an ensemble in ppo_overrides wins
             pcfg = dataclasses.replace(pcfg, reward=dataclasses.replace(pcfg.reward, ensemble=tuple(cfg.ensemble_dirs)))
         res = train_stage(d, "ppo", ppo, pcfg, cfg.isolate)
-        proxy = (f"the mean of {1 + len(pcfg.reward.ensemble)} learned reward models" if pcfg.reward.ensemble
-                 else "the learned reward model")
-        d.summary["stages"]["ppo"]["notes"] = (f"RLHF: rewards from {proxy} (proxy) minus a KL "
-                                               "penalty to the SFT model; the gold judge only evaluates")
+        d.summary["stages"]["ppo"]["notes"] = rlhf_notes(1 + len(pcfg.reward.ensemble))
         d.evaluate("ppo", res["model"])
         annotate_stage(d.summary, "ppo", pcfg, res, out)
         d.save()

@@ -133,6 +133,35 @@ def earlier_run_error(root: Path) -> FileExistsError:
     )
 
 
+def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool, main: bool = True) -> Path | None:
+    """Ready OUT for a run (the training loop's and the RL stages' one rule) and return the
+    checkpoint to resume from.
+
+    With `resume`: the newest complete OUT/checkpoints/step-N, or None when there is none (a fresh
+    start). Without it, earlier checkpoints are an error (`earlier_run_error`, raised on every rank
+    so all of them stop together) unless `overwrite`, which deletes them. A fresh start drops an
+    earlier run's metrics.jsonl and tb/, which would confuse a later resume. Only `main` deletes.
+    """
+    root = out_dir / CHECKPOINTS
+    found = None
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_tmp(root)
+    if resume:
+        found = latest(root)
+    else:
+        earlier = step_dirs(root)
+        if earlier and not overwrite:
+            raise earlier_run_error(root)
+        if main:
+            for _, old in earlier:
+                remove(old)
+    if found is None and main:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "tb", ignore_errors=True)
+    return found
+
+
 class StateDicts:
     """Several optimizers (or schedulers) saved and loaded as one, e.g. PPO's policy and value
     optimizers in one optimizer.pt: {"0": first.state_dict(), "1": second.state_dict(), ...}."""

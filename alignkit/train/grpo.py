@@ -27,6 +27,7 @@ from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, t
 from alignkit.losses.advantages import group_advantages, masked_mean, rloo_advantages
 from alignkit.losses.kl import get_kl_estimator
 from alignkit.losses.policy import entropy_from_logits, grpo_loss
+from alignkit.train import checkpoint as ckpt
 from alignkit.train.rollout import (
     RewardConfig,
     Rollout,
@@ -216,7 +217,6 @@ def run(cfg: Config) -> dict:
         gold_fn,
         load_iteration,
         load_prompts,
-        open_run_dir,
         pick_device,
         prompt_batches,
         save_due,
@@ -228,7 +228,7 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    resume_from = open_run_dir(out, cfg.train)
+    resume_from = ckpt.prepare_run_dir(out, cfg.train.resume, cfg.train.overwrite)
     if resume_from is not None:
         check_resume(resume_from, to_dict(cfg), cfg.iterations)
     device = pick_device()
@@ -322,8 +322,7 @@ def run(cfg: Config) -> dict:
             last = row
             if save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, policy, {id(p) for p in params}, [optimizer], [scheduler], gen, {
-                    "prompt_batches": it, "evals": evals, "iterations": cfg.iterations, "total_steps": total_steps,
-                    "config": to_dict(cfg),
+                    "prompt_batches": it, "evals": evals, "config": to_dict(cfg),
                 }, cfg.train.keep_checkpoints)
 
         save_model(policy, tokenizer, out / "final")

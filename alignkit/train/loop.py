@@ -19,7 +19,6 @@ import json
 import math
 import random
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -241,9 +240,6 @@ def train(
     accum = max(1, cfg.grad_accum)
     ckpt_root = out_dir / ckpt.CHECKPOINTS
     metrics_path = out_dir / "metrics.jsonl"
-    if main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_tmp(ckpt_root)
 
     if cfg.max_steps > 0:
         total = cfg.max_steps
@@ -264,35 +260,22 @@ def train(
     model.train()
 
     step_n, epoch, pos, items_seen, tokens_seen = 0, 0, 0, 0, 0
-    last_ckpt: Path | None = None
-    if cfg.resume:
-        last_ckpt = ckpt.latest(ckpt_root)
-        if last_ckpt is not None:
-            state = ckpt.read_checkpoint(last_ckpt, raw)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            reshape_schedule(scheduler, cfg, total)
-            rngs = state["rng"]
-            # a different world size keeps the fresh per-rank seed for ranks without a saved state
-            if rank < len(rngs):
-                ckpt.set_rng_state(rngs[rank])
-            ts = state["trainer_state"]
-            step_n, epoch, pos = ts["step"], ts["epoch"], ts["batch_in_epoch"]
-            items_seen, tokens_seen = ts["items_seen"], ts["tokens_seen"]
-            if main:
-                truncate_metrics(metrics_path, step_n)
-                print(f"alignkit: resumed from {last_ckpt} (step {step_n})", file=sys.stderr)
-        elif main:  # nothing to resume from: a fresh start, without a dead run's metric rows
-            metrics_path.unlink(missing_ok=True)
-    else:
-        old_steps = ckpt.step_dirs(ckpt_root)  # every rank checks, so all of them stop together
-        if old_steps and not cfg.overwrite:
-            raise ckpt.earlier_run_error(ckpt_root)
-        if main:  # an old run's checkpoints and metrics would confuse a later resume
-            for _, old in old_steps:
-                ckpt.remove(old)
-            metrics_path.unlink(missing_ok=True)
-            shutil.rmtree(out_dir / "tb", ignore_errors=True)
+    last_ckpt = ckpt.prepare_run_dir(out_dir, cfg.resume, cfg.overwrite, main)
+    if last_ckpt is not None:
+        state = ckpt.read_checkpoint(last_ckpt, raw)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        reshape_schedule(scheduler, cfg, total)
+        rngs = state["rng"]
+        # a different world size keeps the fresh per-rank seed for ranks without a saved state
+        if rank < len(rngs):
+            ckpt.set_rng_state(rngs[rank])
+        ts = state["trainer_state"]
+        step_n, epoch, pos = ts["step"], ts["epoch"], ts["batch_in_epoch"]
+        items_seen, tokens_seen = ts["items_seen"], ts["tokens_seen"]
+        if main:
+            truncate_metrics(metrics_path, step_n)
+            print(f"alignkit: resumed from {last_ckpt} (step {step_n})", file=sys.stderr)
     acc.wait_for_everyone()
 
     writer = None

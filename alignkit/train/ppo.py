@@ -33,6 +33,7 @@ from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, t
 from alignkit.losses.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
+from alignkit.train import checkpoint as ckpt
 from alignkit.train.rollout import (
     RewardConfig,
     Rollout,
@@ -315,7 +316,6 @@ def run(cfg: Config) -> dict:
         gold_fn,
         load_iteration,
         load_prompts,
-        open_run_dir,
         pick_device,
         prompt_batches,
         save_due,
@@ -327,7 +327,7 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    resume_from = open_run_dir(out, cfg.train)
+    resume_from = ckpt.prepare_run_dir(out, cfg.train.resume, cfg.train.overwrite)
     if resume_from is not None:
         check_resume(resume_from, to_dict(cfg), cfg.iterations)
     device = pick_device()
@@ -432,7 +432,7 @@ def run(cfg: Config) -> dict:
             if save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, ac, trainable, optimizers, schedulers, gen, {
                     "prompt_batches": it, "kl_controller": controller.state_dict(), "evals": evals,
-                    "iterations": cfg.iterations, "total_steps": total_steps, "config": to_dict(cfg),
+                    "config": to_dict(cfg),
                 }, cfg.train.keep_checkpoints)
 
         save_model(policy, tokenizer, out / "final")

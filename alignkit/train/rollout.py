@@ -308,13 +308,14 @@ class RewardModelSource:
 
     def __init__(
         self, model: Any, normalize: bool = True, clip: float = 0.0, batch_size: int = 64,
-        ensemble: Sequence[Any] = (), mode: str = "mean", coef: float = 1.0,
+        ensemble: Sequence[Any] = (), mode: str = "mean", coef: float = 1.0, names: Sequence[str] = (),
     ):
+        """names: how errors call the models, in order (default "the reward model", "ensemble member i")."""
         self.models = [model, *ensemble]
-        for i, m in enumerate(self.models):
+        names = list(names) or ["the reward model", *(f"ensemble member {i}" for i in range(1, len(self.models)))]
+        for name, m in zip(names, self.models):
             if normalize and getattr(m, "stats", None) is None:
-                which = "the reward model" if i == 0 else f"ensemble member {i}"
-                raise ValueError(f"{which} has no reward_stats.json to normalise with; set reward.normalize=false")
+                raise ValueError(f"{name} has no reward_stats.json to normalise with; set reward.normalize=false")
         self.model = model
         self.normalize = normalize
         self.clip = clip
@@ -385,16 +386,11 @@ def _model_source(cfg: RewardConfig, world: Any, device: Any) -> RewardSource:
 
     if not cfg.model:
         raise ValueError("reward.source=model needs reward.model (a reward model directory)")
-    members = []
-    for i, path in enumerate((cfg.model, *cfg.ensemble)):
-        rm = load_reward_model(path).to(device).requires_grad_(False)
-        if cfg.normalize and rm.stats is None:
-            key = "reward.model" if i == 0 else f"reward.ensemble[{i - 1}]"
-            raise ValueError(f"{key}: {path} has no reward_stats.json to normalise with; set reward.normalize=false")
-        members.append(rm)
+    members = [load_reward_model(path).to(device).requires_grad_(False) for path in (cfg.model, *cfg.ensemble)]
+    names = [f"reward.model ({cfg.model})", *(f"reward.ensemble[{i}] ({p})" for i, p in enumerate(cfg.ensemble))]
     return RewardModelSource(
         members[0], normalize=cfg.normalize, clip=cfg.clip, ensemble=members[1:],
-        mode=cfg.ensemble_mode, coef=cfg.ensemble_coef,
+        mode=cfg.ensemble_mode, coef=cfg.ensemble_coef, names=names,
     )
 
 
@@ -637,28 +633,6 @@ def append_jsonl(path: Any, row: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def open_run_dir(out: Path, train: TrainConfig) -> Path | None:
-    """Get OUT ready for an RL run as the training loop does; return the checkpoint to resume from.
-
-    With `train.resume`: the newest complete OUT/checkpoints/step-N, or None when there is none
-    yet (a fresh start). Otherwise earlier checkpoints are an error unless `train.overwrite`,
-    which deletes them. A fresh start also drops metrics.jsonl.
-    """
-    root = out / ckpt.CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_tmp(root)
-    found = ckpt.latest(root) if train.resume else None
-    if not train.resume:
-        earlier = ckpt.step_dirs(root)
-        if earlier and not train.overwrite:
-            raise ckpt.earlier_run_error(root)
-        for _, old in earlier:
-            ckpt.remove(old)
-    if found is None:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    return found
-
-
 RESUME_MAY_CHANGE = frozenset({
     "iterations", "out", "eval_every", "eval_limit", "eval_max_new_tokens", "train.resume", "train.overwrite",
     "train.save_every", "train.keep_checkpoints", "train.progress", "train.tensorboard", "train.log_every",
