@@ -28,6 +28,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def share_tree(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a directory and everything in it) the modes the process umask
+    allows: mkdtemp's 0700 and safetensors' 0600 would keep a saved model from other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    paths = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
     """`obj` as JSON (json.dumps keyword arguments pass through) plus a newline, written atomically."""
     return write_text_atomic(path, json.dumps(obj, **dump_kwargs) + "\n")

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 # command -> module with a `Config` dataclass and a `run(cfg) -> dict` function
 STAGES = {
@@ -25,7 +26,7 @@ STAGES = {
     "rloo": ("alignkit.train.rloo", "RLOO: REINFORCE with a leave-one-out baseline over several samples per prompt"),
     "cai": ("alignkit.feedback.cai", "Constitutional AI: `cai revise` (critique + revision -> SFT data), `cai label` (AI preferences)"),
     "serve": ("alignkit.serve", "OpenAI-compatible chat-completions server (with log-probs) for a local model"),
-    "compare": ("alignkit.eval.compare", "the brief's RLHF-vs-DPO table, measured: DPO and PPO from one SFT model, plus a DPO beta sweep"),
+    "compare": ("alignkit.eval.compare", "the RLHF-vs-DPO comparison table, measured: DPO and PPO from one SFT model, plus a DPO beta sweep"),
     "winrate": ("alignkit.eval.winrate", "win rate of model a against model b under a judge, with a 95%% interval"),
 }
 
@@ -59,9 +60,22 @@ FLAGS = {
 }
 
 
+# stages whose config has an `out` directory: they take --out, and their run folder records
+# the resolved config (config.yaml) and how it was made (run.json)
+OUT_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "iterate", "rloo", "cai", "eval", "compare",
+              "winrate")
+
+
 def _add_stage(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    for flag in FLAGS.get(name, ()):
+    words = SUBCOMMANDS.get(name, {})
+    if words:
+        help_text += f" (subcommands: {', '.join(words)}; `alignkit {name} WORD --help` lists WORD's keys)"
+    p = sub.add_parser(name, help=help_text, description=help_text,
+                       epilog=f"`alignkit {name} --help` also lists every config key.")
+    flags = FLAGS.get(name, ())
+    if name in OUT_STAGES and "out" not in flags:
+        flags = (*flags, "out")
+    for flag in flags:
         p.add_argument(f"--{flag.replace('_', '-')}", dest=f"flag_{flag}", help=f"same as {flag}=VALUE")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -69,7 +83,10 @@ def _add_stage(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="alignkit",
+        description="Post-training alignment of causal language models. `alignkit COMMAND --help` "
+                    "lists a training command's config keys.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, (_, help_text) in STAGES.items():
@@ -129,15 +146,71 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     if getattr(args, "subcommand", None):
         cls_name, fn_name = SUBCOMMANDS[name][args.subcommand]
         config_cls, run = getattr(module, cls_name), getattr(module, fn_name)
-    flags = [f"{k}={getattr(args, 'flag_' + k)}" for k in FLAGS.get(name, ()) if getattr(args, "flag_" + k) is not None]
+    names = [k[len("flag_"):] for k in vars(args) if k.startswith("flag_")]
+    flags = [f"{k}={getattr(args, 'flag_' + k)}" for k in names if getattr(args, "flag_" + k) is not None]
     cfg = load_config(config_cls, args.config, flags + list(args.overrides))
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return
+    _quiet_libraries()
+    from alignkit.runinfo import write_run_record
+
+    out = getattr(cfg, "out", None)
+    if out and name in OUT_STAGES:
+        write_run_record(Path(out), cfg, args.command_line, rerun=_rerun_command(name, args.subcommand, out))
     result = run(cfg)
+    if out and name in OUT_STAGES:
+        from alignkit.runinfo import write_model_card
+
+        write_model_card(Path(out), f"{name} {args.subcommand or ''}".strip(), cfg, result)
     print(json.dumps(result, indent=2, default=str))
+
+
+def _quiet_libraries() -> None:
+    """transformers' per-load and per-save progress bars ("Loading weights", "Writing model
+    shards") drown the stage's own output; alignkit reports progress itself."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _rerun_command(name: str, word: str | None, out: str) -> str:
+    stage = f"{name} {word}" if word else name
+    return f"alignkit {stage} --config {Path(out) / 'config.yaml'}"
+
+
+def stage_help(name: str, word: str | None) -> str:
+    """Every config key of a stage (or of its subcommand WORD): type, default, description;
+    required keys first, then one example command."""
+    from alignkit.config import describe
+
+    module = importlib.import_module(STAGES[name][0])
+    cls = getattr(module, SUBCOMMANDS[name][word][0]) if word else module.Config
+    rows = describe(cls)
+    rows.sort(key=lambda r: not r["required"])
+    title = f"alignkit {name}{' ' + word if word else ''}"
+    lines = [f"{title}: {STAGES[name][1]}", "",
+             f"usage: {title} [--config FILE.yaml] [--print-config] [key=value ...]", ""]
+    if name in SUBCOMMANDS and not word:
+        lines += [f"subcommands: {', '.join(SUBCOMMANDS[name])} (`{title} WORD --help` lists WORD's keys)", ""]
+    lines.append("config keys (set in the YAML file or as key=value; * = required):")
+    width = max(len(r["key"]) for r in rows)
+    for r in rows:
+        mark = "*" if r["required"] else " "
+        default = "" if r["required"] else f" [default: {r['default']!r}]"
+        lines.append(f" {mark} {r['key']:<{width}}  {r['type']}{default}")
+        if r["doc"]:
+            lines.append(f"   {'':<{width}}  {r['doc']}")
+    req = " ".join(f"{r['key']}=..." for r in rows if r["required"])
+    lines += ["", f"example: {title} --config configs/{name}.yaml {req}".rstrip(),
+              "(`--print-config` shows the resolved values; Hugging Face names such as learning_rate are "
+              "translated in the error message)"]
+    return "\n".join(lines)
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -214,11 +287,33 @@ def _take_subcommand(argv: list[str]) -> str | None:
     return None
 
 
+def _flags_first(argv: list[str]) -> list[str]:
+    """A stage's flags (with their values) before its `key=value` overrides: argparse ends the
+    overrides at the first flag, so `alignkit sft --out D train.lr=1e-3` would reject train.lr."""
+    if not argv or argv[0] not in STAGES:
+        return argv
+    flags, rest, i = [], [], 1
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "=" not in a and a not in ("--print-config", "--help"):
+            flags += argv[i : i + 2]
+            i += 2
+            continue
+        (flags if a.startswith("-") else rest).append(a)
+        i += 1
+    return [argv[0], *flags, *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command_line = ["alignkit", *argv]
     word = _take_subcommand(argv)
-    args = build_parser().parse_args(argv)
+    if argv and argv[0] in STAGES and ("-h" in argv or "--help" in argv):
+        print(stage_help(argv[0], word))
+        return 0
+    args = build_parser().parse_args(_flags_first(argv))
     args.subcommand = word
+    args.command_line = command_line
     try:
         return _dispatch(args)
     except _user_errors() as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -113,11 +114,100 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# Hugging Face TrainingArguments / TRL spellings -> alignkit's key (and what differs)
+HF_NAMES = {
+    "learning_rate": ("train.lr", ""),
+    "num_train_epochs": ("train.epochs", ""),
+    "per_device_train_batch_size": (
+        "train.batch_size",
+        "the GLOBAL batch: per-device batch x processes x train.grad_accum",
+    ),
+    "train_batch_size": ("train.batch_size", "the global batch"),
+    "gradient_accumulation_steps": ("train.grad_accum", ""),
+    "max_steps": ("train.max_steps", ""),
+    "warmup_steps": ("train.warmup_steps", ""),
+    "weight_decay": ("train.weight_decay", ""),
+    "max_grad_norm": ("train.max_grad_norm", ""),
+    "lr_scheduler_type": ("train.schedule", "cosine, linear or constant"),
+    "save_steps": ("train.save_every", ""),
+    "logging_steps": ("train.log_every", ""),
+    "save_total_limit": ("train.keep_checkpoints", ""),
+    "seed": ("train.seed", ""),
+    "bf16": ("train.precision", "set train.precision=bf16"),
+    "resume_from_checkpoint": ("train.resume", "true resumes from OUT's newest checkpoint"),
+    "output_dir": ("out", ""),
+    "model_name_or_path": ("model.path", "a local directory"),
+    "max_length": ("data.max_len", ""),
+    "max_prompt_length": ("data.max_prompt_len", ""),
+}
+
+
 def _closest(key: str, options: list[str], prefix: str = "") -> str:
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.4)
+    if key in HF_NAMES:
+        target, note = HF_NAMES[key]
+        return f" (Hugging Face's '{key}' is alignkit's '{target}'{': ' + note if note else ''})"
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
     if match:
         return f" (did you mean '{prefix}{match[0]}'?)"
     return f" (valid keys: {', '.join(prefix + o for o in options)})"
+
+
+def _show_type(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    return _type_name(tp)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings under each field of dataclass `cls` (and its dataclass bases),
+    read from the source: Python keeps no attribute docstrings at run time."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[dict[str, Any]]:
+    """Every key of config class `cls`, nested sections flattened to dotted names: one dict per
+    key with `key`, `type`, `default`, `required` and `doc`."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    rows: list[dict[str, Any]] = []
+    for f in dataclasses.fields(cls):
+        default = _default(f)
+        if dataclasses.is_dataclass(hints[f.name]):
+            # a stage says what it needs of a shared section in the section's docstring:
+            # "`data.path`: preference pairs (required)"
+            notes = dict(re.findall(r"`" + f.name + r"\.(\w+)`:? ?([^`]*)", docs.get(f.name, "")))
+            for row in describe(hints[f.name], f"{prefix}{f.name}."):
+                note = notes.get(row["key"].rsplit(".", 1)[1], "")
+                if note:
+                    row["required"] = row["required"] or "(required)" in note
+                    row["doc"] = " ".join(note.replace("(required)", "").split()).rstrip(" ;.") + ". " + row["doc"]
+                rows.append(row)
+            continue
+        rows.append({
+            "key": prefix + f.name,
+            "type": _show_type(hints[f.name]),
+            "default": default,
+            "required": bool(f.metadata.get("required")),
+            "doc": docs.get(f.name, ""),
+        })
+    return rows
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

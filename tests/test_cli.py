@@ -82,6 +82,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert summary["stages"]["sft"]["gold_score"] > summary["stages"]["base"]["gold_score"]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| sft |" in report and "| base |" in report
+    # a quick run says at the top that it is a smoke test, in both reports
+    assert "Smoke test" in report.split("| stage |")[0]
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert "<b>Smoke test</b>" in page.split("<table>")[0]
     # PPO scores with the mean of 3 reward models (seeds 0, 1, 2); the over-optimised run with one
     members = summary["stages"]["reward"]["ensemble"]
     assert len(members) == 2 and all(Path(m, "model.safetensors").is_file() for m in members)

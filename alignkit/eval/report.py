@@ -33,12 +33,20 @@ def win_cell(s: dict, missing: str = "", with_n: bool = False) -> str:
     return f"{w['rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]" + (f" (n={w['n']})" if with_n else "")
 
 
+SMOKE_TEST = (
+    "**Smoke test** (`--quick`): tiny models trained for a few steps, to check that every stage runs. "
+    "Its figures say nothing about alignment (the models may all give the same answer); run "
+    "`alignkit demo` without `--quick` for those."
+)
+
+
 def render_markdown(summary: dict) -> str:
     stages = summary["stages"]
     cats = sorted({c for s in stages.values() for c in s.get("per_category", {})})
     lines = [
         f"# {summary.get('title', 'alignkit demo report')}",
         "",
+        *([SMOKE_TEST, ""] if summary.get("quick") else []),
         f"World seed {summary['seed']}, {'quick' if summary.get('quick') else 'full'} run on "
         f"{summary.get('machine', '?')}.",
         "Gold score: mean score of the world's gold judge over held-out prompts (0 worst, 1 best). "

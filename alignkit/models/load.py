@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from alignkit.atomic import share_tree
 from alignkit.config import ModelConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -231,6 +232,7 @@ def save_model(
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        share_tree(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.atomic import share_tree
+
 CHECKPOINTS = "checkpoints"
 FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -80,6 +82,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        share_tree(tmp)
         fsync_tree(tmp)
         if target.exists():
             remove(target)

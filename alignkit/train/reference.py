@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from alignkit.atomic import share_tree
 from alignkit.data.batching import collate_sft
 from alignkit.data.tokenize import TokenizedSFT
 from alignkit.models.logprobs import position_ids_from_mask
@@ -302,6 +303,7 @@ def _write_table(path: Path, table: Mapping[str, torch.Tensor], meta: Mapping[st
         save_file({k: v.detach().cpu().contiguous() for k, v in table.items()}, tmp, metadata=dict(meta))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        share_tree(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

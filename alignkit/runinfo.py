@@ -1,0 +1,100 @@
+"""What a run folder records about itself, so it can be re-run and shared: the resolved config
+(OUT/config.yaml, which `alignkit STAGE --config OUT/config.yaml` reads back), the command line
+and the library versions (OUT/run.json), and a short model card in OUT/final/README.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from alignkit.atomic import write_json_atomic, write_text_atomic
+
+VERSIONED = ("alignkit", "torch", "transformers", "accelerate", "peft", "tokenizers", "deepspeed", "vllm")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (RANK unset in a plain process): only it writes run records."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries a run's numbers depend on (absent ones left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def git_commit() -> str | None:
+    """The commit of the alignkit source tree, when it is a git checkout (None otherwise)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def write_run_record(out: Path, cfg: Any, command: list[str] | None, rerun: str) -> None:
+    """OUT/config.yaml (every key, resolved) and OUT/run.json (command, versions, commit, time)."""
+    if not is_main_process():
+        return
+    import yaml
+
+    from alignkit.config import to_dict
+
+    header = f"# resolved config of this run; re-run it with:\n#   {rerun}\n"
+    write_text_atomic(out / "config.yaml", header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_json_atomic(out / "run.json", {
+        "command": shlex.join(command) if command else None,
+        "rerun": rerun,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }, indent=2)
+
+
+def _numbers(result: Any, prefix: str = "") -> dict[str, float]:
+    """The top-level and one-level-nested numbers of a stage's result dict."""
+    rows: dict[str, float] = {}
+    if not isinstance(result, dict):
+        return rows
+    for k, v in result.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            rows[prefix + str(k)] = v
+        elif isinstance(v, dict) and not prefix:
+            rows.update(_numbers(v, f"{k}/"))
+    return rows
+
+
+def write_model_card(out: Path, stage: str, cfg: Any, result: Any) -> None:
+    """OUT/final/README.md: what the model is, what it was trained from, how, and its figures."""
+    final = out / "final"
+    if not is_main_process() or not final.is_dir():
+        return
+    model = getattr(getattr(cfg, "model", None), "path", None)
+    data = getattr(getattr(cfg, "data", None), "path", None)
+    lines = [f"# {final.resolve()}", "", f"Trained by `alignkit {stage}`.", ""]
+    lines += [f"- started from: `{model}`" if model else "- started from: a model built from a config",
+              f"- data: `{data}`" if data else "- data: the stage's default"]
+    lines += ["- full config: `../config.yaml`; command, versions and commit: `../run.json`", "",
+              "Load it with `transformers.AutoModelForCausalLM.from_pretrained` on this folder.", ""]
+    figures = _numbers(result)
+    if figures:
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.6g} |" for k, v in list(figures.items())[:40]]
+    write_text_atomic(final / "README.md", "\n".join(lines) + "\n")
