@@ -255,6 +255,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "data":
         return _data(args)
+    if args.command in ("bench", "demo"):
+        _quiet_libraries()
     if args.command == "bench":
         from alignkit.eval.bench import parse_options, run_bench
 
