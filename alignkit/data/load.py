@@ -469,6 +469,12 @@ def detect_format(rec: dict, kind: str | None = None) -> Format:
     matching = [
         f for f in FORMATS if (kind is None or f.kind == kind) and all(rec.get(k) is not None for k in f.keys)
     ]
+    half = [k for k in ("chosen", "rejected") if rec.get(k) is not None]
+    if kind in (None, "preference") and len(half) == 1:
+        # a pair with one side missing would otherwise pass as a prompt-only or SFT file
+        other = "rejected" if half[0] == "chosen" else "chosen"
+        raise RecordError(f"missing field '{other}'", f"a preference record needs both 'chosen' and 'rejected'; "
+                          f"keys {sorted(rec)}")
     for fmt in matching:
         if fmt.when is None or fmt.when(rec):
             return fmt
@@ -617,7 +623,8 @@ def parse_rows(
             records.append(parse_record(raw, fmt))
         except RecordError as e:
             if on_error == "raise":
-                raise DataError(path, str(e), pos, unit, e.reason) from None
+                hint = " (data.on_error=skip skips such records and reports them)"
+                raise DataError(path, str(e) + hint, pos, unit, e.reason) from None
             skipped.append(Skip(pos, e.reason, e.detail))
         if limit and len(records) >= limit:
             break
