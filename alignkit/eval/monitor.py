@@ -1,0 +1,218 @@
+"""Reward-hacking monitors that need no gold judge: statistics of each RL iteration's rollouts and
+an alarm rule over their history.
+
+    mon = Monitor(MonitorConfig())
+    row.update(rollout_stats(scores, lengths, responses, token_ids, member_scores))
+    fired = mon.update(iteration, row)      # names of the rules that fire at this iteration
+
+The signals, each a known symptom of a policy exploiting its reward model:
+- ensemble disagreement: the members of a reward-model ensemble stop agreeing on the policy's own
+  samples (Coste et al. 2023, "Reward model ensembles help mitigate overoptimization");
+- reward against response length (slope and correlation): the proxy is being paid by length
+  (Singhal et al. 2023, "A long way to go: investigating length correlations in RLHF");
+- KL to the reference and its growth rate: the policy is running away from the reference faster
+  than the KL penalty holds it (Gao et al. 2023: gold reward falls as a function of KL);
+- policy entropy: collapse to a few outputs;
+- refusal and repetition rates: degenerate answers that a reward model may over-score;
+- agreement of the reward with a second judge on fresh pairs of the policy's samples.
+
+Every rule compares with the run's own start (the mean of its first `warmup` iterations) or with
+an absolute bound, and must hold for `patience` iterations in a row before it fires. Statistics
+are plain Python/torch on one batch; nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+REFUSAL = (
+    r"\b(can't|cannot|can not|won't|will not|unable to)\s+(help|assist|do that|provide|comply|answer)",
+    r"\bI'm sorry\b",
+    r"\bas an AI\b",
+)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Reward-hacking alarms during PPO / GRPO / RLOO (docs/ppo.md, "Reward-hacking monitors")."""
+
+    enabled: bool = True
+    """Compute the monitor statistics and apply the alarm rules each iteration."""
+    warmup: int = 3
+    """Iterations whose mean is the baseline of the relative rules; no rule fires before this."""
+    patience: int = 2
+    """A rule fires only when its condition holds this many iterations in a row."""
+    window: int = 5
+    """Iterations in the least-squares fit of the KL growth rate."""
+    kl_growth_max: float = 0.5
+    """Alarm when KL(policy || reference) grows faster than this (nats per response per iteration)."""
+    length_corr_max: float = 0.8
+    """Alarm when the correlation of reward and response length on the batch exceeds this."""
+    disagreement_ratio_max: float = 2.0
+    """Alarm when the ensemble's disagreement exceeds this multiple of its baseline (ensembles only)."""
+    entropy_ratio_min: float = 0.3
+    """Alarm when the policy's entropy falls below this fraction of its baseline."""
+    refusal_rise_max: float = 0.3
+    """Alarm when the refusal rate rises more than this above its baseline (absolute fraction)."""
+    repetition_rise_max: float = 0.3
+    """Alarm when the repeated-trigram rate rises more than this above its baseline."""
+    judge_agreement_min: float = 0.55
+    """Alarm when the reward agrees with the judge on fewer than this share of fresh pairs."""
+    stop: bool = False
+    """Stop the run at the first alarm and keep the last checkpoint saved before it."""
+    refusal_patterns: tuple[str, ...] = field(default=REFUSAL)
+    """Regular expressions (case-insensitive) that mark a response as a refusal."""
+
+
+# ------------------------------------------------------------------------------- statistics
+def disagreement(member_scores: torch.Tensor) -> float:
+    """Mean over the batch of the members' population std. member_scores: (K, B), K >= 1
+    members on one scale (normalised scores); 0 for one member."""
+    if member_scores.shape[0] < 2:
+        return 0.0
+    return float(member_scores.float().std(0, unbiased=False).mean())
+
+
+def length_fit(rewards: Sequence[float] | torch.Tensor, lengths: Sequence[float] | torch.Tensor) -> tuple[float, float]:
+    """(slope, correlation) of the least-squares line reward = a + slope * length over a batch;
+    both 0 when either has no spread."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    n = torch.as_tensor(lengths, dtype=torch.float64)
+    dr, dn = r - r.mean(), n - n.mean()
+    var_n, var_r = float((dn * dn).sum()), float((dr * dr).sum())
+    if var_n <= 0 or var_r <= 0:
+        return 0.0, 0.0
+    cov = float((dr * dn).sum())
+    return cov / var_n, cov / math.sqrt(var_n * var_r)
+
+
+def growth_rate(values: Sequence[float]) -> float:
+    """Least-squares slope of `values` against their index (per iteration); 0 for < 2 values."""
+    k = len(values)
+    if k < 2:
+        return 0.0
+    xs = [i - (k - 1) / 2 for i in range(k)]
+    mean = sum(values) / k
+    return sum(x * (v - mean) for x, v in zip(xs, values)) / sum(x * x for x in xs)
+
+
+def refusal_rate(responses: Sequence[str], patterns: Sequence[str] = REFUSAL) -> float:
+    """Share of responses matching any of `patterns` (case-insensitive)."""
+    if not responses:
+        return 0.0
+    rx = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
+    return sum(1 for r in responses if rx.search(r)) / len(responses)
+
+
+def repetition_rate(token_ids: Sequence[Sequence[int]], n: int = 3) -> float:
+    """Mean over responses of the share of their n-grams that repeat an earlier n-gram of the
+    same response (responses shorter than n+1 tokens count 0)."""
+    if not token_ids:
+        return 0.0
+    total = 0.0
+    for ids in token_ids:
+        grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+        if len(grams) > 1:
+            total += 1.0 - len(set(grams)) / len(grams)
+    return total / len(token_ids)
+
+
+def pair_agreement(
+    proxy_a: Sequence[float], proxy_b: Sequence[float], judge_a: Sequence[float], judge_b: Sequence[float]
+) -> tuple[float, int]:
+    """(agreement, pairs): the share of pairs (a_i, b_i) that the proxy and the judge order the
+    same way, over the pairs that both order strictly (ties are left out); (nan, 0) if none."""
+    agree = n = 0
+    for pa, pb, ja, jb in zip(proxy_a, proxy_b, judge_a, judge_b):
+        if pa == pb or ja == jb:
+            continue
+        n += 1
+        agree += (pa > pb) == (ja > jb)
+    return (agree / n if n else float("nan")), n
+
+
+def rollout_stats(
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    responses: Sequence[str],
+    token_ids: Sequence[Sequence[int]],
+    member_scores: torch.Tensor | None = None,
+    patterns: Sequence[str] = REFUSAL,
+) -> dict[str, float]:
+    """The per-batch monitor statistics, as `monitor/...` metrics.
+
+    scores: (B,) the reward the policy optimises; lengths: (B,) response tokens;
+    member_scores: (K, B) normalised scores of an ensemble's members, or None.
+    """
+    slope, corr = length_fit(scores, lengths)
+    row = {
+        "monitor/length_slope": slope,
+        "monitor/length_corr": corr,
+        "monitor/refusal_rate": refusal_rate(responses, patterns),
+        "monitor/repetition_rate": repetition_rate(token_ids),
+    }
+    if member_scores is not None and member_scores.shape[0] > 1:
+        row["monitor/disagreement"] = disagreement(member_scores)
+    return row
+
+
+# ------------------------------------------------------------------------------- alarm rule
+class Monitor:
+    """Keeps the history of the statistics and applies the alarm rules of a MonitorConfig.
+
+    `update(iteration, row)` reads `kl`, `entropy` and the `monitor/...` keys of the metrics row
+    (any may be missing: its rules are skipped), and returns the names of the rules that fire.
+    `first_alarm` is the first iteration at which any rule fired (None so far).
+    """
+
+    def __init__(self, cfg: MonitorConfig):
+        self.cfg = cfg
+        self.history: list[dict[str, float]] = []
+        self.streak: dict[str, int] = {}
+        self.first_alarm: int | None = None
+
+    def _baseline(self, key: str) -> float | None:
+        vals = [r[key] for r in self.history[: self.cfg.warmup] if key in r and math.isfinite(r[key])]
+        return sum(vals) / len(vals) if vals else None
+
+    def conditions(self, row: dict[str, float]) -> dict[str, bool]:
+        """Each rule's condition on this row (before patience), for the rules whose inputs exist."""
+        c, out = self.cfg, {}
+        kls = [r["kl"] for r in self.history[-c.window:] if "kl" in r]
+        if len(kls) >= 2:
+            out["kl_growth"] = growth_rate(kls) > c.kl_growth_max
+        if "monitor/length_corr" in row:
+            out["length_corr"] = row["monitor/length_corr"] > c.length_corr_max
+        base = self._baseline("monitor/disagreement")
+        if base is not None and "monitor/disagreement" in row:
+            out["disagreement"] = row["monitor/disagreement"] > c.disagreement_ratio_max * max(base, 1e-8)
+        base = self._baseline("entropy")
+        if base is not None and "entropy" in row:
+            out["entropy"] = row["entropy"] < c.entropy_ratio_min * base
+        for key, rise in (("refusal_rate", c.refusal_rise_max), ("repetition_rate", c.repetition_rise_max)):
+            base = self._baseline(f"monitor/{key}")
+            if base is not None and f"monitor/{key}" in row:
+                out[key] = row[f"monitor/{key}"] > base + rise
+        agreement = row.get("monitor/judge_agreement")
+        if agreement is not None and math.isfinite(agreement):
+            out["judge_agreement"] = agreement < c.judge_agreement_min
+        return out
+
+    def update(self, iteration: int, row: dict[str, float]) -> list[str]:
+        """Record `row` (iteration's metrics) and return the rules that fire at this iteration."""
+        self.history.append(dict(row))
+        if len(self.history) <= self.cfg.warmup:
+            return []
+        fired = []
+        for name, holds in self.conditions(row).items():
+            self.streak[name] = self.streak.get(name, 0) + 1 if holds else 0
+            if self.streak[name] >= self.cfg.patience:
+                fired.append(name)
+        if fired and self.first_alarm is None:
+            self.first_alarm = iteration
+        return sorted(fired)

@@ -1,0 +1,112 @@
+"""Reward-hacking monitor statistics against numbers worked by hand, and the alarm rule on
+synthetic curves (fires on a runaway run, stays quiet on a steady one)."""
+
+import math
+
+import pytest
+import torch
+
+from alignkit.eval.monitor import (
+    Monitor,
+    MonitorConfig,
+    disagreement,
+    growth_rate,
+    length_fit,
+    pair_agreement,
+    refusal_rate,
+    repetition_rate,
+    rollout_stats,
+)
+
+
+def test_disagreement_is_the_mean_population_std_over_members():
+    """Members [0, 2] on row 0 (std 1) and [1, 1] on row 1 (std 0): mean 0.5."""
+    scores = torch.tensor([[0.0, 1.0], [2.0, 1.0]])  # (K=2, B=2)
+    assert disagreement(scores) == pytest.approx(0.5)
+    assert disagreement(scores[:1]) == 0.0
+
+
+def test_length_fit_by_hand():
+    """lengths 1, 2, 3 and rewards 1, 3, 5: slope 2, correlation 1. Rewards 2, 1, 3: cov
+    (-1)(0) + 0(-1) + 1(1) = 1, var_n = 2, var_r = 2: slope 0.5, correlation 0.5."""
+    assert length_fit([1, 3, 5], [1, 2, 3]) == pytest.approx((2.0, 1.0))
+    assert length_fit([2, 1, 3], [1, 2, 3]) == pytest.approx((0.5, 0.5))
+    assert length_fit([5, 5, 5], [1, 2, 3]) == (0.0, 0.0)
+    slope, corr = length_fit([3, 1], [1, 2])
+    assert slope == pytest.approx(-2.0) and corr == pytest.approx(-1.0)
+
+
+def test_growth_rate_is_the_least_squares_slope():
+    """0, 1, 4: x = -1, 0, 1 around the middle; slope = (-1*(0-5/3) + 1*(4-5/3)) / 2 = 2."""
+    assert growth_rate([0.0, 1.0, 4.0]) == pytest.approx(2.0)
+    assert growth_rate([3.0]) == 0.0
+    assert growth_rate([1.0, 1.5, 2.0, 2.5]) == pytest.approx(0.5)
+
+
+def test_refusal_and_repetition_rates():
+    responses = ["Sorry, I can't help with that.", "The answer is 5.", "I'm sorry, I won't do that", "ok"]
+    assert refusal_rate(responses) == pytest.approx(0.5)
+    # [1,2,3,1,2,3]: trigrams 123 231 312 123 -> 3 unique of 4, rate 0.25; [7,8,9,10]: 0; [1]: 0
+    assert repetition_rate([[1, 2, 3, 1, 2, 3], [7, 8, 9, 10], [1]]) == pytest.approx(0.25 / 3)
+
+
+def test_pair_agreement_leaves_out_ties():
+    """Pairs: (proxy a>b, judge a>b) agree; (a<b, a>b) disagree; judge tie left out; proxy tie
+    left out; (a<b, a<b) agree: 2 of 3."""
+    agree, n = pair_agreement([2, 0, 1, 1, 0], [1, 1, 0, 1, 3], [5, 5, 1, 0, 1], [4, 4, 1, 1, 2])
+    assert n == 3 and agree == pytest.approx(2 / 3)
+    assert math.isnan(pair_agreement([1], [1], [0], [1])[0])
+
+
+def test_rollout_stats_keys():
+    row = rollout_stats(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]), ["a", "b", "c"],
+                        [[1], [2], [3]], member_scores=torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
+    assert row["monitor/length_corr"] == pytest.approx(1.0) and row["monitor/disagreement"] == pytest.approx(0.5)
+    assert "monitor/disagreement" not in rollout_stats(torch.ones(3), torch.ones(3), ["a"] * 3, [[1]] * 3)
+
+
+def _run(rows, cfg=None):
+    mon = Monitor(cfg or MonitorConfig())
+    fired = [mon.update(i + 1, r) for i, r in enumerate(rows)]
+    return mon, fired
+
+
+def test_alarm_fires_on_a_runaway_curve_after_patience():
+    """KL flat at 0.2 for 5 iterations, then growing by 1 nat per iteration: the least-squares
+    slope over the last 5 KLs passes 0.5 at iteration 7 (0.2,0.2,0.2,1.2,2.2 -> 0.5 is not >0.5;
+    at iteration 8 the window 0.2,0.2,1.2,2.2,3.2 has slope 0.8) and patience 2 makes it fire at 9."""
+    kls = [0.2] * 5 + [1.2, 2.2, 3.2, 4.2, 5.2]
+    mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls])
+    assert mon.first_alarm == 9 and fired[8] == ["kl_growth"]
+    assert all(f == [] for f in fired[:8])
+
+
+def test_alarm_stays_quiet_on_a_steady_run():
+    rows = [{"kl": 0.03 * i, "entropy": 1.0 - 0.01 * i, "monitor/length_corr": 0.2,
+             "monitor/disagreement": 0.3, "monitor/refusal_rate": 0.1, "monitor/repetition_rate": 0.05}
+            for i in range(40)]
+    mon, fired = _run(rows)
+    assert mon.first_alarm is None and not any(fired)
+
+
+@pytest.mark.parametrize("key, bad, rule", [
+    ("monitor/disagreement", 0.7, "disagreement"),       # > 2 x baseline 0.3
+    ("entropy", 0.2, "entropy"),                          # < 0.3 x baseline 1.0
+    ("monitor/refusal_rate", 0.45, "refusal_rate"),       # > baseline 0.1 + 0.3
+    ("monitor/length_corr", 0.9, "length_corr"),          # > 0.8
+    ("monitor/judge_agreement", 0.5, "judge_agreement"),  # < 0.55
+])
+def test_each_rule_fires_alone_after_warmup_and_patience(key, bad, rule):
+    base = {"kl": 0.1, "entropy": 1.0, "monitor/length_corr": 0.2, "monitor/disagreement": 0.3,
+            "monitor/refusal_rate": 0.1, "monitor/judge_agreement": 0.8}
+    rows = [dict(base) for _ in range(4)] + [dict(base, **{key: bad}) for _ in range(3)]
+    mon, fired = _run(rows)
+    assert fired[4] == [] and fired[5] == [rule] and mon.first_alarm == 6
+    # a single bad iteration between good ones never fires (patience 2)
+    rows = [dict(base) for _ in range(4)] + [dict(base, **{key: bad}), dict(base), dict(base, **{key: bad})]
+    assert _run(rows)[0].first_alarm is None
+
+
+def test_nothing_fires_during_warmup():
+    rows = [{"kl": 10.0 * i, "monitor/length_corr": 0.99} for i in range(3)]
+    assert _run(rows)[0].first_alarm is None
