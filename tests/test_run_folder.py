@@ -119,3 +119,18 @@ def test_run_folder_records_config_and_reruns_to_the_same_first_loss(world, base
     # re-run from the folder: same data, model and seed, so the same first-step loss
     assert main(["sft", "--config", str(out / "config.yaml"), "train.overwrite=true"]) == 0
     assert _first_loss(out) == first
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_silent_cuts_and_synthetic_pairs_are_warned(world, base_dir, tmp_path, capsys):
+    """A prompt limit that cuts most prompts, and the reward model's synthetic mismatched pairs,
+    are said on the console before training (not only in the closing JSON)."""
+    common = ["train.max_steps=1", "train.progress=false", "train.tensorboard=false", f"model.path={base_dir}"]
+    assert main(["sft", f"data.path={world / 'sft.jsonl'}", "--out", str(tmp_path / "s"),
+                 "data.max_prompt_len=4", *common]) == 0
+    err = capsys.readouterr().err
+    assert "alignkit: warning:" in err and "data.max_prompt_len=4 cuts 32 of 32 prompts (100%)" in err
+    assert main(["reward", f"data.path={world / 'preferences.jsonl'}", "--out", str(tmp_path / "r"),
+                 "mismatched_pairs=0.5", "train.batch_size=8", *common]) == 0
+    err = capsys.readouterr().err
+    assert "mismatched_pairs=0.5 adds 8 synthetic pairs" in err and "data.max_prompt_len" not in err

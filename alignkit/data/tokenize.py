@@ -162,6 +162,23 @@ class TruncationStats:
             "prompts_truncated_frac": self.prompts_truncated / n,
         }
 
+    def warnings(self, limits: TruncationLimits, source: str, threshold: float = 0.05) -> list[str]:
+        """One line per kind of cut that hit more than `threshold` of the records of `source`,
+        naming the config key to raise (the stage prints them before training)."""
+        n = max(self.total, 1)
+        out = []
+        if self.prompts_truncated / n > threshold:
+            out.append(f"{source}: data.max_prompt_len={limits.max_prompt_len} cuts {self.prompts_truncated} of "
+                       f"{self.total} prompts ({self.prompts_truncated / n:.0%}); raise it "
+                       "(`alignkit data inspect FILE --tokenizer DIR` shows the token lengths)")
+        if self.responses_truncated / n > threshold:
+            out.append(f"{source}: data.max_len={limits.max_len} cuts {self.responses_truncated} responses "
+                       f"of {self.total} records; raise it if the ends of answers matter")
+        if self.dropped / n > threshold:
+            out.append(f"{source}: {self.dropped} of {self.total} records dropped: no response token left "
+                       "after truncation")
+        return out
+
 
 @dataclass(frozen=True)
 class Encoded:

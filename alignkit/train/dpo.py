@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from alignkit.console import warn
 from alignkit.data.batching import (
     PreferenceBatch,
     SFTBatch,
@@ -423,6 +424,7 @@ def _load_data(cfg: Config, tokenizer: Any):
     else:
         items, trunc = tokenize_preference(tokenizer, loaded.records, limits)
         columns = preference_columns(items)
+    warn(trunc.warnings(limits, cfg.data.path))
     if not items:
         raise DataError(cfg.data.path, f"no usable {kind} records after tokenisation and truncation")
     return loaded, items, columns, trunc

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, required
+from alignkit.console import warn
 from alignkit.data.batching import PreferenceBatch, bucketed_batches, collate_preference, padding_fraction
 from alignkit.data.load import load_records
 from alignkit.data.records import PreferencePair
@@ -320,12 +321,16 @@ def run(cfg: Config) -> dict:
         raise ConfigError(f"the tokenizer of {cfg.model.tokenizer or cfg.model.path} has no pad or eos token")
     limits = TruncationLimits(max_prompt_len=cfg.data.max_prompt_len, max_len=cfg.data.max_len)
     items, trunc = tokenize_preference(tokenizer, loaded.records, limits)
+    warn(trunc.warnings(limits, cfg.data.path))
     if not items:
         raise ValueError(f"{cfg.data.path}: no preference pair left after tokenisation")
     n_data = len(items)  # reward_stats.json describes the data's own responses
     extra = add_mismatched_pairs(loaded.records, cfg.mismatched_pairs, cfg.train.seed)
     if extra:
         items = items + tokenize_preference(tokenizer, extra, limits)[0]
+        warn(f"mismatched_pairs={cfg.mismatched_pairs} adds {len(extra)} synthetic pairs (a prompt's chosen "
+             f"answer above another prompt's) to the {n_data} pairs of {cfg.data.path}; "
+             "set mismatched_pairs=0 to train on the data alone")
 
     torch.manual_seed(cfg.train.seed)
     model = RewardModel.from_pretrained(

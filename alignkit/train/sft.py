@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, TrainConfig
+from alignkit.console import warn
 from alignkit.data.batching import SFTBatch, bucketed_batches, collate_sft, padding_fraction
 from alignkit.data.load import load_records
 from alignkit.data.tokenize import TruncationLimits, tokenize_sft
@@ -56,6 +57,7 @@ def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     limits = TruncationLimits(max_prompt_len=cfg.data.max_prompt_len, max_len=cfg.data.max_len)
     items, trunc = tokenize_sft(tokenizer, loaded.records, limits)
+    warn(trunc.warnings(limits, cfg.data.path))
 
     torch.manual_seed(cfg.train.seed)
     model = load_model(cfg.model.path)
