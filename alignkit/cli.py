@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests (about a minute)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: the demo once per seed on one world, "
+                                   "reported as mean, spread and every seed's figure")
     return parser
 
 
@@ -265,9 +267,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(result["metrics"], indent=2, default=str))
         return 0
     if args.command == "demo":
-        from alignkit.pipeline import demo
+        from alignkit.pipeline import demo, demo_seeds
 
-        summary = demo(args.out, quick=args.quick, seed=args.seed)
+        if args.seeds:
+            try:
+                seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+            except ValueError:
+                raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+            summary = demo_seeds(args.out, seeds, quick=args.quick)
+        else:
+            summary = demo(args.out, quick=args.quick, seed=args.seed)
         print(f"wrote {summary['report']}")
         return 0
     raise UserError(f"unknown command {args.command}")

@@ -70,7 +70,7 @@ class Demo:
         self.summary: dict = {
             "seed": seed,
             "quick": quick,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (", CUDA" if torch.cuda.is_available() else ""),
+            "machine": machine(),
             "stages": {},
             "report": str(out / "report.md"),
         }
@@ -140,12 +140,43 @@ class Demo:
         self.save()
 
 
-def demo(out: str | Path, quick: bool = False, seed: int = 0) -> dict:
-    """Run the pipeline; returns the summary (also written to OUT/summary.json)."""
+def machine() -> str:
+    """The CPU, the cores and the threads torch uses: figures depend on all three."""
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} "
+            f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+            + (", CUDA" if torch.cuda.is_available() else ""))
+
+
+def demo_seeds(out: str | Path, seeds: Sequence[int], quick: bool = False) -> dict:
+    """The demo once per seed on one world (written with the first seed) into OUT/seed-S, and the
+    means, spreads and per-seed figures in OUT/summary.json and OUT/report.{md,html}; the summary
+    is rewritten after every seed, so a stopped run still reports the seeds it finished."""
+    from alignkit.eval.seeds import aggregate, write_seed_reports
+    from alignkit.world import write_world
+
+    out = Path(out)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs distinct seeds, got {list(seeds)}")
+    start = time.perf_counter()
+    world_dir = out / "world"
+    write_world(world_dir, seed=seeds[0], n_pairs=2000 if quick else 10000)
+    runs: dict[int, dict] = {}
+    summary: dict = {}
+    for s in seeds:
+        runs[s] = demo(out / f"seed-{s}", quick, s, world_dir=world_dir)
+        summary = {**aggregate(runs), "world_seed": seeds[0], "quick": quick, "machine": machine(),
+                   "wall_s": time.perf_counter() - start, "report": str(out / "report.md")}
+        write_seed_reports(out, summary)
+    return summary
+
+
+def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | Path | None = None) -> dict:
+    """Run the pipeline; returns the summary (also written to OUT/summary.json). world_dir: an
+    existing world to use instead of writing one with `seed` (the multi-seed demo shares one)."""
     from alignkit.train import pretrain, sft
 
     out = Path(out)
-    d = Demo(out, quick, seed)
+    d = Demo(out, quick, seed, world_dir=world_dir)
     world = d.world_dir
 
     res = d.run_stage("base", lambda: pretrain.run(d.config(
