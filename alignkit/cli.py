@@ -159,7 +159,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     _quiet_libraries()
     from alignkit.runinfo import write_run_record
 
-    out = getattr(cfg, "out", None)
+    # `reward eval`'s out is a JSON file, not a run folder
+    out = getattr(cfg, "out", None) if args.subcommand != "eval" else None
     if out and name in OUT_STAGES:
         write_run_record(Path(out), cfg, args.command_line, rerun=_rerun_command(name, args.subcommand, out))
     result = run(cfg)

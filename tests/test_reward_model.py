@@ -418,6 +418,13 @@ def test_stage_end_to_end_head_mode(world_dir, sft_dir, tmp_path):
     assert json.loads((tmp_path / "ev.json").read_text())["accuracy"] == ev["accuracy"]
     assert ev["accuracy"] == pytest.approx(res["eval"]["accuracy"])
     assert ev["n_pairs"] == res["eval"]["n_pairs"] == 24
+    # by default the result lands beside the model folder, which stays as it was saved
+    before = sorted(p.name for p in Path(final).iterdir())
+    ev = reward.run_eval(load_config(reward.EvalConfig, None, [
+        f"model={final}", f"data.path={world_dir / 'preferences_eval.jsonl'}", "data.max_prompt_len=48",
+        "data.max_len=96"]))
+    assert ev["out"] == str(Path(final).resolve().parent / "eval-preferences_eval.json")
+    assert sorted(p.name for p in Path(final).iterdir()) == before
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")

@@ -107,7 +107,7 @@ class EvalConfig:
     batch_size: int = 64
     """Pairs per forward."""
     out: str | None = None
-    """JSON file to write; default MODEL/eval-<data file name>.json."""
+    """JSON file to write; default beside the model folder: OUT/eval-<data file name>.json for OUT/final."""
 
 
 def add_mismatched_pairs(
@@ -402,8 +402,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     result = evaluate_pairs(model, tokenizer, cfg.data, cfg.data.path, cfg.batch_size, cfg.world)
     result["model"] = str(cfg.model)
+    # beside the model folder, never inside it: OUT/final is a model that others load as it is
+    model_dir = Path(cfg.model).resolve()
     out = (
-        Path(cfg.out) if cfg.out else Path(cfg.model) / f"eval-{Path(cfg.data.path).name.split('.')[0]}.json"
+        Path(cfg.out) if cfg.out
+        else model_dir.parent / f"{'' if model_dir.name == 'final' else model_dir.name + '-'}"
+                                f"eval-{Path(cfg.data.path).name.split('.')[0]}.json"
     )
     _write_json(out, result)
     result["out"] = str(out)
