@@ -1,15 +1,14 @@
 """Prompt/response tokenisation with a safe boundary, chat templates and truncation.
 
-The safe boundary: a prompt and its response are tokenised *separately* and the ids are
-concatenated. Tokenising "prompt + response" as one string would let a BPE merge cross the
-boundary (prompt "... a" + response "b..." can become one token "ab"), and then no position
-splits prompt from response: the label mask would either teach a prompt token or miss a
-response token. With separate tokenisation the response tokens are exactly
-`tokenizer(response, add_special_tokens=False)` followed by the end-of-turn/EOS ids, both at
-training time and when the model generates after the rendered prompt.
-
-A SentencePiece tokenizer that adds a prefix space ("Paris" -> "▁Paris") does so to the
-response too; that is the same text the model produces after the prompt at generation time.
+The boundary: the prompt's ids are the rendered prompt encoded alone (what the model sees at
+generation time), and the response's ids are the tail of the JOINT encoding of prompt +
+response (`continuation_ids`): the tokens the model produces after exactly those prompt ids.
+A SentencePiece (Metaspace) tokenizer prepends "▁" to each text it encodes, so encoding the
+response alone would turn " A" into ['▁', '▁A'] where the joint text has '▁A'. When a merge
+crosses the boundary (prompt "... a" + response "b..." as one token "ab"), the prompt's ids are
+not a prefix of the joint ids and no position splits prompt from response; then, and only
+then, the response is encoded alone, so the label mask never teaches a prompt token. The
+end-of-turn/EOS ids follow the response.
 
 Special tokens: BOS (when the tokenizer adds one) goes only at the start of the prompt, never in
 front of the response; EOS is always appended to the response so the model learns to stop.
@@ -228,13 +227,35 @@ def encode_prompt(
     return ids[len(ids) - limit :], True
 
 
-def encode_response(tokenizer, response: str, prompt: Prompt = "", eot: list[int] | None = None) -> list[int]:
-    """Response ids alone (no BOS), followed by `end_of_turn_ids(tokenizer, prompt)` (EOS last).
+def continuation_ids(tokenizer, context: str, continuation: str) -> list[int]:
+    """The ids `continuation` gets when it follows `context`: the tail of the joint encoding of
+    context + continuation, whenever the context's own ids are a prefix of it.
+
+    A SentencePiece (Metaspace) tokenizer prepends "▁" to every text it encodes, so " A" alone
+    becomes ['▁', '▁A'] although "Answer: A" ends in '▁A': separate encoding would train and score
+    a token the model never produces after the prompt. Only when a merge crosses the boundary
+    (the context's ids are not a prefix) are the continuation's own ids used.
+    """
+    if not context:
+        return tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    if len(joint) > len(ctx) and joint[: len(ctx)] == ctx:
+        return joint[len(ctx):]
+    return tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(
+    tokenizer, response: str, prompt: Prompt | None = None, eot: list[int] | None = None
+) -> list[int]:
+    """Response ids as they follow the rendered `prompt` (`continuation_ids`; alone when no
+    prompt is given), then `end_of_turn_ids(tokenizer, prompt)` (EOS last). No BOS.
 
     `eot` short-cuts the end-of-turn lookup when the caller already has it.
     """
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return ids + (eot if eot is not None else end_of_turn_ids(tokenizer, prompt))
+    context = render_prompt(tokenizer, prompt) if prompt is not None else ""
+    ids = continuation_ids(tokenizer, context, response)
+    return ids + (eot if eot is not None else end_of_turn_ids(tokenizer, prompt if prompt is not None else ""))
 
 
 def _cut_response(ids: list[int], prompt_len: int, limits: TruncationLimits | None) -> tuple[list[int], bool]:
@@ -342,8 +363,8 @@ def tokenize_preference(
         prompt_ids, p_cut = encode_prompt(tokenizer, p.prompt, limits)
         eot = end_of_turn_ids(tokenizer, p.prompt)
         n = len(prompt_ids)
-        chosen, c_cut = _cut_response(encode_response(tokenizer, p.chosen, eot=eot), n, limits)
-        rejected, r_cut = _cut_response(encode_response(tokenizer, p.rejected, eot=eot), n, limits)
+        chosen, c_cut = _cut_response(encode_response(tokenizer, p.chosen, p.prompt, eot=eot), n, limits)
+        rejected, r_cut = _cut_response(encode_response(tokenizer, p.rejected, p.prompt, eot=eot), n, limits)
         stats.prompts_truncated += p_cut
         stats.responses_truncated += c_cut + r_cut
         if not chosen or not rejected:

@@ -117,11 +117,15 @@ class HFLM:
     # -- scoring ------------------------------------------------------------------------------
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        """The continuation's ids come from the joint encoding of prompt + continuation (as
+        lm-evaluation-harness does), so a SentencePiece tokenizer scores '▁A', not ['▁', '▁A']."""
+        from alignkit.data.tokenize import continuation_ids, render_prompt
+
         encoded = []
         full: dict[str, list[int]] = {}  # prompts repeat across options: tokenise each once
         cut: set[str] = set()
         for prompt, cont in requests:
-            cont_ids = self.tokenizer(cont, add_special_tokens=False)["input_ids"]
+            cont_ids = continuation_ids(self.tokenizer, render_prompt(self.tokenizer, prompt), cont)
             if not cont_ids:
                 raise ValueError(f"empty continuation {cont!r}: nothing to score")
             if len(cont_ids) >= self.max_length:
