@@ -108,6 +108,12 @@ class TrainConfig:
     """Show a progress bar."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
+    strategy: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
+    """How several processes share the model: ddp (replicas), fsdp2 (torch fully_shard) or deepspeed (ZeRO)."""
+    zero_stage: Literal[2, 3] = 3
+    """DeepSpeed ZeRO stage: 2 shards gradients and optimizer states, 3 also the parameters."""
+    offload: bool = False
+    """Keep optimizer states (and with ZeRO-3 / FSDP2 the parameters) in CPU memory."""
 
 
 def _type_name(tp: Any) -> str:

@@ -109,9 +109,29 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in FILES):
+        if m and p.is_dir() and complete(p):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def complete(path: Path) -> bool:
+    """Every file of a checkpoint is there: the five FILES, or, for a sharded one (FSDP2,
+    DeepSpeed), the shards/ directory in place of the weights and optimizer."""
+    if (path / "shards").is_dir():
+        return all((path / f).is_file() for f in FILES if f not in ("model.safetensors", "optimizer.pt"))
+    return all((path / f).is_file() for f in FILES)
+
+
+def shard_tmp(path: Path) -> Path:
+    """The temporary directory every rank writes its shard into before `path` appears (it must
+    be the same on every rank, so it is named without a process id)."""
+    return path.with_name(f".tmp-{path.name}-shards")
+
+
+def remove_tmp(tmp: Path) -> None:
+    """Drop a leftover temporary directory of a killed save."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
 
 
 def latest(root: Path) -> Path | None:
@@ -263,17 +283,23 @@ def _tuples(x: Any) -> Any:
 def write_checkpoint(
     path: Path,
     *,
-    model: nn.Module,
+    model: nn.Module | None,
     optimizer: Any,
     scheduler: Any,
     rng_states: list[dict],
     trainer_state: dict,
     trainable: set[int] | None = None,
+    shards: Path | None = None,
 ) -> Path:
-    """Write one checkpoint atomically to `path` (rank 0 only) and return it."""
+    """Write one checkpoint atomically to `path` (rank 0 only) and return it. `shards`: a
+    directory the ranks already wrote their model and optimizer shards into (model and
+    optimizer are then None); it becomes `path/shards` in the same atomic rename."""
     with atomic_dir(path) as tmp:
-        save_weights(model, tmp / "model.safetensors", trainable)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if shards is not None:
+            os.replace(shards, tmp / "shards")
+        else:
+            save_weights(model, tmp / "model.safetensors", trainable)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_states, tmp / "rng.pt")
         # written last: a directory holding it was written completely
@@ -281,11 +307,14 @@ def write_checkpoint(
     return path
 
 
-def read_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
-    """Load weights into `model`; return optimizer, scheduler, rng and trainer state."""
-    load_weights(model, path / "model.safetensors")
+def read_checkpoint(path: Path, model: nn.Module | None) -> dict[str, Any]:
+    """Load weights into `model` (None: a sharded checkpoint, whose shards the strategy loads);
+    return optimizer (None when sharded), scheduler, rng and trainer state."""
+    if model is not None:
+        load_weights(model, path / "model.safetensors")
+    optimizer = path / "optimizer.pt"
     return {
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        "optimizer": torch.load(optimizer, map_location="cpu", weights_only=True) if model is not None else None,
         "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
         "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),

@@ -507,6 +507,7 @@ def run(cfg: Config) -> dict:
     result = train(
         model, step, Indexed(items), collate, plan, cfg.train, out,
         save_fn=lambda m, d: save_model(m, tokenizer, d), accelerator=acc,
+        weight_fn=(lambda b: float(len(b.examples.desirable))) if cfg.is_unpaired else (lambda b: float(b.pairs.num_pairs)),
     )
     summary = {
         "model": str(result.final_dir),

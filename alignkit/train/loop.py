@@ -13,7 +13,6 @@ See docs/training-loop.md.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -32,6 +31,7 @@ from torch import nn
 from alignkit.atomic import write_text_atomic
 from alignkit.config import TrainConfig, to_dict
 from alignkit.train import checkpoint as ckpt
+from alignkit.train.strategy import make_strategy
 
 
 @dataclass
@@ -224,6 +224,7 @@ def train(
     accelerator=None,
     trainable_params: Iterable[nn.Parameter] | None = None,
     on_log: Callable[[int, dict], None] | None = None,
+    weight_fn: Callable[[Any], float] | None = None,
 ) -> TrainResult:
     """Train `model` with `step` over the global batches `plan(epoch)` gives; see the module docstring.
 
@@ -232,6 +233,8 @@ def train(
     save_fn(model, dir), if given, exports the final unwrapped model to `out_dir/final` (rank 0);
     otherwise its weights go there as model.safetensors. on_log(step, metrics) runs on rank 0
     after each metrics line (and after that step's checkpoint, if any).
+    weight_fn(batch), the `weight` step will return for a collated micro-batch, known before the
+    forward pass: needed by train.strategy=deepspeed, whose engine scales the loss before backward.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -252,18 +255,25 @@ def train(
         if trainable_params is not None
         else [p for p in model.parameters() if p.requires_grad]
     )
-    optimizer = build_optimizer(params, cfg)
+    strat = make_strategy(cfg, acc)
+    if strat.needs_weight_fn and weight_fn is None:
+        raise ValueError(f"train.strategy={cfg.strategy} needs the stage to give weight_fn (its batches' weights)")
+    model, optimizer = strat.prepare(model, params, lambda ps: build_optimizer(ps, cfg))
+    params = strat.params or params
     scheduler = build_scheduler(optimizer, cfg, total)
-    model, optimizer = acc.prepare(model, optimizer)
-    raw = acc.unwrap_model(model)
+    raw = strat.raw()
     trainable_ids = {id(p) for p in params}
     model.train()
 
     step_n, epoch, pos, items_seen, tokens_seen = 0, 0, 0, 0, 0
     last_ckpt = ckpt.prepare_run_dir(out_dir, cfg.resume, cfg.overwrite, main)
     if last_ckpt is not None:
-        state = ckpt.read_checkpoint(last_ckpt, raw)
-        optimizer.load_state_dict(state["optimizer"])
+        if strat.sharded:
+            strat.load_shards(last_ckpt)
+            state = ckpt.read_checkpoint(last_ckpt, None)
+        else:
+            state = ckpt.read_checkpoint(last_ckpt, raw)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         reshape_schedule(scheduler, cfg, total)
         rngs = state["rng"]
@@ -296,6 +306,13 @@ def train(
             rngs = [None] * world
             torch.distributed.all_gather_object(rngs, ckpt.rng_state())
         path = ckpt_root / f"step-{n}"
+        tmp = ckpt.shard_tmp(path)
+        if strat.sharded:  # every rank writes its shard into one temporary directory
+            if main:
+                ckpt.remove_tmp(tmp)
+            acc.wait_for_everyone()
+            strat.save_shards(tmp)
+            acc.wait_for_everyone()
         if main:
             trainer_state = {
                 "step": n,
@@ -306,11 +323,13 @@ def train(
                 "total_steps": total,
                 "world_size": world,
                 "config": to_dict(cfg),
+                "strategy": strat.name,
             }
             ckpt.write_checkpoint(
                 path,
-                model=raw,
-                optimizer=optimizer,
+                model=None if strat.sharded else raw,
+                optimizer=None if strat.sharded else optimizer,
+                shards=tmp if strat.sharded else None,
                 scheduler=scheduler,
                 rng_states=rngs,
                 trainer_state=trainer_state,
@@ -349,13 +368,18 @@ def train(
             loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
             weight, items, tokens, tok_known = 0.0, 0, 0, True
             msum: dict[str, float] = {}
-            for i, (idx, real) in enumerate(runs):
-                batch = to_device(collate([dataset[j] for j in idx]), acc.device)
-                sync = acc.no_sync(model) if i < len(runs) - 1 else contextlib.nullcontext()
-                with sync:
+            batches_here = [to_device(collate([dataset[j] for j in idx]), acc.device) for idx, _ in runs]
+            loss_scale = None
+            if strat.needs_weight_fn:  # the engine scales the loss before backward: the weight comes first
+                pre = sum(float(weight_fn(b)) for b, (_, real) in zip(batches_here, runs) if real)
+                pre_t = torch.tensor([pre], dtype=torch.float64, device=acc.device)
+                torch.distributed.all_reduce(pre_t)
+                loss_scale = world / float(pre_t) if float(pre_t) > 0 else 0.0
+            for i, ((idx, real), batch) in enumerate(zip(runs, batches_here)):
+                with strat.sync(i == len(runs) - 1):
                     with acc.autocast():
                         out = step(model, batch)
-                    acc.backward(out.loss if real else out.loss * 0.0)
+                    strat.backward(out.loss if real else out.loss * 0.0, loss_scale)
                 metrics = dict(out.metrics)
                 ntok = metrics.pop("ntokens", None)
                 if not real:
@@ -390,19 +414,13 @@ def train(
             if g_weight <= 0:
                 raise diverged("the total weight of the batch", g_weight)
 
-            # DDP averaged the grads over ranks; make them d(global sum)/d(theta) / global weight
-            scale = world / g_weight
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            # DDP / FSDP2 averaged the grads over ranks; make them d(global sum)/d(theta) / global weight
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            grad_norm = strat.step(world / g_weight, max_norm)
             if not math.isfinite(grad_norm):
                 raise diverged("grad_norm", grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
             step_n += 1
             pos += 1
@@ -453,12 +471,13 @@ def train(
         if last_ckpt is None or last_ckpt.name != f"step-{step_n}":
             last_ckpt = save(step_n)
         final_dir = out_dir / "final"
+        whole = strat.export_module() if strat.sharded else raw  # gathering is collective
         if main:
             with ckpt.atomic_dir(final_dir) as tmp:
                 if save_fn is not None:
-                    save_fn(raw, tmp)
+                    save_fn(whole, tmp)
                 else:
-                    ckpt.save_weights(raw, tmp / "model.safetensors")
+                    ckpt.save_weights(whole, tmp / "model.safetensors")
         acc.wait_for_everyone()
     finally:
         bar.close()

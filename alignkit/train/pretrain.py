@@ -18,7 +18,7 @@ import torch
 
 from alignkit.config import ModelConfig, TrainConfig, required
 from alignkit.data.batching import SFTBatch
-from alignkit.losses.sft import sft_loss
+from alignkit.losses.sft import response_mask, sft_loss
 from alignkit.models.logprobs import forward_logits
 from alignkit.train.loop import StepOutput, train
 
@@ -128,6 +128,7 @@ def run(cfg: Config) -> dict:
         cfg.train,
         out,
         save_fn=lambda m, d: save_model(m, tokenizer, d),
+        weight_fn=lambda b: float(response_mask(b.labels).sum()),
     )
     return {
         "model": str(result.final_dir),

@@ -365,6 +365,7 @@ def run(cfg: Config) -> dict:
         out,
         save_fn=save_fn,
         trainable_params=model.trainable_parameters(),
+        weight_fn=lambda b: float(b.num_pairs),
     )
     summary = {
         "model": str(result.final_dir),

@@ -18,7 +18,7 @@ from alignkit.console import warn
 from alignkit.data.batching import SFTBatch, bucketed_batches, collate_sft, padding_fraction
 from alignkit.data.load import load_records
 from alignkit.data.tokenize import TruncationLimits, tokenize_sft
-from alignkit.losses.sft import sft_loss
+from alignkit.losses.sft import response_mask, sft_loss
 from alignkit.models.logprobs import forward_logits
 from alignkit.train.loop import StepOutput, train
 
@@ -73,6 +73,7 @@ def run(cfg: Config) -> dict:
     result = train(
         model, sft_step, items, lambda b: collate_sft(b, pad_id), plan, cfg.train, out,
         save_fn=lambda m, d: save_model(m, tokenizer, d),
+        weight_fn=lambda b: float(response_mask(b.labels).sum()),
     )
     return {
         "model": str(result.final_dir),

@@ -1,0 +1,265 @@
+"""How the one training loop spreads a model over processes: `train.strategy` = ddp | fsdp2 | deepspeed.
+
+    strat = make_strategy(cfg, accelerator)        # after the process group exists
+    model, optimizer = strat.prepare(model, params, build_optimizer)
+    for i, batch in micro-batches:
+        with strat.sync(i == last): loss = step(model, batch); strat.backward(loss, scale)
+    grad_norm = strat.step(global_scale, max_norm)  # grads -> d(global sum)/d(theta) / weight, clip, update
+
+- ddp: accelerate's DistributedDataParallel (plain in one process). Gradients are averaged over
+  ranks, then rescaled by the loop so the update is that of the global batch.
+- fsdp2: torch's own `fully_shard` on every block of repeated layers and on the root, so
+  parameters, gradients and AdamW states are split over ranks (Zhao et al. 2023, PyTorch FSDP).
+  Gradients are reduce-scattered as averages, rescaled like DDP's. Checkpoints are sharded with
+  torch.distributed.checkpoint (one file per rank).
+- deepspeed: a DeepSpeed engine (ZeRO stage 2 or 3, optional CPU offload; Rajbhandari et al.
+  2020) around torch's AdamW. The engine owns accumulation, averaging and clipping, so the loop
+  scales each micro-batch's loss by world / global weight BEFORE backward: the stage gives the
+  weight of a collated batch up front (`weight_fn`). Checkpoints are DeepSpeed's own (sharded).
+
+The final model is always exported whole: a sharded run gathers the full state dict and writes
+it through an unsharded twin of the model kept on the meta device (rank 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SHARDS = "shards"
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks to shard one by one: the elements of every ModuleList of 2+ items
+    whose elements all have the same type (HF decoders keep theirs in `model.layers`)."""
+    blocks: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(x) for x in m}) == 1:
+            if not any(b is m or any(b is x for x in m.modules()) for b in blocks):
+                blocks.extend(m)
+    return blocks
+
+
+class MetaTwin:
+    """An unsharded copy of the model's structure on the meta device (no memory), plus its
+    buffers, to export a gathered full state dict with the stage's own save function."""
+
+    def __init__(self, model: nn.Module):
+        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self.module = copy.deepcopy(model).to("meta")
+
+    def materialise(self, full_state: dict[str, torch.Tensor]) -> nn.Module:
+        m = self.module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, b in self.buffers.items():
+                m.get_buffer(name).copy_(b)
+        m.load_state_dict(full_state, strict=False)
+        tie = getattr(m, "tie_weights", None)
+        if callable(tie):
+            tie()
+        return m
+
+
+class Strategy:
+    """DDP through accelerate (and the single-process case)."""
+
+    name = "ddp"
+    sharded = False
+    needs_weight_fn = False
+
+    def __init__(self, cfg: Any, acc: Any):
+        self.cfg, self.acc = cfg, acc
+        self.world = acc.num_processes
+        self.model: Any = None
+        self.optimizer: Any = None
+        self.params: list[nn.Parameter] = []
+
+    def prepare(self, model: nn.Module, params: list[nn.Parameter], build: Callable) -> tuple[Any, Any]:
+        self.params = params
+        optimizer = build(params)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        return self.model, self.optimizer
+
+    def raw(self) -> nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def sync(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor, global_scale: float | None) -> None:
+        self.acc.backward(loss)
+
+    def step(self, global_scale: float, max_norm: float) -> float:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(global_scale)
+        grad_norm = float(self._clip(max_norm))
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            return grad_norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _clip(self, max_norm: float) -> Any:
+        return self.acc.clip_grad_norm_(self.params, max_norm)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_shards(self, tmp: Path) -> None:
+        """Sharded strategies write their model and optimizer shards under tmp/shards (all ranks)."""
+
+    def load_shards(self, path: Path) -> None:
+        """Load what `save_shards` wrote (all ranks)."""
+
+    def export_module(self) -> nn.Module | None:
+        """The whole model for the final export, on rank 0 (None elsewhere); collective."""
+        return self.raw() if self.acc.is_main_process else None
+
+
+class FSDP2(Strategy):
+    """torch FSDP2: `fully_shard` per block and on the root."""
+
+    name = "fsdp2"
+    sharded = True
+
+    def prepare(self, model, params, build):
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        trainable = {n for n, p in model.named_parameters() if any(p is q for q in params)}
+        self.twin = MetaTwin(model) if self.acc.is_main_process else None
+        offload = CPUOffloadPolicy() if self.cfg.offload else OffloadPolicy()
+        model = model.to(self.acc.device)
+        for block in repeated_blocks(model):
+            fully_shard(block, offload_policy=offload)
+        fully_shard(model, offload_policy=offload)
+        self.params = [p for n, p in model.named_parameters() if n in trainable]
+        self.model, self.optimizer = model, build(self.params)
+        return self.model, self.optimizer
+
+    def raw(self):
+        return self.model
+
+    def sync(self, last):
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss, global_scale):
+        loss.backward()
+
+    def _clip(self, max_norm):
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        return norm.full_tensor() if _is_dtensor(norm) else norm
+
+    def save_shards(self, tmp):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDS))
+
+    def load_shards(self, path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / SHARDS))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def export_module(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.twin.materialise(full) if self.twin is not None else None
+
+
+class DeepSpeed(Strategy):
+    """A DeepSpeed ZeRO-2/3 engine around torch AdamW; the engine clips and steps."""
+
+    name = "deepspeed"
+    sharded = True
+    needs_weight_fn = True
+
+    def ds_config(self) -> dict:
+        zero: dict[str, Any] = {"stage": self.cfg.zero_stage}
+        if self.cfg.offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+            if self.cfg.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": 1,  # the loop feeds the engine; only the product matters
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else 0.0,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.acc.mixed_precision == "bf16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def prepare(self, model, params, build):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
+        try:
+            import deepspeed
+        except ImportError:
+            raise ImportError("train.strategy=deepspeed needs DeepSpeed: pip install 'alignkit[deepspeed]'") from None
+
+        self.twin = MetaTwin(model) if self.acc.is_main_process and self.cfg.zero_stage == 3 else None
+        optimizer = build(params)
+        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config(),
+                                                    dist_init_required=False)
+        self.engine, self.inner = engine, optimizer
+        self.model, self.optimizer = engine, optimizer  # the scheduler drives the torch optimizer's lr
+        return engine, optimizer
+
+    def raw(self):
+        return self.engine.module
+
+    def sync(self, last):
+        self.engine.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss, global_scale):
+        # the engine divides by the world size when it averages over ranks
+        self.engine.backward(loss * global_scale, scale_wrt_gas=False)
+
+    def step(self, global_scale, max_norm):
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save_shards(self, tmp):
+        self.engine.save_checkpoint(str(tmp / SHARDS), tag="zero", save_latest=False)
+
+    def load_shards(self, path):
+        self.engine.load_checkpoint(str(path / SHARDS), tag="zero", load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+
+    def export_module(self):
+        if self.cfg.zero_stage != 3:
+            return self.raw() if self.acc.is_main_process else None
+        full = self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0, collective
+        return self.twin.materialise(full) if self.twin is not None else None
+
+
+STRATEGIES = {"ddp": Strategy, "fsdp2": FSDP2, "deepspeed": DeepSpeed}
+
+
+def make_strategy(cfg: Any, acc: Any) -> Strategy:
+    """The strategy of `cfg.strategy`; one process always runs plain (nothing to shard)."""
+    if acc.num_processes == 1:
+        return Strategy(cfg, acc)
+    return STRATEGIES[cfg.strategy](cfg, acc)
