@@ -116,7 +116,8 @@ class Strategy:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_shards(self, tmp: Path) -> None:
-        """Sharded strategies write their model and optimizer shards under tmp/shards (all ranks)."""
+        """Sharded strategies write their model and optimizer shards into `tmp` (all ranks); the
+        checkpoint then holds them as step-N/shards."""
 
     def load_shards(self, path: Path) -> None:
         """Load what `save_shards` wrote (all ranks)."""
@@ -165,7 +166,7 @@ class FSDP2(Strategy):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDS))
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
 
     def load_shards(self, path):
         import torch.distributed.checkpoint as dcp
@@ -242,7 +243,7 @@ class DeepSpeed(Strategy):
         return float(norm) if norm is not None else float("nan")
 
     def save_shards(self, tmp):
-        self.engine.save_checkpoint(str(tmp / SHARDS), tag="zero", save_latest=False)
+        self.engine.save_checkpoint(str(tmp), tag="zero", save_latest=False)
 
     def load_shards(self, path):
         self.engine.load_checkpoint(str(path / SHARDS), tag="zero", load_optimizer_states=True,
