@@ -10,6 +10,18 @@ from pathlib import Path
 from typing import Any
 
 
+class FileProblem(OSError):
+    """A file alignkit reads or writes is unusable (corrupt, truncated, disk full): one line
+    naming the file and the cause, printed by the CLI without a traceback."""
+
+
+def file_problem(path: str | os.PathLike, action: str, err: BaseException) -> FileProblem:
+    """A FileProblem for `err`, raised while `action` (e.g. "cannot load the model") on `path`."""
+    text = str(err).strip()
+    cause = getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
+    return FileProblem(f"{path}: {action}: {cause} ({type(err).__name__})")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` so a reader never sees a half-written file."""
     path = Path(path)
@@ -48,8 +60,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> 
 
 def read_jsonl(path: str | os.PathLike, missing_ok: bool = False) -> list[dict]:
     """The objects of a JSONL file our own stages wrote (blank lines skipped); [] for a missing
-    file when `missing_ok`. User data goes through alignkit.data.load, which reports bad lines."""
+    file when `missing_ok`. User data goes through alignkit.data.load, which reports bad lines.
+
+    A torn LAST line (a write cut by a full disk or a kill: appends are not atomic) is skipped;
+    a bad line anywhere else is corruption, a ValueError naming the file and line."""
     path = Path(path)
     if missing_ok and not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if ln.strip()]
+    rows = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); only a torn last line is skipped") from None
+    return rows

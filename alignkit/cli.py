@@ -39,11 +39,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from alignkit.config import ConfigError
 
     errors: list[type[BaseException]] = [ConfigError, UserError, FileNotFoundError, FileExistsError]
+    from alignkit.atomic import FileProblem
     from alignkit.data.load import DataError
     from alignkit.feedback.constitution import ConstitutionError
     from alignkit.feedback.judges import EndpointError
+    from alignkit.train.loop import TrainingDiverged
 
-    errors += [DataError, EndpointError, ConstitutionError]
+    errors += [DataError, EndpointError, ConstitutionError, FileProblem, TrainingDiverged]
     return tuple(errors)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -296,6 +297,78 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Allowed ranges of numeric keys, by field name (the same name means the same thing in every
+# stage): (low, high, low_inclusive, high_inclusive); None is unbounded. A numeric key missing
+# here must be in UNBOUNDED (tests/test_config_ranges.py walks every stage's config).
+_POS = (0, None, False, False)
+_NONNEG = (0, None, True, False)
+_ONE = (1, None, True, False)
+_UNIT = (0, 1, True, True)
+RANGES: dict[str, tuple] = {
+    **dict.fromkeys(("lr", "beta", "lora_alpha", "kl_horizon", "value_lr", "queue_timeout_s",
+                     "request_timeout_s", "disagreement_ratio_max"), _POS),
+    **dict.fromkeys(("batch_size", "grad_accum", "epochs", "eval_batch_size", "forward_batch_size",
+                     "generation_batch_size", "iterations", "max_len", "max_prompt_len", "max_n",
+                     "max_new_tokens", "max_tokens_limit", "max_concurrency", "max_connections",
+                     "max_body_bytes", "n_boot", "n_rounds", "new_pairs_repeat", "patience", "ppo_epochs",
+                     "prompts_per_round", "prompts_per_step", "reference_batch_size", "rollout_batch",
+                     "rounds", "seq_len", "updates_per_rollout", "window", "default_max_tokens",
+                     "sweep_steps", "group_size", "vocab_size"), _ONE),
+    **dict.fromkeys(("center_coef", "clip", "clip_eps", "clip_eps_high", "clip_eps_value",
+                     "critique_temperature", "temperature", "ent_coef", "ensemble_coef", "eval_every",
+                     "eval_limit", "eval_max_new_tokens", "initial_pairs", "keep_checkpoints", "kl_coef",
+                     "kl_target", "limit", "log_every", "lora_r", "max_grad_norm", "mismatched_pairs",
+                     "missing_eos_penalty", "n_principles", "save_every", "stats_pairs", "stop_approx_kl",
+                     "vf_coef", "warmup_steps", "weight_decay", "warmup", "kl_growth_max"), _NONNEG),
+    **dict.fromkeys(("label_noise", "lam", "gamma", "entropy_ratio_min", "refusal_rise_max",
+                     "repetition_rise_max", "judge_agreement_min"), _UNIT),
+    "lora_dropout": (0, 1, True, False),
+    "confidence": (0, 1, False, False),
+    "top_p": (0, 1, False, True),
+    "train.betas": (0, 1, True, False),  # AdamW's; compare's `betas` are DPO betas (> 0)
+    "betas": _POS,
+    "length_corr_max": (-1, 1, True, True),
+    "max_steps": (-1, None, True, False),
+    "port": (0, 65535, True, True),
+}
+UNBOUNDED = {"seed"}
+
+
+def _range_text(rule: tuple) -> str:
+    lo, hi, lo_in, hi_in = rule
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def check_range(key: str, name: str, value: Any) -> None:
+    """ConfigError naming `key` when a number (or each number of a tuple) is NaN, infinite or
+    outside RANGES[key] (a dotted key, when one name means two things) or RANGES[name]."""
+    rule = RANGES.get(key, RANGES.get(name))
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise ConfigError(f"config key '{key}': expected a finite number, got {v!r}")
+        if rule is None:
+            continue
+        lo, hi, lo_in, hi_in = rule
+        bad = (lo is not None and (v < lo or (v == lo and not lo_in))) or \
+              (hi is not None and (v > hi or (v == hi and not hi_in)))
+        if bad:
+            raise ConfigError(f"config key '{key}': expected {_range_text(rule)}, got {v!r}")
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        check_range(prefix + f.name, f.name, getattr(obj, f.name))
+    max_len, max_prompt = getattr(obj, "max_len", None), getattr(obj, "max_prompt_len", None)
+    if isinstance(max_len, int) and isinstance(max_prompt, int) and max_len < max_prompt:
+        raise ConfigError(f"config key '{prefix}max_len' ({max_len}) must be >= {prefix}max_prompt_len "
+                          f"({max_prompt}): prompt + response tokens cannot be fewer than prompt tokens")
+
+
 def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a (nested) mapping, checking every key and type."""
     hints = typing.get_type_hints(cls)
@@ -309,7 +382,9 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
             # a partial section keeps the stage's own defaults for the keys it does not set
             value = {**{f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, **value}
         kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    _check_fields(obj, prefix)
+    return obj
 
 
 def _default(f: dataclasses.Field) -> Any:

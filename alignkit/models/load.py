@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from alignkit.atomic import share_tree
+from alignkit.atomic import file_problem, share_tree
 from alignkit.config import ModelConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -139,7 +139,12 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None) 
         _check_model_dir(Path(base))
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), str(p))
     _check_model_dir(p)
-    return AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    except Exception as e:  # a corrupt or truncated weights file: safetensors' own error type, or an OSError
+        if type(e).__name__ == "SafetensorError" or isinstance(e, (OSError, EOFError)):
+            raise file_problem(p, "cannot load the model", e) from None
+        raise
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.atomic import share_tree
+from alignkit.atomic import file_problem, share_tree
 
 CHECKPOINTS = "checkpoints"
 FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
@@ -294,6 +294,16 @@ def write_checkpoint(
     """Write one checkpoint atomically to `path` (rank 0 only) and return it. `shards`: a
     directory the ranks already wrote their model and optimizer shards into (model and
     optimizer are then None); it becomes `path/shards` in the same atomic rename."""
+    try:
+        return _write_checkpoint(path, model, optimizer, scheduler, rng_states, trainer_state, trainable, shards)
+    except (OSError, RuntimeError) as e:  # disk full (torch.save says RuntimeError), quota, permissions
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else -1
+        action = "cannot write the checkpoint (earlier checkpoints are kept"
+        action += f"; {free} bytes free on its disk)" if 0 <= free < 2**20 else ")"
+        raise file_problem(path, action, e) from None
+
+
+def _write_checkpoint(path, model, optimizer, scheduler, rng_states, trainer_state, trainable, shards) -> Path:
     with atomic_dir(path) as tmp:
         if shards is not None:
             os.replace(shards, tmp / "shards")
@@ -311,7 +321,12 @@ def read_checkpoint(path: Path, model: nn.Module | None) -> dict[str, Any]:
     """Load weights into `model` (None: a sharded checkpoint, whose shards the strategy loads);
     return optimizer (None when sharded), scheduler, rng and trainer state."""
     if model is not None:
-        load_weights(model, path / "model.safetensors")
+        try:
+            load_weights(model, path / "model.safetensors")
+        except Exception as e:  # safetensors raises its own error type for a corrupt header or data
+            if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+                raise file_problem(path / "model.safetensors", "cannot read the checkpoint", e) from None
+            raise
     optimizer = path / "optimizer.pt"
     return {
         "optimizer": torch.load(optimizer, map_location="cpu", weights_only=True) if model is not None else None,

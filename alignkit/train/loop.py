@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.atomic import write_text_atomic
+from alignkit.atomic import read_jsonl, write_text_atomic
 from alignkit.config import TrainConfig, to_dict
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.strategy import make_strategy
@@ -207,8 +207,8 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines of steps after `step` (written by a run that died before its next checkpoint)."""
     if not path.is_file():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    write_text_atomic(path, "".join(ln + "\n" for ln in kept))
+    kept = [row for row in read_jsonl(path) if row["step"] <= step]  # a torn last line is dropped
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def train(
