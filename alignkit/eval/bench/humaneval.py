@@ -132,6 +132,7 @@ def run(
             "temperature": temperature,
             "timeouts": sum(r.status == "timeout" for r in results),
             "truncated_prompts": truncated_count(lm),
+            "sandbox": sorted({r.isolation for r in results}),
         }
     )
     return {"metrics": metrics, "records": records}

@@ -2,27 +2,42 @@
 
     result = run_program("assert 1 + 1 == 2\\n", timeout=5.0)
     result.status        # "passed" | "failed" | "timeout"
+    result.isolation     # what contained it (see below)
 
-What it does, for each program:
-- writes it to a fresh temporary directory, which is the child's working directory and is
-  deleted afterwards whatever happens;
-- starts `sys.executable -I` (isolated mode: no user site-packages, no PYTHON* variables, not
-  even the script's directory on sys.path) in its own session, with stdin closed and a minimal
-  environment;
-- in the child, before the program runs: resource limits where the platform has them
-  (address space, CPU seconds, size of written files, no core dumps), and every way to create a
-  socket through the `socket` module replaced by one that raises OSError;
-- kills the child's whole process group when the wall-clock limit passes.
+A program passes only if it RAN TO ITS END: the guard that runs it writes a per-run random
+nonce, which the parent passes in through a pipe the guard reads and closes before the program
+starts, to a second pipe after the program returned normally. An exit status of 0 proves
+nothing: `sys.exit(0)`, `os._exit(0)`, a module-level `exit()` or `atexit.register(os._exit, 0)`
+before `check(candidate)` returns all fail, as in OpenAI's human-eval harness, where a sample
+passes only when `exec` of the program returns.
 
-This is a guard against accidents (an infinite loop, a runaway allocation, a stray download),
-NOT a security boundary: a determined program can still reach the file system, start
-processes, or rebuild a socket through ctypes. Run untrusted model output inside a container or
-VM without network, as the HumanEval authors advise.
+Containment, for each program:
+- a fresh temporary working directory, deleted afterwards whatever happens;
+- `sys.executable -I` (isolated mode) with a minimal environment (no variable of the parent's),
+  stdin closed, no inherited file descriptors but the two nonce pipes, its own session;
+- stdout and stderr go to files capped by RLIMIT_FSIZE (16 MB); the parent reads only their last
+  2,000 characters, so a program that prints forever cannot exhaust the parent's memory;
+- resource limits: address space, CPU seconds, file size, number of processes (RLIMIT_NPROC,
+  which the kernel does not apply to root), no core dumps; `socket` creation refused in Python;
+- on Linux, when `unshare` can create namespaces (root, or unprivileged user namespaces): new
+  PID, network and mount namespaces (`unshare --pid --net --fork --mount-proc --kill-child`):
+  the program sees only its own processes in /proc (not the parent's /proc/PID/environ), has no
+  network interface but a down loopback, and every process it starts (a `setsid` daemon too)
+  dies with it. `ExecResult.isolation` says which containment was used;
+- the whole process group is killed at the wall-clock limit and after the program ends.
+
+This is NOT a security boundary against a determined attacker: without namespaces the program
+can read files of the same user (including other processes' /proc/PID/environ) and reach the
+network through ctypes; even with them it shares the file system and the user id; and code that
+inspects the guard's stack frames could find the nonce. Run untrusted model output inside a
+container or VM without network, as the HumanEval authors advise (docs/security.md).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -43,8 +58,9 @@ def _limits(memory_mb, cpu_s):
     wanted = [
         ("RLIMIT_AS", memory_mb * 1024 * 1024),
         ("RLIMIT_CPU", cpu_s),
-        ("RLIMIT_FSIZE", 64 * 1024 * 1024),
+        ("RLIMIT_FSIZE", 16 * 1024 * 1024),
         ("RLIMIT_CORE", 0),
+        ("RLIMIT_NPROC", 64),
     ]
     for name, value in wanted:
         which = getattr(resource, name, None)
@@ -80,12 +96,22 @@ def _no_network():
         if hasattr(_socket, name):
             setattr(_socket, name, refuse)
 
+def _run(nonce_in, done_out):
+    import os
+    import runpy
+
+    nonce = os.read(nonce_in, 256)
+    os.close(nonce_in)
+    runpy.run_path("program.py", run_name="__main__")
+    os.write(done_out, nonce)  # reached only when the program returned normally
+    os.close(done_out)
+
 _limits(int(sys.argv[1]), int(sys.argv[2]))
 _no_network()
+_args = (int(sys.argv[3]), int(sys.argv[4]))
 del _limits, _no_network
-
-import runpy
-runpy.run_path("program.py", run_name="__main__")
+sys.argv = ["program.py"]
+_run(*_args)
 """
 
 _TAIL = 2000
@@ -95,8 +121,9 @@ _TAIL = 2000
 class ExecResult:
     """What happened to one program.
 
-    status: "passed" (exit code 0), "failed" (any other exit, including an uncaught exception or
-    a resource limit), or "timeout" (killed at the wall-clock limit).
+    status: "passed" (the program returned normally: the guard wrote the run's nonce),
+    "failed" (anything else: an exception, any exit before the end, a resource limit), or
+    "timeout" (killed at the wall-clock limit).
     """
 
     status: str
@@ -108,6 +135,8 @@ class ExecResult:
     seconds: float
     workdir: str
     """The temporary working directory; it no longer exists when the result is returned."""
+    isolation: str = "process group"
+    """What contained the program: "namespaces (pid, net, mount)" or "process group"."""
 
     @property
     def passed(self) -> bool:
@@ -124,6 +153,31 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+@functools.lru_cache(maxsize=1)
+def namespace_prefix() -> tuple[str, ...]:
+    """`unshare` arguments for new PID, network and mount namespaces, or () where they cannot be
+    made (not Linux, no util-linux, no permission)."""
+    tool = shutil.which("unshare")
+    if not sys.platform.startswith("linux") or tool is None:
+        return ()
+    prefix = (tool, "--pid", "--net", "--fork", "--mount-proc", "--kill-child")
+    try:
+        ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return prefix if ok else ()
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4 * _TAIL))
+            return f.read().decode("utf-8", "replace")[-_TAIL:]
+    except OSError:
+        return ""
+
+
 def run_program(program: str, timeout: float = 5.0, memory_mb: int = 2048) -> ExecResult:
     """Run `program` (Python source) as described in the module docstring.
 
@@ -134,7 +188,13 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 2048) -> Ex
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     workdir = tempfile.mkdtemp(prefix="alignkit-sandbox-")
     start = time.monotonic()
+    nonce = secrets.token_hex(16).encode()
+    nonce_r, nonce_w = os.pipe()
+    done_r, done_w = os.pipe()
+    prefix = namespace_prefix()
     try:
+        os.write(nonce_w, nonce)
+        os.close(nonce_w)
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
             f.write(program)
         with open(os.path.join(workdir, "guard.py"), "w", encoding="utf-8") as f:
@@ -142,38 +202,42 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 2048) -> Ex
         env = {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         if sys.platform == "win32" and "SYSTEMROOT" in os.environ:
             env["SYSTEMROOT"] = os.environ["SYSTEMROOT"]
-        cmd = [sys.executable, "-I", "guard.py", str(memory_mb), str(int(timeout) + 1)]
-        proc = subprocess.Popen(
-            cmd,
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        cmd = [*prefix, sys.executable, "-I", "guard.py", str(memory_mb), str(int(timeout) + 1),
+               str(nonce_r), str(done_w)]
+        out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
+        with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
+            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out_f,
+                                    stderr=err_f, start_new_session=True, pass_fds=(nonce_r, done_w))
+        os.close(nonce_r)
+        os.close(done_w)
+        nonce_r = done_w = -1
         try:
-            out, err = proc.communicate(timeout=timeout)
-            status = "passed" if proc.returncode == 0 else "failed"
+            proc.wait(timeout=timeout)
+            timed_out = False
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            try:
-                out, err = proc.communicate(timeout=5)
-            except subprocess.TimeoutExpired:  # a descendant escaped the group and holds the pipes
-                proc.kill()
-                proc.wait()
-                proc.stdout.close()
-                proc.stderr.close()
-                out, err = b"", b""
-            status = "timeout"
-        _kill_group(proc)  # any grandchild the program left behind
+            timed_out = True
+        _kill_group(proc)  # on time-out, and any grandchild the program left behind
+        proc.wait()
+        os.set_blocking(done_r, False)
+        try:
+            got = os.read(done_r, 256)
+        except BlockingIOError:
+            got = b""
+        status = "timeout" if timed_out else ("passed" if got == nonce else "failed")
         return ExecResult(
             status=status,
             returncode=proc.returncode,
-            stdout=out.decode("utf-8", "replace")[-_TAIL:],
-            stderr=err.decode("utf-8", "replace")[-_TAIL:],
+            stdout=_tail(out_path),
+            stderr=_tail(err_path),
             seconds=time.monotonic() - start,
             workdir=workdir,
+            isolation="namespaces (pid, net, mount)" if prefix else "process group",
         )
     finally:
+        for fd in (nonce_r, done_w, done_r):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         shutil.rmtree(workdir, ignore_errors=True)
