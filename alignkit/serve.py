@@ -13,9 +13,12 @@ the full contract. What it guarantees:
 - Validation: bad JSON, missing or mistyped fields, a last turn that is not the user's, absurd
   `max_tokens`, a prompt that does not fit the context: 4xx with an OpenAI-style JSON error
   {"error": {"message", "type", "param", "code"}} whose message names the field.
-- Bounded: request bodies over `max_body_bytes` get 413 unread; at most `max_concurrency`
-  requests are admitted at once (the rest wait up to `queue_timeout_s` for a slot, then get
-  503 with Retry-After); more than `max_connections` open connections get 503 at once.
+- Bounded: request bodies over `max_body_bytes` get 413 (the body is drained, up to 16 MiB or
+  2 s, so the client reads the answer); a client has `read_deadline_s` for its whole request
+  (a slowloris trickle is dropped, and its thread freed); a body nested too deeply for the JSON
+  parser is a 400; at most `max_concurrency` requests are admitted at once (the rest wait up to
+  `queue_timeout_s` for a slot, then get 503 with Retry-After); more than `max_connections`
+  open connections get 503 at once.
 - The model runs one request at a time under a lock (the n choices of a request are one batch).
 - Graceful shutdown on SIGINT / SIGTERM: stop accepting, finish the requests in flight, exit.
 
@@ -33,6 +36,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -73,15 +77,18 @@ class Config:
     max_n: int = 8
     """Largest n (choices per request)."""
     max_body_bytes: int = 1_000_000
-    """Larger request bodies get 413 without being read."""
+    """Larger request bodies get 413 (the body is drained, up to a bound, so the client reads it)."""
     max_concurrency: int = 8
     """Requests admitted at once (queued for or using the model)."""
     queue_timeout_s: float = 30.0
     """How long a request waits for an admission slot before 503."""
-    max_connections: int = 64
+    max_connections: int = 256
     """Open connections beyond this are answered 503 at once."""
     request_timeout_s: float = 30.0
-    """Socket timeout while reading a request (slow clients are dropped)."""
+    """Socket timeout of one read while reading a request."""
+    read_deadline_s: float = 10.0
+    """Whole time a client has to send its request line, headers and body; a slower one is
+    dropped (a client trickling one byte a second cannot hold a connection)."""
     dtype: str | None = None
     """Load the weights in this dtype (fp32, bf16, fp16); None keeps the saved one."""
 
@@ -148,6 +155,8 @@ def parse_request(raw: bytes, cfg: Config, served_name: str) -> ChatRequest:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise RequestError(400, "request body is not UTF-8 text") from None
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply") from None
     except json.JSONDecodeError as e:
         raise RequestError(
             400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
@@ -392,6 +401,29 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.app.cfg.request_timeout_s
         super().setup()
+        # the deadline for the whole request (the socket timeout only bounds the gap between
+        # chunks): when it passes before the request is read, the socket is shut down
+        self._read_done = threading.Event()
+        self._deadline = threading.Timer(self.server.app.cfg.read_deadline_s, self._too_slow)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _too_slow(self) -> None:
+        if self._read_done.is_set():
+            return
+        self.server.app.count("slow_clients_dropped")
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _request_read(self) -> None:
+        self._read_done.set()
+        self._deadline.cancel()
+
+    def finish(self) -> None:
+        self._request_read()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         # method, path and status only: never headers (Authorization) or bodies
@@ -426,6 +458,7 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        self._request_read()
         app = self.server.app
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/health":
@@ -451,6 +484,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._chat()
         except RequestError as e:
             self._error(e, {"Retry-After": "1"} if e.status == 503 else None)
+            if getattr(self, "_drain_after", 0):
+                self._request_read()
+                self.wfile.flush()
+                self._drain(self._drain_after)
         except TimeoutError:
             self.server.app.count("timeouts")
             self.close_connection = True
@@ -472,11 +509,28 @@ class _Handler(BaseHTTPRequestHandler):
         if n < 0:
             raise RequestError(400, "Content-Length is negative")
         if n > cfg.max_body_bytes:
+            self._drain_after = n
             raise RequestError(413, f"request body of {n} bytes exceeds the limit of {cfg.max_body_bytes}")
         data = self.rfile.read(n)
         if len(data) != n:
             raise RequestError(400, f"request body ended after {len(data)} of {n} bytes")
+        self._request_read()
         return data
+
+    def _drain(self, n: int) -> None:
+        """Read and drop up to `n` bytes (at most 16 MiB, 2 s) of a refused body after the answer
+        went out: closing with unread data would reset the connection, and the client would see
+        a broken pipe instead of the 413."""
+        end, left = time.monotonic() + 2.0, min(n, 16 * 2**20)
+        self.connection.settimeout(0.2)
+        try:
+            while left > 0 and time.monotonic() < end:
+                chunk = self.connection.recv(min(65536, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def _chat(self) -> None:
         app = self.server.app

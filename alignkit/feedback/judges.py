@@ -423,6 +423,28 @@ def _is_loopback(host: str | None) -> bool:
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
 
+def redact_secret(text: str, secret: str | None) -> str:
+    """`text` with `secret` replaced by "[redacted]" in the forms an endpoint may echo it: as it
+    is, JSON-escaped (with or without \\u escapes of every character, "/" as "\\/"), and
+    percent-encoded."""
+    if not secret:
+        return text
+    import urllib.parse
+
+    forms = {
+        secret,
+        json.dumps(secret)[1:-1],
+        json.dumps(secret)[1:-1].replace("/", "\\/"),
+        "".join(f"\\u{ord(c):04x}" for c in secret),
+        "".join(f"\\u{ord(c):04X}" for c in secret),
+        urllib.parse.quote(secret, safe=""),
+        urllib.parse.quote_plus(secret),
+    }
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "[redacted]")
+    return text
+
+
 class EndpointJudge:
     """An OpenAI-compatible chat-completions endpoint as a judge (OpenAI, vLLM, llama.cpp, ...).
 
@@ -505,7 +527,7 @@ class EndpointJudge:
         data = json.dumps(body).encode("utf-8")
 
         def redact(text: str) -> str:
-            return text.replace(key, "[redacted]") if key else text
+            return redact_secret(text, key)
 
         problem = ""
         for attempt in range(self.max_retries + 1):
@@ -516,7 +538,8 @@ class EndpointJudge:
                 with self._opener.open(request, timeout=self.timeout) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as e:
-                snippet = redact(e.read(300).decode("utf-8", "replace"))
+                # redact the whole echo first, then cut: a cut key would slip past the redaction
+                snippet = redact(e.read(65536).decode("utf-8", "replace"))[:300]
                 problem = f"HTTP {e.code}: {snippet}"
                 if e.code in RETRY_STATUS:
                     continue
@@ -527,7 +550,7 @@ class EndpointJudge:
             try:
                 return json.loads(raw)
             except ValueError:
-                problem = "the answer is not JSON: " + redact(raw[:200].decode("utf-8", "replace"))
+                problem = "the answer is not JSON: " + redact(raw[:65536].decode("utf-8", "replace"))[:200]
                 break
         # drop the key from this frame (a traceback printed with its locals shows them) and leave
         # the urllib exception unchained: neither is needed to understand the failure
