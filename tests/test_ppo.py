@@ -469,3 +469,34 @@ def test_ppo_reference_option_sets_the_kl_anchor(tiny_dirs, monkeypatch):
     with pytest.raises(ConfigError, match="reference"):
         ppo.run(load_config(ppo.Config, None, [*base, f"out={tiny_dirs / 'x'}", f"reference={tiny_dirs / 'sft'}",
                                                 "model.lora_r=4"]))
+
+
+def test_monitor_alarm_stops_ppo_and_keeps_the_checkpoint_before_it(tiny_dirs, monkeypatch, capsys):
+    """A rule that always holds (length correlation above -1) with warm-up 1 and patience 1 fires
+    at iteration 2; monitor.stop=true ends the run there and the final model is the iteration-1
+    checkpoint, not the policy updated at iteration 2."""
+    from alignkit.train import checkpoint as ckpt
+
+    monkeypatch.syspath_prepend(str(tiny_dirs))
+    out = tiny_dirs / "out-monitor"
+    cfg = load_config(ppo.Config, None, [
+        f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
+        "reward.source=function", "reward.function=rewards_mod:count_e", "iterations=4", "rollout_batch=4",
+        "train.batch_size=2", "ppo_epochs=1", "rollout.max_new_tokens=6", "train.save_every=1",
+        "train.keep_checkpoints=0", "train.lr=1e-3", "monitor.warmup=1", "monitor.patience=1",
+        "monitor.length_corr_max=-1", "monitor.stop=true",
+    ])
+    result = ppo.run(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and [r["monitor/alarm"] for r in rows] == [0.0, 1.0]
+    assert {"monitor/length_corr", "monitor/refusal_rate", "monitor/repetition_rate"} <= set(rows[0])
+    assert result["monitor"]["first_alarm"] == 2
+    assert result["monitor"]["stopped"]["restored"].endswith("step-1")
+    assert "reward-hacking monitor, iteration 2: length_corr" in capsys.readouterr().err
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "step-1" / "model.safetensors"))
+    final = load_file(str(out / "final" / "model.safetensors"))
+    policy = {k[len("policy."):]: v for k, v in saved.items() if k.startswith("policy.")}
+    assert policy and all(torch.equal(final[k], v) for k, v in policy.items() if k in final)
+    assert not ckpt.step_dirs(out / "checkpoints")[-1][1].name.endswith("2")

@@ -216,3 +216,24 @@ class Monitor:
         if fired and self.first_alarm is None:
             self.first_alarm = iteration
         return sorted(fired)
+
+
+def observe_rollout(
+    mon: Monitor, iteration: int, row: dict, scores: torch.Tensor, response_ids: torch.Tensor,
+    response_mask: torch.Tensor, responses: Sequence[str], member_scores: torch.Tensor | None = None,
+) -> list[str]:
+    """Add this iteration's monitor statistics to the metrics `row`, apply the alarm rule, and
+    warn on the console when rules fire. response_ids / response_mask: (B, T). Returns the rules
+    that fired (row["monitor/alarm"] counts them)."""
+    mask = response_mask.bool()
+    tokens = [ids[m].tolist() for ids, m in zip(response_ids, mask)]
+    row.update(rollout_stats(scores, mask.sum(-1).float(), responses, tokens, member_scores,
+                             mon.cfg.refusal_patterns))
+    fired = mon.update(iteration, row)
+    row["monitor/alarm"] = float(len(fired))
+    if fired:
+        import sys
+
+        print(f"alignkit: warning: reward-hacking monitor, iteration {iteration}: {', '.join(fired)} "
+              "(docs/ppo.md, Reward-hacking monitors)", file=sys.stderr, flush=True)
+    return fired

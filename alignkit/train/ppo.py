@@ -30,6 +30,7 @@ from torch import nn
 
 from alignkit.atomic import read_jsonl, write_json_atomic
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
+from alignkit.eval.monitor import Monitor, MonitorConfig, observe_rollout
 from alignkit.losses.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
@@ -106,6 +107,9 @@ class Config:
     """Also measure greedy gold score and win rate on held-out prompts every N iterations (0: only at the end)."""
     eval_limit: int = 0
     """Held-out prompts used for the gold evaluation (0: all)."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """Reward-hacking monitors and their alarm rule (`monitor.stop=true` stops at the first alarm
+    and keeps the last checkpoint saved before it)."""
 
 
 class ValueHead(nn.Module):
@@ -374,6 +378,7 @@ def run(cfg: Config) -> dict:
 
         trainable = {id(p) for p in ac.policy_parameters() + ac.value_parameters()}
         done, evals = 0, []
+        mon, stopped = (Monitor(cfg.monitor) if cfg.monitor.enabled else None), None
         if resume_from is not None:
             state = load_iteration(
                 resume_from, ac, optimizers, schedulers, gen, cfg.train, total_steps, metrics_path, batches
@@ -421,6 +426,9 @@ def run(cfg: Config) -> dict:
                 "rollout_s": t_roll,
                 "iteration_s": time.perf_counter() - t_it,
             }
+            fired = [] if mon is None else observe_rollout(
+                mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses,
+                getattr(reward, "last_member_scores", None))
             if gold is not None:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
             if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
@@ -429,6 +437,13 @@ def run(cfg: Config) -> dict:
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             append_jsonl(metrics_path, row)
             last = row
+            if fired and cfg.monitor.stop:
+                stopped = {"iteration": it, "rules": fired, "restored": None}
+                before = ckpt.latest(out / ckpt.CHECKPOINTS)
+                if before is not None:  # the policy as it was at the last checkpoint before the alarm
+                    ckpt.read_checkpoint(before, ac)
+                    stopped["restored"] = str(before)
+                break
             if save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, ac, trainable, optimizers, schedulers, gen, {
                     "prompt_batches": it, "kl_controller": controller.state_dict(), "evals": evals,
@@ -448,4 +463,6 @@ def run(cfg: Config) -> dict:
         gold_train=last.get("gold"), wall_s=time.perf_counter() - t0, peak_mem_mb=mem.peak_mb,
         value_model=cfg.value_model, lora=cfg.model.lora_r > 0, metrics=str(metrics_path),
     )
+    if mon is not None:
+        result["monitor"] = {"first_alarm": mon.first_alarm, "stopped": stopped}
     return result

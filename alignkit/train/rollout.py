@@ -331,7 +331,8 @@ class RewardModelSource:
             raw = in_chunks(lambda i, a, m=m: m(i, a).float(), self.batch_size, input_ids, attention_mask)  # (B,)
             raws.append(raw)
             scores.append(m.normalize(raw) if self.normalize else raw)
-        score = combine_ensemble(torch.stack(scores), self.mode, self.coef)
+        self.last_member_scores = torch.stack(scores)  # (K, B), for the reward-hacking monitor
+        score = combine_ensemble(self.last_member_scores, self.mode, self.coef)
         if self.clip > 0:
             score = score.clamp(-self.clip, self.clip)
         return score, torch.stack(raws).mean(0)
