@@ -306,7 +306,7 @@ _ONE = (1, None, True, False)
 _UNIT = (0, 1, True, True)
 RANGES: dict[str, tuple] = {
     **dict.fromkeys(("lr", "beta", "lora_alpha", "kl_horizon", "value_lr", "queue_timeout_s",
-                     "request_timeout_s", "disagreement_ratio_max"), _POS),
+                     "request_timeout_s", "read_deadline_s", "disagreement_ratio_max"), _POS),
     **dict.fromkeys(("batch_size", "grad_accum", "epochs", "eval_batch_size", "forward_batch_size",
                      "generation_batch_size", "iterations", "max_len", "max_prompt_len", "max_n",
                      "max_new_tokens", "max_tokens_limit", "max_concurrency", "max_connections",
