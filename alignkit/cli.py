@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests (about a minute)")
     p.add_argument("--seed", type=int, default=0)
+
+    from alignkit.label.cli import add_parser as add_label_parser
+
+    add_label_parser(sub)
     return parser
 
 
@@ -189,6 +193,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                            **parse_options(args.name, args.options))
         print(json.dumps(result["metrics"], indent=2, default=str))
         return 0
+    if args.command == "label":
+        from alignkit.label.cli import run as run_label
+
+        return run_label(args)
     if args.command == "demo":
         from alignkit.pipeline import demo
 
