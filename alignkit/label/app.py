@@ -294,6 +294,8 @@ ANNOTATOR_HTML = """<meta name="csrf-token" content="{csrf}">
 <button id="btn-right" class="choice" data-label="right">B is better <kbd>B</kbd></button>
 <button id="btn-skip" class="choice ghost" data-label="skip">Skip <kbd>S</kbd></button>
 </section>
+<p class="hint keys">Keys: <kbd>A</kbd> or <kbd>&larr;</kbd> &middot; <kbd>B</kbd> or <kbd>&rarr;</kbd> &middot;
+<kbd>T</kbd> about the same &middot; <kbd>S</kbd> skip &middot; <kbd>U</kbd> undo &middot; <kbd>R</kbd> write a reason</p>
 <section class="reason"><label for="reason">Reason (optional)</label>
 <textarea id="reason" maxlength="2000" rows="2" placeholder="Why? (Esc leaves the box, then use the keys)"></textarea>
 </section>
