@@ -19,6 +19,8 @@ import json
 import random
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,12 +94,33 @@ def _sqlite_pragmas(conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _sqlite_driver_autocommit(conn: Any, _record: Any) -> None:
+    conn.isolation_level = None  # SQLAlchemy's begin listener below issues BEGIN itself
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    # A write takes the write lock at BEGIN (IMMEDIATE), so it waits its turn (busy_timeout)
+    # instead of failing when another writer commits between its read and its write.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+
+
+@contextmanager
+def write(eng: sa.Engine) -> Iterator[sa.Connection]:
+    """One write transaction (committed on exit, rolled back on an exception)."""
+    with eng.connect() as c:
+        c = c.execution_options(write=True)
+        with c.begin():
+            yield c
+
+
 def connect(db: str, create: bool = True) -> sa.Engine:
     """An engine for `db` (path or URL); creates the tables when missing."""
     url = db_url(db)
     if url.startswith("sqlite"):
         eng = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 15})
         sa.event.listen(eng, "connect", _sqlite_pragmas)
+        sa.event.listen(eng, "connect", _sqlite_driver_autocommit)
+        sa.event.listen(eng, "begin", _sqlite_begin)
     else:
         eng = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
     if create:
@@ -112,7 +135,7 @@ def hash_token(token: str) -> str:
 def add_token(eng: sa.Engine, name: str, admin: bool = False) -> str:
     """Create annotator `name`; returns the token (shown once, only its hash is stored)."""
     token = secrets.token_urlsafe(24)
-    with eng.begin() as c:
+    with write(eng) as c:
         if c.execute(sa.select(annotators.c.id).where(annotators.c.name == name)).first():
             raise LabelDBError(f"annotator {name!r} exists already")
         c.execute(annotators.insert().values(name=name, token_hash=hash_token(token), is_admin=admin,
@@ -194,7 +217,7 @@ def add_pairs(eng: sa.Engine, rows: list[dict], task: str = "default", k: int = 
         raise LabelDBError(f"k must be >= 1, got {k}")
     if not 0.0 <= gold_rate < 1.0:
         raise LabelDBError(f"gold_rate must be in [0, 1), got {gold_rate}")
-    with eng.begin() as c:
+    with write(eng) as c:
         t = c.execute(sa.select(tasks.c.id).where(tasks.c.name == task)).first()
         if t is None:
             tid = c.execute(tasks.insert().values(name=task, k=k, gold_rate=gold_rate, created_at=time.time())
@@ -245,7 +268,7 @@ def next_item(eng: sa.Engine, annotator_id: int, rng: random.Random | None = Non
     rng = rng or random.Random()
     for _ in range(5):  # a concurrent annotator may take the same pair: pick again
         try:
-            with eng.begin() as c:
+            with write(eng) as c:
                 row = _open_assignment(c, annotator_id)
                 if row is None:
                     pid = _pick(c, annotator_id, rng)
@@ -278,7 +301,7 @@ def to_choice(shown: str, swapped: bool) -> str:
 def submit(eng: sa.Engine, annotator_id: int, assignment_id: int, shown: str, reason: str = "") -> str:
     """Store one label in one transaction. Returns 'stored', or 'duplicate' when this assignment
     was labelled already (a retried request); raises LookupError for someone else's assignment."""
-    with eng.begin() as c:
+    with write(eng) as c:
         row = c.execute(sa.select(assignments.c.swapped, assignments.c.choice).where(
             assignments.c.id == assignment_id, assignments.c.annotator_id == annotator_id)).first()
         if row is None:
@@ -292,7 +315,7 @@ def submit(eng: sa.Engine, annotator_id: int, assignment_id: int, shown: str, re
 
 def undo(eng: sa.Engine, annotator_id: int) -> int | None:
     """Clear the annotator's newest label; that pair is shown again next. Returns its assignment."""
-    with eng.begin() as c:
+    with write(eng) as c:
         last = c.execute(sa.select(assignments.c.id).where(assignments.c.annotator_id == annotator_id,
                                                             assignments.c.choice.is_not(None))
                          .order_by(assignments.c.labelled_at.desc(), assignments.c.id.desc()).limit(1)).first()
