@@ -59,7 +59,11 @@ def _annotate(url: str, token: str, rng: random.Random, out: dict) -> None:
 
 
 def test_twenty_annotators_with_a_crash(tmp_path):
-    path = str(tmp_path / "load.sqlite")
+    run_load(str(tmp_path / "load.sqlite"), tmp_path)
+
+
+def run_load(path: str, tmp_path) -> None:
+    """The load test on database `path` (a file or a URL)."""
     eng = db.connect(path)
     n_pairs = 600  # 1200 slots for 1000 labels: nobody runs out of pairs they have not seen
     db.add_pairs(eng, [db.parse_pair({"id": f"p{i}", "prompt": f"q{i}", "a": f"a{i}", "b": f"b{i}"}, "t")

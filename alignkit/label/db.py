@@ -263,10 +263,21 @@ def _pick(c: sa.Connection, annotator_id: int, rng: random.Random) -> int | None
     return rng.choice([r.id for r in regular if r.n == regular[0].n])
 
 
+def _has_slot(c: sa.Connection, pair_id: int) -> bool:
+    """Lock the pair row (PostgreSQL: FOR UPDATE; SQLite's write lock is already held), then check
+    that it still wants a label, so concurrent annotators never push a pair past k."""
+    c.execute(sa.select(pairs.c.id).where(pairs.c.id == pair_id).with_for_update())
+    live = c.execute(sa.select(sa.func.count()).where(
+        assignments.c.pair_id == pair_id,
+        sa.or_(assignments.c.choice.is_(None), assignments.c.choice != "skip"))).scalar()
+    row = c.execute(sa.select(pairs.c.gold, tasks.c.k).join(tasks).where(pairs.c.id == pair_id)).first()
+    return row.gold is not None or live < row.k
+
+
 def next_item(eng: sa.Engine, annotator_id: int, rng: random.Random | None = None) -> dict | None:
     """The annotator's current item (an open assignment, or a new one); None when nothing is left."""
     rng = rng or random.Random()
-    for _ in range(5):  # a concurrent annotator may take the same pair: pick again
+    for _ in range(20):  # a concurrent annotator may take the same pair: pick again
         try:
             with write(eng) as c:
                 row = _open_assignment(c, annotator_id)
@@ -274,6 +285,8 @@ def next_item(eng: sa.Engine, annotator_id: int, rng: random.Random | None = Non
                     pid = _pick(c, annotator_id, rng)
                     if pid is None:
                         return None
+                    if not _has_slot(c, pid):  # taken meanwhile by someone else (PostgreSQL)
+                        continue
                     c.execute(assignments.insert().values(pair_id=pid, annotator_id=annotator_id,
                                                           swapped=rng.random() < 0.5, shown_at=time.time()))
                     row = _open_assignment(c, annotator_id)
@@ -282,7 +295,7 @@ def next_item(eng: sa.Engine, annotator_id: int, rng: random.Random | None = Non
             continue
         left, right = (p.answer_b, p.answer_a) if row.swapped else (p.answer_a, p.answer_b)
         return {"assignment": row.id, "prompt": p.prompt, "left": left, "right": right}
-    raise RuntimeError("could not assign a pair after 5 tries (heavy contention)")
+    raise RuntimeError("could not assign a pair after 20 tries (heavy contention)")
 
 
 SHOWN = {"left": 0, "right": 1}
