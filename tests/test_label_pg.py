@@ -38,4 +38,4 @@ def label_db_url(postgres):
 
 @pytest.mark.slow
 def test_load_with_a_crash_on_postgres(label_db_url, tmp_path):
-    run_load(label_db_url, tmp_path)
+    run_load(label_db_url, tmp_path, n_labels=20)  # 20 x 20 here, to keep the suite's time down

@@ -15,6 +15,7 @@ import hashlib
 import html
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +327,9 @@ def serve(db_spec: str, host: str = "127.0.0.1", port: int = 8700) -> None:
     import uvicorn
 
     app = build_app(db_spec)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"alignkit label: listening on {host}: reachable from other machines, over plain HTTP; "
+              "put it behind an HTTPS reverse proxy", file=sys.stderr, flush=True)
     print(f"alignkit label: http://{host}:{port}/login?token=YOUR_TOKEN  (Ctrl+C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=256, timeout_keep_alive=30,
                 h11_max_incomplete_event_size=16 * 1024)
