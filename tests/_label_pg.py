@@ -60,6 +60,6 @@ class Postgres:
 
     def stop(self) -> None:
         try:
-            self._run(self.pg_ctl, "-D", self.data, "-m", "immediate", "stop")
+            self._run(self.pg_ctl, "-D", self.data, "-m", "immediate", "-W", "stop")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -62,8 +62,13 @@ def browser():
 
 
 @pytest.fixture
-def served(tmp_path):
-    path = str(tmp_path / "labels.sqlite")
+def label_db_url():
+    return None  # SQLite; tests/test_label_pg.py points it at PostgreSQL
+
+
+@pytest.fixture
+def served(tmp_path, label_db_url):
+    path = label_db_url or str(tmp_path / "labels.sqlite")
     eng = db.connect(path)
     db.add_pairs(eng, _pairs(), "round1", k=1)
     db.add_pairs(eng, [{**p, "gold": "a"} for p in [db.parse_pair(

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 pytest.importorskip("sqlalchemy", reason="alignkit label needs the 'label' extra: pip install -e .[label]")
@@ -16,6 +18,14 @@ from test_label import test_cli_add_token_export, test_sqlite_pragmas  # noqa: E
 from test_label_load import run_load  # noqa: E402
 
 del test_sqlite_pragmas, test_cli_add_token_export  # SQLite-only
+
+if importlib.util.find_spec("playwright"):  # the browser tests too (they skip without chromium)
+    from test_label_browser import (  # noqa: E402, F401
+        browser,
+        served,
+        test_admin_page_and_bad_token_page,
+        test_label_with_mouse_keyboard_undo_reload_and_xss,
+    )
 
 pytestmark = pytest.mark.skipif(find_bin("initdb") is None or find_bin("pg_ctl") is None,
                                 reason="no initdb/pg_ctl (apt-get install postgresql); PostgreSQL tests skipped")
