@@ -282,6 +282,11 @@ def test_admin_page_needs_admin(client):
     assert r.status_code == 200 and "Annotators" in r.text and "Fleiss" in r.text
     s = client.get("/api/stats").json()
     assert s["tasks"][0]["pairs"] == 3
+    # names are shown escaped
+    evil = db.annotator_for(client.engine, db.add_token(client.engine, "<script>alert(1)</script>")).id
+    db.submit(client.engine, evil, db.next_item(client.engine, evil)["assignment"], "left")
+    page = client.get("/admin").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
 
 
 def test_cli_add_token_export(tmp_path, capsys):
