@@ -1,9 +1,9 @@
 """The label tests again, against a real PostgreSQL server started here (initdb/pg_ctl from Debian's
-`postgresql` package). Skipped, with the reason, when the server or psycopg is missing."""
+`postgresql` package): the unit/API tests and the load test (20 x 20 labels). The browser tests
+exercise the page, not the database, and run on SQLite only. Skipped, with the reason, when the
+server or psycopg is missing."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 
@@ -19,13 +19,6 @@ from test_label_load import run_load  # noqa: E402
 
 del test_sqlite_pragmas, test_cli_add_token_export  # SQLite-only
 
-if importlib.util.find_spec("playwright"):  # the browser tests too (they skip without chromium)
-    from test_label_browser import (  # noqa: E402, F401
-        browser,
-        served,
-        test_admin_page_and_bad_token_page,
-        test_label_with_mouse_keyboard_undo_reload_and_xss,
-    )
 
 pytestmark = pytest.mark.skipif(find_bin("initdb") is None or find_bin("pg_ctl") is None,
                                 reason="no initdb/pg_ctl (apt-get install postgresql); PostgreSQL tests skipped")
