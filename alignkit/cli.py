@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: the demo once per seed on one world, "
                                    "reported as mean, spread and every seed's figure")
+
+    from alignkit.label.cli import add_parser as add_label_parser
+
+    add_label_parser(sub)
     return parser
 
 
@@ -269,6 +273,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                            **parse_options(args.name, args.options))
         print(json.dumps(result["metrics"], indent=2, default=str))
         return 0
+    if args.command == "label":
+        from alignkit.label.cli import run as run_label
+
+        return run_label(args)
     if args.command == "demo":
         from alignkit.pipeline import demo, demo_seeds
 

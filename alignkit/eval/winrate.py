@@ -42,7 +42,7 @@ class Config:
     prompts: str | None = None
     """Prompt file (any prompt format alignkit.data.load reads); default: the world's eval_prompts.jsonl."""
     judge: str = "gold"
-    """gold | reward:DIR | llm:DIR | endpoint[:MODEL] | human[:FILE] (default FILE: out/human_pairs.jsonl)."""
+    """gold | reward:DIR | llm:DIR | endpoint[:MODEL] | human[:FILE] (default FILE: out/human_pairs.jsonl) | labeldb:DB[#k=N,timeout=S] (people in `alignkit label serve`)."""
     world: str | None = None
     """World directory (alignkit world): needed by the gold judge and for the default prompts."""
     out: str | None = None
@@ -322,12 +322,24 @@ def _human(cfg: Config, arg: str, world: Any) -> Callable[[], Any]:
     return lambda: judge
 
 
+def _labeldb(cfg: Config, arg: str, world: Any) -> Callable[[], Any]:
+    from alignkit.label.judge import LabelDBJudge, parse_spec
+
+    try:
+        db_spec, opts = parse_spec(arg)
+    except ValueError as e:
+        raise ConfigError(f"config key 'judge': {e}") from None
+    task = f"winrate {Path(cfg.out).resolve()}" if cfg.out else "winrate"
+    return lambda: LabelDBJudge(db_spec, task, **opts)
+
+
 JUDGES: dict[str, Callable[[Config, str, Any], Callable[[], Any]]] = {
     "gold": _gold,
     "reward": _reward,
     "llm": _llm,
     "endpoint": _endpoint,
     "human": _human,
+    "labeldb": _labeldb,
 }
 """judge=NAME[:ARG] -> builder(cfg, ARG, world or None) -> a factory of the Judge."""
 

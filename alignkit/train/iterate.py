@@ -97,7 +97,7 @@ class Config:
     eval_preferences: str | None = None
     """Held-out pairs for the reward model's accuracy; default WORLD/preferences_eval.jsonl (none: not measured)."""
     judge: str = "gold"
-    """Who labels the new pairs: gold | reward:DIR | llm:DIR | endpoint[:MODEL] | human (exports OUT/round_k/human_pairs.jsonl)."""
+    """Who labels the new pairs: gold | reward:DIR | llm:DIR | endpoint[:MODEL] | human (exports OUT/round_k/human_pairs.jsonl) | labeldb:DB[#k=N,timeout=S] (people in `alignkit label serve`; waits for their labels, then resume)."""
     label_noise: float | None = None
     """Probability a label is flipped; None: the world's label_noise (world.json) for judge=gold, else 0."""
     rounds: int = 2
