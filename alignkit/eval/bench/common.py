@@ -9,9 +9,14 @@ A benchmark asks a model two kinds of question, and nothing else:
 object with these two methods in place of the model; `as_lm` lets it through unchanged, so the
 metric code is the same whichever answers.
 
-Scoring uses the safe boundary of `alignkit.data.tokenize`: prompt and continuation are tokenised
-separately and concatenated (BOS, when the tokenizer adds one, only before the prompt; no EOS),
-and only the continuation tokens are scored (labels -100 elsewhere).
+Scoring splits prompt and continuation as lm-evaluation-harness does (`_encode_pair`): whitespace
+at the end of the prompt moves to the front of the continuation, prompt + continuation is
+tokenised as one text, and the continuation's tokens are those after the prompt's own tokens
+(`alignkit.data.tokenize.continuation_ids`; the continuation is tokenised alone only when the
+prompt's ids are not a prefix of the joint ids). BOS, when the tokenizer adds one, goes only before
+the prompt; no EOS. Only the continuation tokens are scored (labels -100 elsewhere). Tokenising
+the continuation alone would be wrong for SentencePiece-layout tokenizers: " A" alone is
+['▁', '▁A'], while "Answer: A" ends in '▁A'.
 """
 
 from __future__ import annotations
@@ -116,22 +121,34 @@ class HFLM:
 
     # -- scoring ------------------------------------------------------------------------------
 
+    def _context(self, prompt: str) -> tuple[str, str, list[int], list[int]]:
+        """(context, its moved trailing whitespace, context ids with BOS, context ids without).
+
+        lm-eval's rule: "Answer: " + "A" is scored as "Answer:" + " A"."""
+        n = len(prompt) - len(prompt.rstrip())
+        context, moved = (prompt[:-n], prompt[-n:]) if n else (prompt, "")
+        text_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        return context, moved, self._encode(context), text_ids
+
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        from alignkit.data.tokenize import continuation_ids
+
         encoded = []
-        full: dict[str, list[int]] = {}  # prompts repeat across options: tokenise each once
+        contexts: dict[str, tuple] = {}  # prompts repeat across options: tokenise each once
         cut: set[str] = set()
         for prompt, cont in requests:
-            cont_ids = self.tokenizer(cont, add_special_tokens=False)["input_ids"]
+            if prompt not in contexts:
+                contexts[prompt] = self._context(prompt)
+            context, moved, whole, text_ids = contexts[prompt]
+            cont_ids = continuation_ids(self.tokenizer, context, moved + cont, text_ids)[0]
             if not cont_ids:
                 raise ValueError(f"empty continuation {cont!r}: nothing to score")
             if len(cont_ids) >= self.max_length:
                 raise ValueError(
                     f"continuation of {len(cont_ids)} tokens does not fit the model's {self.max_length}"
                 )
-            if prompt not in full:
-                full[prompt] = self._encode(prompt)
-            prompt_ids = self._left_cut(full[prompt], self.max_length - len(cont_ids))
-            if len(prompt_ids) < len(full[prompt]) and prompt not in cut:
+            prompt_ids = self._left_cut(whole, self.max_length - len(cont_ids))
+            if len(prompt_ids) < len(whole) and prompt not in cut:
                 cut.add(prompt)
                 self.truncated += 1
             if not prompt_ids:
