@@ -9,12 +9,12 @@ A benchmark asks a model two kinds of question, and nothing else:
 object with these two methods in place of the model; `as_lm` lets it through unchanged, so the
 metric code is the same whichever answers.
 
-Scoring splits prompt and continuation as lm-evaluation-harness does (`_encode_pair`): whitespace
-at the end of the prompt moves to the front of the continuation, prompt + continuation is
-tokenised as one text, and the continuation's tokens are those after the prompt's own tokens
-(`alignkit.data.tokenize.continuation_ids`; the continuation is tokenised alone only when the
-prompt's ids are not a prefix of the joint ids). BOS, when the tokenizer adds one, goes only before
-the prompt; no EOS. Only the continuation tokens are scored (labels -100 elsewhere). Tokenising
+Scoring splits prompt and continuation as lm-evaluation-harness does (`_encode_pair`): prompt +
+continuation is tokenised as one text, and the continuation's tokens are those after the prompt's
+own tokens (`alignkit.data.tokenize.continuation_ids`). When the prompt's ids are not a prefix of
+the joint ids and the prompt ends in whitespace, that whitespace moves to the continuation first
+(lm-eval does this always; see `HFLM._split`); only when that fails too is the continuation
+tokenised alone. BOS, when the tokenizer adds one, goes only before the prompt; no EOS. Only the continuation tokens are scored (labels -100 elsewhere). Tokenising
 the continuation alone would be wrong for SentencePiece-layout tokenizers: " A" alone is
 ['▁', '▁A'], while "Answer: A" ends in '▁A'.
 """
@@ -121,26 +121,36 @@ class HFLM:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def _context(self, prompt: str) -> tuple[str, str, list[int], list[int]]:
-        """(context, its moved trailing whitespace, context ids with BOS, context ids without).
+    def _split(self, prompt: str, cont: str, cache: dict) -> tuple[list[int], list[int]]:
+        """(prompt ids with BOS, continuation ids) of one request, before any length cut.
 
-        lm-eval's rule: "Answer: " + "A" is scored as "Answer:" + " A"."""
-        n = len(prompt) - len(prompt.rstrip())
-        context, moved = (prompt[:-n], prompt[-n:]) if n else (prompt, "")
-        text_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-        return context, moved, self._encode(context), text_ids
-
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        The continuation's ids follow the prompt's in the joint encoding. When the prompt's ids are
+        not a prefix of it and the prompt ends in whitespace, that whitespace moves to the
+        continuation (lm-eval's rule: "Answer: " + "A" is scored as "Answer:" + " A"); when that
+        fails too, the continuation is tokenised alone."""
         from alignkit.data.tokenize import continuation_ids
 
+        def context(text: str) -> tuple[list[int], list[int]]:
+            if text not in cache:
+                cache[text] = (self._encode(text), self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return cache[text]
+
+        ids, text_ids = context(prompt)
+        cont_ids, joint = continuation_ids(self.tokenizer, prompt, cont, text_ids)
+        stripped = prompt.rstrip()
+        if not joint and stripped != prompt:
+            ids2, text2 = context(stripped)
+            cont2, joint2 = continuation_ids(self.tokenizer, stripped, prompt[len(stripped) :] + cont, text2)
+            if joint2:
+                return ids2, cont2
+        return ids, cont_ids
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         encoded = []
-        contexts: dict[str, tuple] = {}  # prompts repeat across options: tokenise each once
+        cache: dict[str, tuple[list[int], list[int]]] = {}  # prompts repeat across options
         cut: set[str] = set()
         for prompt, cont in requests:
-            if prompt not in contexts:
-                contexts[prompt] = self._context(prompt)
-            context, moved, whole, text_ids = contexts[prompt]
-            cont_ids = continuation_ids(self.tokenizer, context, moved + cont, text_ids)[0]
+            whole, cont_ids = self._split(prompt, cont, cache)
             if not cont_ids:
                 raise ValueError(f"empty continuation {cont!r}: nothing to score")
             if len(cont_ids) >= self.max_length:
