@@ -288,3 +288,18 @@ def test_two_token_continuation_by_hand():
     got = HFLM(Bigram(table), t).loglikelihood([("Answer:", " A B"), ("Answer:", " A")])
     assert got[0] == pytest.approx(float(want), abs=1e-6)  # HFLM reads log-probs in float32
     assert got[1] == pytest.approx(float(torch.log(torch.tensor(3 / (V + 2), dtype=torch.float64))), abs=1e-6)  # HFLM reads log-probs in float32
+
+
+def test_llm_judge_label_tokens_follow_the_question():
+    """The judge reads P("A") at the position after "Better answer:": under the legacy layout the
+    label's variants are the tokens after that text ('▁A', and 'A' glued to the colon when the
+    joint split holds), never the spurious pair ['▁', '▁A'] of " A" encoded alone."""
+    from alignkit.feedback.judges import LLMJudge
+    from alignkit.models.load import tiny_llama
+
+    t = legacy_sentencepiece()
+    judge = LLMJudge(tiny_llama("nano", tokenizer=t, seed=0), t)
+    variants = [_pieces(t, v) for v in judge.variants[0]]
+    assert ["▁A"] in variants and ["▁", "▁A"] not in variants
+    byte = byte_level()
+    assert LLMJudge(tiny_llama("nano", tokenizer=byte, seed=0), byte).variants[0] == [_ids(byte, "A"), _ids(byte, " A")]
