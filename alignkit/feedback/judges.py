@@ -129,7 +129,7 @@ class RewardModelJudge:
 
     reward_model: a module with forward(input_ids (B, T), attention_mask (B, T)) -> (B,) rewards,
     read at the last real token (alignkit.models.heads.RewardModel). Pairs are tokenised as in
-    training (alignkit.data.tokenize.encode_pair: prompt and answer apart, EOS appended) and
+    training (alignkit.data.tokenize.encode_pair: the answer split from the joint encoding, EOS appended) and
     right-padded. Rewards within `tie_margin` of each other are a tie.
     """
 

@@ -105,7 +105,7 @@ class HFLM:
     # -- tokenisation -------------------------------------------------------------------------
 
     def _encode(self, prompt: str) -> list[int]:
-        """Prompt ids, BOS first when the tokenizer adds one (the safe-boundary rule)."""
+        """Prompt ids, BOS first when the tokenizer adds one (as in training)."""
         from alignkit.data.tokenize import encode_prompt
 
         return encode_prompt(self.tokenizer, prompt)[0]
