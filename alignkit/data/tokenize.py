@@ -36,7 +36,7 @@ gives back the generated ids.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from alignkit.data.records import (
@@ -294,31 +294,34 @@ def encode_response(tokenizer, response: str, prompt: Prompt = "", eot: list[int
     `eot` short-cuts the end-of-turn lookup when the caller already has it. With the default
     empty prompt the response is tokenised as it starts a text.
     """
-    return _PromptText(tokenizer, prompt).response(response, eot)[0]
+    return _PromptText(tokenizer, prompt, [response]).response(0, eot)[0]
 
 
 class _PromptText:
-    """A prompt rendered and tokenised once, to split any number of responses against it."""
+    """A prompt rendered and tokenised once, with the joint encodings of its responses (one
+    tokenizer call for all of them)."""
 
-    def __init__(self, tokenizer, prompt: Prompt):
+    def __init__(self, tokenizer, prompt: Prompt, responses: Sequence[str]):
         self.tokenizer = tokenizer
         self.text = render_prompt(tokenizer, prompt)
-        self.text_ids = tokenizer(self.text, add_special_tokens=False)["input_ids"]
         self.lead, self.eot = _assistant_turn(tokenizer, prompt)
+        lead = self.lead
+        self.responses = [lead + r if lead and not r.startswith(lead) else r for r in responses]
+        batch = tokenizer([self.text] + [self.text + r for r in self.responses], add_special_tokens=False)
+        self.text_ids, self._joint = batch["input_ids"][0], batch["input_ids"][1:]
 
     def ids(self, limits: TruncationLimits | None) -> tuple[list[int], bool]:
         """As `encode_prompt`."""
         return _left_truncate(self.tokenizer, _with_bos(self.tokenizer, list(self.text_ids)), limits)
 
-    def response(self, response: str, eot: list[int] | None = None) -> tuple[list[int], bool]:
-        """(response ids + end of turn, whether the joint split held)."""
-        if self.lead and not response.startswith(self.lead):
-            response = self.lead + response
-        if not self.text:
-            ids, joint = self.tokenizer(response, add_special_tokens=False)["input_ids"], True
+    def response(self, i: int, eot: list[int] | None = None) -> tuple[list[int], bool]:
+        """(response i's ids + end of turn, whether the joint split held)."""
+        n, joint = len(self.text_ids), self._joint[i]
+        if joint[:n] == self.text_ids:
+            ids, ok = joint[n:], True
         else:
-            ids, joint = continuation_ids(self.tokenizer, self.text, response, self.text_ids)
-        return ids + (eot if eot is not None else self.eot), joint
+            ids, ok = self.tokenizer(self.responses[i], add_special_tokens=False)["input_ids"], False
+        return ids + (eot if eot is not None else self.eot), ok
 
 
 def _cut_response(ids: list[int], prompt_len: int, limits: TruncationLimits | None) -> tuple[list[int], bool]:
@@ -335,9 +338,9 @@ def encode_pair(tokenizer, prompt: Prompt, response: str, limits: TruncationLimi
 
     The result may have empty `response_ids` when the prompt leaves no room; callers drop it.
     """
-    text = _PromptText(tokenizer, prompt)
+    text = _PromptText(tokenizer, prompt, [response])
     prompt_ids, p_cut = text.ids(limits)
-    full, joint = text.response(response)
+    full, joint = text.response(0)
     response_ids, r_cut = _cut_response(full, len(prompt_ids), limits)
     return Encoded(prompt_ids, response_ids, p_cut, r_cut, joint)
 
@@ -427,10 +430,10 @@ def tokenize_preference(
     out = []
     for p in pairs:
         stats.total += 1
-        text = _PromptText(tokenizer, p.prompt)
+        text = _PromptText(tokenizer, p.prompt, [p.chosen, p.rejected])
         prompt_ids, p_cut = text.ids(limits)
         n = len(prompt_ids)
-        (chosen, c_joint), (rejected, r_joint) = text.response(p.chosen), text.response(p.rejected)
+        (chosen, c_joint), (rejected, r_joint) = text.response(0), text.response(1)
         chosen, c_cut = _cut_response(chosen, n, limits)
         rejected, r_cut = _cut_response(rejected, n, limits)
         stats.prompts_truncated += p_cut
