@@ -376,7 +376,7 @@ def _truncation(
         eot = end_of_turn_ids(tokenizer, p.prompt)
         drop = False
         for name, text, lengths in (("chosen", p.chosen, chosen_len), ("rejected", p.rejected, rejected_len)):
-            n = len(encode_response(tokenizer, text, eot=eot))
+            n = len(encode_response(tokenizer, text, p.prompt, eot=eot))
             lengths.append(n - len(eot))
             if limits.max_len is not None and prompt_len + n > limits.max_len:
                 cut.append(f"prompt + {name} {prompt_len + n} > {limits.max_len} tokens")

@@ -1,27 +1,42 @@
 """Prompt/response tokenisation with a safe boundary, chat templates and truncation.
 
-The boundary: the prompt's ids are the rendered prompt encoded alone (what the model sees at
-generation time), and the response's ids are the tail of the JOINT encoding of prompt +
-response (`continuation_ids`): the tokens the model produces after exactly those prompt ids.
-A SentencePiece (Metaspace) tokenizer prepends "▁" to each text it encodes, so encoding the
-response alone would turn " A" into ['▁', '▁A'] where the joint text has '▁A'. When a merge
-crosses the boundary (prompt "... a" + response "b..." as one token "ab"), the prompt's ids are
-not a prefix of the joint ids and no position splits prompt from response; then, and only
-then, the response is encoded alone, so the label mask never teaches a prompt token. The
-end-of-turn/EOS ids follow the response.
+The boundary rule: the response's tokens are the tokens that follow the prompt in the JOINT
+encoding of "prompt text + response text", i.e. the tokens a model produces after the prompt, and
+the prompt's tokens are the prompt's own encoding. When the prompt's ids are not a prefix of the
+joint ids (a BPE merge crosses the boundary: prompt "... a" + response "b..." can become one token
+"ab", or the prompt ends in whitespace that the joint text glues to the next word), no position
+splits prompt from response; only then is the response tokenised on its own
+(`tokenizer(response, add_special_tokens=False)`), and the case is counted
+(`TruncationStats.boundary_fallbacks`).
+
+Why joint: a SentencePiece-layout tokenizer (Llama-2 / Mistral: a Metaspace pre-tokenizer or a
+normaliser that prepends "▁" and turns spaces into "▁") encodes " A" alone as ['▁', '▁A'] while
+"Answer: A" ends in '▁A'; encoding the response alone would train (and score) a token the model
+never produces there. With a byte-level (GPT-2-style) tokenizer and a response that starts a new
+word (" Paris" after "Answer:"), the joint split and the separate encoding are the same ids.
+
+Chat templates: the response is appended to the rendered prompt as the template would render the
+assistant's turn. A template that puts text between the generation prompt and the content (the
+"lead": Llama-2's " " after "[/INST]", a "\n" after a role header) gets it in front of a response
+that does not already start with it. The end of the turn (`end_of_turn_ids`) is appended as ids.
 
 Special tokens: BOS (when the tokenizer adds one) goes only at the start of the prompt, never in
 front of the response; EOS is always appended to the response so the model learns to stop.
 
-Truncation (`TruncationLimits`): a prompt that is too long keeps its LAST `max_prompt_len`
-tokens (the question nearest the answer matters most; a leading BOS is kept), then the response
-is cut so that prompt + response <= `max_len` (a cut response loses its EOS). A record whose
-response would be empty is dropped. Every cut and drop is counted in `TruncationStats`.
+Truncation (`TruncationLimits`): the split is made on the full texts, then a prompt that is too
+long keeps its LAST `max_prompt_len` tokens (the question nearest the answer matters most; a
+leading BOS is kept), then the response is cut so that prompt + response <= `max_len` (a cut
+response loses its EOS). A record whose response would be empty is dropped. Every cut and drop is
+counted in `TruncationStats`.
+
+Generated responses go the other way through `decode_response`: the text of the response as it
+continues the prompt (a leading "▁" decodes to a space), so that encoding prompt + that text again
+gives back the generated ids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from alignkit.data.records import (
@@ -86,28 +101,77 @@ def end_of_turn_ids(tokenizer, prompt: Prompt) -> list[int]:
     EOS is `<|endoftext|>`), that token comes first, so the learned text matches what the
     template renders and generation still stops on EOS.
     """
+    return _assistant_turn(tokenizer, prompt)[1]
+
+
+def response_lead(tokenizer, prompt: Prompt) -> str:
+    """Text a chat template renders between the generation prompt and the assistant's content
+    ("" for a plain-string prompt, no template, or a template whose generation prompt is not a
+    prefix of the rendered turn)."""
+    return _assistant_turn(tokenizer, prompt)[0]
+
+
+def _assistant_turn(tokenizer, prompt: Prompt) -> tuple[str, list[int]]:
+    """(lead, end-of-turn ids) of the assistant's turn, from one render with a sentinel answer."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token: set one so responses can end")
     if isinstance(prompt, str) or not getattr(tokenizer, "chat_template", None):
-        return [eos]
+        return "", [eos]
     try:
         full = tokenizer.apply_chat_template(
             _as_dicts(prompt) + [{"role": "assistant", "content": _SENTINEL}], tokenize=False
         )
     except Exception:  # a template that refuses this conversation shape: EOS alone is safe
-        return [eos]
+        return "", [eos]
     if _SENTINEL not in full:
-        return [eos]
-    suffix = full.split(_SENTINEL, 1)[1].strip()
+        return "", [eos]
+    head, suffix = full.split(_SENTINEL, 1)
+    rendered = render_prompt(tokenizer, prompt)
+    lead = head[len(rendered) :] if head.startswith(rendered) else ""
+    suffix = suffix.strip()
     if not suffix:
-        return [eos]
+        return lead, [eos]
     ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     if len(ids) == 1 and ids[0] != eos and ids[0] in special:
-        return [ids[0], eos]
-    return [eos]
+        return lead, [ids[0], eos]
+    return lead, [eos]
+
+
+def continuation_ids(tokenizer, context: str, continuation: str, context_ids: list[int] | None = None) -> tuple[list[int], bool]:
+    """Ids of `continuation` as they follow `context` in the joint encoding, and whether the joint
+    split held.
+
+    context_ids: `tokenizer(context, add_special_tokens=False)` when the caller has it (no BOS).
+    When those ids are not a prefix of the joint ids, the continuation is tokenised alone and the
+    second value is False.
+    """
+    if context_ids is None:
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n = len(context_ids)
+    if joint[:n] == context_ids:
+        return joint[n:], True
+    return tokenizer(continuation, add_special_tokens=False)["input_ids"], False
+
+
+def decode_response(tokenizer, prompt_ids: list[int], response_ids: list[int]) -> str:
+    """Text of generated `response_ids` as it continues the prompt, special tokens removed.
+
+    A SentencePiece decoder drops the "▁" (space) that starts a sequence, so decoding a response
+    alone turns '▁Paris' into "Paris", and encoding prompt + "Paris" again would not give '▁Paris'.
+    Decoding prompt + response and cutting the decoded prompt keeps it; when the decoded prompt is
+    not a prefix of that text (a tokenizer that cleans up spaces across the boundary), the
+    response is decoded alone. Byte-level tokenizers give the same text either way.
+    """
+    alone = tokenizer.decode(response_ids, skip_special_tokens=True)
+    if not prompt_ids or not alone:
+        return alone
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.decode(list(prompt_ids) + list(response_ids), skip_special_tokens=True)
+    return full[len(head) :] if full.startswith(head) else alone
 
 
 @dataclass(frozen=True)
@@ -140,13 +204,15 @@ class TruncationStats:
 
     total: records seen. dropped: records removed because a response would be empty.
     prompts_truncated: prompts left-truncated. responses_truncated: responses cut (a preference
-    pair can contribute two).
+    pair can contribute two). boundary_fallbacks: responses tokenised alone because the prompt's
+    ids were not a prefix of the joint encoding (see the module docstring).
     """
 
     total: int = 0
     dropped: int = 0
     prompts_truncated: int = 0
     responses_truncated: int = 0
+    boundary_fallbacks: int = 0
 
     def report(self) -> dict[str, float]:
         """Counts plus fractions of the records seen, for logs."""
@@ -157,6 +223,7 @@ class TruncationStats:
             "dropped": self.dropped,
             "prompts_truncated": self.prompts_truncated,
             "responses_truncated": self.responses_truncated,
+            "boundary_fallbacks": self.boundary_fallbacks,
             "dropped_frac": self.dropped / n,
             "prompts_truncated_frac": self.prompts_truncated / n,
         }
@@ -191,6 +258,8 @@ class Encoded:
     response_ids: list[int]
     prompt_truncated: bool = False
     response_truncated: bool = False
+    joint: bool = True
+    """False when the response was tokenised alone (the joint split did not hold)."""
 
     @property
     def input_ids(self) -> list[int]:
@@ -205,6 +274,24 @@ def _adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """`ids` with BOS in front when the tokenizer adds one and they do not start with it."""
+    bos = tokenizer.bos_token_id
+    if (not ids or ids[0] != bos) and _adds_bos(tokenizer):
+        return [bos] + ids
+    return ids
+
+
+def _left_truncate(tokenizer, ids: list[int], limits: TruncationLimits | None) -> tuple[list[int], bool]:
+    """The last `max_prompt_len` ids (a leading BOS kept) and whether any were cut."""
+    limit = limits.max_prompt_len if limits is not None else None
+    if limit is None or len(ids) <= limit:
+        return ids, False
+    if ids and ids[0] == tokenizer.bos_token_id and limit > 1:
+        return [ids[0]] + ids[len(ids) - (limit - 1) :], True
+    return ids[len(ids) - limit :], True
+
+
 def encode_prompt(
     tokenizer, prompt: Prompt, limits: TruncationLimits | None = None
 ) -> tuple[list[int], bool]:
@@ -214,48 +301,44 @@ def encode_prompt(
     post-processors also append EOS, and a chat template may already render BOS as text.
     """
     ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    has_bos = bool(ids) and ids[0] == bos
-    if not has_bos and _adds_bos(tokenizer):
-        ids = [bos] + ids
-        has_bos = True
-    limit = limits.max_prompt_len if limits is not None else None
-    if limit is None or len(ids) <= limit:
-        return ids, False
-    if has_bos and limit > 1:
-        return [ids[0]] + ids[len(ids) - (limit - 1) :], True
-    return ids[len(ids) - limit :], True
+    return _left_truncate(tokenizer, _with_bos(tokenizer, ids), limits)
 
 
-def continuation_ids(tokenizer, context: str, continuation: str) -> list[int]:
-    """The ids `continuation` gets when it follows `context`: the tail of the joint encoding of
-    context + continuation, whenever the context's own ids are a prefix of it.
+def encode_response(tokenizer, response: str, prompt: Prompt = "", eot: list[int] | None = None) -> list[int]:
+    """Response ids (no BOS) as they follow the rendered `prompt` (the boundary rule of the module
+    docstring), followed by `end_of_turn_ids(tokenizer, prompt)` (EOS last).
 
-    A SentencePiece (Metaspace) tokenizer prepends "▁" to every text it encodes, so " A" alone
-    becomes ['▁', '▁A'] although "Answer: A" ends in '▁A': separate encoding would train and score
-    a token the model never produces after the prompt. Only when a merge crosses the boundary
-    (the context's ids are not a prefix) are the continuation's own ids used.
+    `eot` short-cuts the end-of-turn lookup when the caller already has it. With the default
+    empty prompt the response is tokenised as it starts a text.
     """
-    if not context:
-        return tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    joint = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    if len(joint) > len(ctx) and joint[: len(ctx)] == ctx:
-        return joint[len(ctx):]
-    return tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return _PromptText(tokenizer, prompt, [response]).response(0, eot)[0]
 
 
-def encode_response(
-    tokenizer, response: str, prompt: Prompt | None = None, eot: list[int] | None = None
-) -> list[int]:
-    """Response ids as they follow the rendered `prompt` (`continuation_ids`; alone when no
-    prompt is given), then `end_of_turn_ids(tokenizer, prompt)` (EOS last). No BOS.
+class _PromptText:
+    """A prompt rendered and tokenised once, with the joint encodings of its responses (one
+    tokenizer call for all of them)."""
 
-    `eot` short-cuts the end-of-turn lookup when the caller already has it.
-    """
-    context = render_prompt(tokenizer, prompt) if prompt is not None else ""
-    ids = continuation_ids(tokenizer, context, response)
-    return ids + (eot if eot is not None else end_of_turn_ids(tokenizer, prompt if prompt is not None else ""))
+    def __init__(self, tokenizer, prompt: Prompt, responses: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.text = render_prompt(tokenizer, prompt)
+        self.lead, self.eot = _assistant_turn(tokenizer, prompt)
+        lead = self.lead
+        self.responses = [lead + r if lead and not r.startswith(lead) else r for r in responses]
+        batch = tokenizer([self.text] + [self.text + r for r in self.responses], add_special_tokens=False)
+        self.text_ids, self._joint = batch["input_ids"][0], batch["input_ids"][1:]
+
+    def ids(self, limits: TruncationLimits | None) -> tuple[list[int], bool]:
+        """As `encode_prompt`."""
+        return _left_truncate(self.tokenizer, _with_bos(self.tokenizer, list(self.text_ids)), limits)
+
+    def response(self, i: int, eot: list[int] | None = None) -> tuple[list[int], bool]:
+        """(response i's ids + end of turn, whether the joint split held)."""
+        n, joint = len(self.text_ids), self._joint[i]
+        if joint[:n] == self.text_ids:
+            ids, ok = joint[n:], True
+        else:
+            ids, ok = self.tokenizer(self.responses[i], add_special_tokens=False)["input_ids"], False
+        return ids + (eot if eot is not None else self.eot), ok
 
 
 def _cut_response(ids: list[int], prompt_len: int, limits: TruncationLimits | None) -> tuple[list[int], bool]:
@@ -268,13 +351,15 @@ def _cut_response(ids: list[int], prompt_len: int, limits: TruncationLimits | No
 
 
 def encode_pair(tokenizer, prompt: Prompt, response: str, limits: TruncationLimits | None = None) -> Encoded:
-    """Tokenise prompt and response separately (the safe boundary) and apply `limits`.
+    """Tokenise prompt and response by the boundary rule and apply `limits`.
 
     The result may have empty `response_ids` when the prompt leaves no room; callers drop it.
     """
-    prompt_ids, p_cut = encode_prompt(tokenizer, prompt, limits)
-    response_ids, r_cut = _cut_response(encode_response(tokenizer, response, prompt), len(prompt_ids), limits)
-    return Encoded(prompt_ids, response_ids, p_cut, r_cut)
+    text = _PromptText(tokenizer, prompt, [response])
+    prompt_ids, p_cut = text.ids(limits)
+    full, joint = text.response(0)
+    response_ids, r_cut = _cut_response(full, len(prompt_ids), limits)
+    return Encoded(prompt_ids, response_ids, p_cut, r_cut, joint)
 
 
 @dataclass(frozen=True)
@@ -342,6 +427,7 @@ def tokenize_sft(
         enc = encode_pair(tokenizer, ex.prompt, ex.response, limits)
         stats.prompts_truncated += enc.prompt_truncated
         stats.responses_truncated += enc.response_truncated
+        stats.boundary_fallbacks += not enc.joint
         if not enc.response_ids:
             stats.dropped += 1
             continue
@@ -352,7 +438,8 @@ def tokenize_sft(
 def tokenize_preference(
     tokenizer, pairs: Iterable[PreferencePair], limits: TruncationLimits | None = None
 ) -> tuple[list[TokenizedPair], TruncationStats]:
-    """Tokenise preference pairs: one prompt encoding, each response cut against the same limits.
+    """Tokenise preference pairs: one prompt encoding shared by both responses (each split from its
+    own joint encoding), each response cut against the same limits.
 
     A pair is dropped (and counted) when either response would be empty.
     """
@@ -360,13 +447,15 @@ def tokenize_preference(
     out = []
     for p in pairs:
         stats.total += 1
-        prompt_ids, p_cut = encode_prompt(tokenizer, p.prompt, limits)
-        eot = end_of_turn_ids(tokenizer, p.prompt)
+        text = _PromptText(tokenizer, p.prompt, [p.chosen, p.rejected])
+        prompt_ids, p_cut = text.ids(limits)
         n = len(prompt_ids)
-        chosen, c_cut = _cut_response(encode_response(tokenizer, p.chosen, p.prompt, eot=eot), n, limits)
-        rejected, r_cut = _cut_response(encode_response(tokenizer, p.rejected, p.prompt, eot=eot), n, limits)
+        (chosen, c_joint), (rejected, r_joint) = text.response(0), text.response(1)
+        chosen, c_cut = _cut_response(chosen, n, limits)
+        rejected, r_cut = _cut_response(rejected, n, limits)
         stats.prompts_truncated += p_cut
         stats.responses_truncated += c_cut + r_cut
+        stats.boundary_fallbacks += (not c_joint) + (not r_joint)
         if not chosen or not rejected:
             stats.dropped += 1
             continue
@@ -385,6 +474,7 @@ def tokenize_unpaired(
         enc = encode_pair(tokenizer, ex.prompt, ex.completion, limits)
         stats.prompts_truncated += enc.prompt_truncated
         stats.responses_truncated += enc.response_truncated
+        stats.boundary_fallbacks += not enc.joint
         if not enc.response_ids:
             stats.dropped += 1
             continue

@@ -62,14 +62,14 @@ class LocalBackend:
         return f"LocalBackend({self.name!r}, batch_size={self.batch_size})"
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[str]:
-        from alignkit.data.tokenize import encode_prompt
+        from alignkit.data.tokenize import decode_response, encode_prompt
         from alignkit.models.generate import HFGenerator
 
         if not prompts:
             return []
         ids = [encode_prompt(self.tokenizer, p)[0] for p in prompts]
         out = HFGenerator(self.model, self.tokenizer, batch_size=self.batch_size).generate(ids, params)
-        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in out]
+        return [decode_response(self.tokenizer, p, r) for p, r in zip(ids, out)]
 
     def choice_probs(self, prompts: Sequence[Prompt], choices: tuple[str, str]) -> list[float]:
         from alignkit.data.tokenize import render_prompt

@@ -129,7 +129,7 @@ class RewardModelJudge:
 
     reward_model: a module with forward(input_ids (B, T), attention_mask (B, T)) -> (B,) rewards,
     read at the last real token (alignkit.models.heads.RewardModel). Pairs are tokenised as in
-    training (alignkit.data.tokenize.encode_pair: prompt and answer apart, EOS appended) and
+    training (alignkit.data.tokenize.encode_pair: the answer split from the joint encoding, EOS appended) and
     right-padded. Rewards within `tie_margin` of each other are a tie.
     """
 
@@ -273,7 +273,8 @@ class LLMJudge:
 
     Each pair is asked twice, with a first and with b first (see `both_orders`). The answer is
     read as P(label A) vs P(label B) at the position after the question, normalised over the
-    two. A label's probability sums its variants "A" and " A" (whichever the tokenizer makes);
+    two. A label's probability sums its variants "A" and " A" (whichever the tokenizer makes after
+    the question);
     when every variant is a single token one forward pass per query reads them all, otherwise
     each variant's token sequence is scored by teacher forcing.
 
@@ -307,9 +308,18 @@ class LLMJudge:
         return f"LLMJudge({type(self.model).__name__}, labels={self.labels}, chat={self.chat})"
 
     def _variants(self, label: str) -> list[list[int]]:
+        """The label's token sequences as they follow the question's fixed end (the template's text
+        after its last field, or the chat template's generation prompt): a SentencePiece tokenizer
+        encodes " A" on its own as ['▁', '▁A'], a token pair the model never emits there."""
+        from alignkit.data.tokenize import continuation_ids, render_prompt
+
+        if self.chat:
+            tail = render_prompt(self.tokenizer, (Message("user", "x"),))
+        else:
+            tail = self.template[self.template.rfind("}") + 1 :]
         seen: list[list[int]] = []
         for text in (label, " " + label):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = continuation_ids(self.tokenizer, tail, text)[0]
             if ids and ids not in seen:
                 seen.append(ids)
         if not seen:

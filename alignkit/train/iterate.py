@@ -209,12 +209,13 @@ def sample_pairs(
     """Two responses per prompt sampled from `policy` at `temperature`, decoded without special
     tokens: [(a_0, b_0), (a_1, b_1), ...] in the order of `prompt_ids`. The same seed, prompts
     and batch size give the same responses."""
+    from alignkit.data.tokenize import decode_response
     from alignkit.models.generate import HFGenerator, SamplingParams
 
     rows = [list(p) for p in prompt_ids for _ in range(2)]  # the two samples of a prompt side by side
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     gen = HFGenerator(policy, tokenizer, batch_size=batch_size).generate(rows, params)
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in gen]
+    texts = [decode_response(tokenizer, p, r) for p, r in zip(rows, gen)]  # "▁Paris" keeps its space
     return list(zip(texts[0::2], texts[1::2]))
 
 

@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from alignkit.config import ConfigError, TrainConfig
+from alignkit.data.tokenize import decode_response
 from alignkit.models.generate import HFGenerator, SamplingParams, cache_kwarg, distinct_prompts, new_kv_cache
 from alignkit.models.logprobs import position_ids_from_mask
 from alignkit.train import checkpoint as ckpt
@@ -470,7 +471,7 @@ def collect_rollout(
     input_ids = torch.cat([p_ids, r_ids], dim=1)  # (B, L)
     attention_mask = torch.cat([p_mask, r_mask], dim=1)  # (B, L)
     finished = torch.tensor(gen.finished, dtype=torch.bool, device=device)
-    responses = [tokenizer.decode(r, skip_special_tokens=True) for r in gen]
+    responses = [decode_response(tokenizer, p, r) for p, r in zip(rows, gen)]
     mask = r_mask.float()
 
     was_training = policy.training

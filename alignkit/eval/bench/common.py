@@ -9,9 +9,14 @@ A benchmark asks a model two kinds of question, and nothing else:
 object with these two methods in place of the model; `as_lm` lets it through unchanged, so the
 metric code is the same whichever answers.
 
-Scoring uses the safe boundary of `alignkit.data.tokenize`: prompt and continuation are tokenised
-separately and concatenated (BOS, when the tokenizer adds one, only before the prompt; no EOS),
-and only the continuation tokens are scored (labels -100 elsewhere).
+Scoring splits prompt and continuation as lm-evaluation-harness does (`_encode_pair`): prompt +
+continuation is tokenised as one text, and the continuation's tokens are those after the prompt's
+own tokens (`alignkit.data.tokenize.continuation_ids`). When the prompt's ids are not a prefix of
+the joint ids and the prompt ends in whitespace, that whitespace moves to the continuation first
+(lm-eval does this always; see `HFLM._split`); only when that fails too is the continuation
+tokenised alone. BOS, when the tokenizer adds one, goes only before the prompt; no EOS. Only the continuation tokens are scored (labels -100 elsewhere). Tokenising
+the continuation alone would be wrong for SentencePiece-layout tokenizers: " A" alone is
+['▁', '▁A'], while "Answer: A" ends in '▁A'.
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ class HFLM:
     # -- tokenisation -------------------------------------------------------------------------
 
     def _encode(self, prompt: str) -> list[int]:
-        """Prompt ids, BOS first when the tokenizer adds one (the safe-boundary rule)."""
+        """Prompt ids, BOS first when the tokenizer adds one (as in training)."""
         from alignkit.data.tokenize import encode_prompt
 
         return encode_prompt(self.tokenizer, prompt)[0]
@@ -116,26 +121,44 @@ class HFLM:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
-        """The continuation's ids come from the joint encoding of prompt + continuation (as
-        lm-evaluation-harness does), so a SentencePiece tokenizer scores '▁A', not ['▁', '▁A']."""
-        from alignkit.data.tokenize import continuation_ids, render_prompt
+    def _split(self, prompt: str, cont: str, cache: dict) -> tuple[list[int], list[int]]:
+        """(prompt ids with BOS, continuation ids) of one request, before any length cut.
 
+        The continuation's ids follow the prompt's in the joint encoding. When the prompt's ids are
+        not a prefix of it and the prompt ends in whitespace, that whitespace moves to the
+        continuation (lm-eval's rule: "Answer: " + "A" is scored as "Answer:" + " A"); when that
+        fails too, the continuation is tokenised alone."""
+        from alignkit.data.tokenize import continuation_ids
+
+        def context(text: str) -> tuple[list[int], list[int]]:
+            if text not in cache:
+                cache[text] = (self._encode(text), self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return cache[text]
+
+        ids, text_ids = context(prompt)
+        cont_ids, joint = continuation_ids(self.tokenizer, prompt, cont, text_ids)
+        stripped = prompt.rstrip()
+        if not joint and stripped != prompt:
+            ids2, text2 = context(stripped)
+            cont2, joint2 = continuation_ids(self.tokenizer, stripped, prompt[len(stripped) :] + cont, text2)
+            if joint2:
+                return ids2, cont2
+        return ids, cont_ids
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         encoded = []
-        full: dict[str, list[int]] = {}  # prompts repeat across options: tokenise each once
+        cache: dict[str, tuple[list[int], list[int]]] = {}  # prompts repeat across options
         cut: set[str] = set()
         for prompt, cont in requests:
-            cont_ids = continuation_ids(self.tokenizer, render_prompt(self.tokenizer, prompt), cont)
+            whole, cont_ids = self._split(prompt, cont, cache)
             if not cont_ids:
                 raise ValueError(f"empty continuation {cont!r}: nothing to score")
             if len(cont_ids) >= self.max_length:
                 raise ValueError(
                     f"continuation of {len(cont_ids)} tokens does not fit the model's {self.max_length}"
                 )
-            if prompt not in full:
-                full[prompt] = self._encode(prompt)
-            prompt_ids = self._left_cut(full[prompt], self.max_length - len(cont_ids))
-            if len(prompt_ids) < len(full[prompt]) and prompt not in cut:
+            prompt_ids = self._left_cut(whole, self.max_length - len(cont_ids))
+            if len(prompt_ids) < len(whole) and prompt not in cut:
                 cut.add(prompt)
                 self.truncated += 1
             if not prompt_ids:
