@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -547,3 +548,15 @@ def test_endpoint_errors_redact_every_form_of_the_key(form, monkeypatch):
     message = str(e.value)
     assert "HTTP 400" in message and "Zq81Zq81" not in message and "sk-" not in message, message
     assert form == "cut-at-300" or "[redacted]" in message
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_expect_100_continue_is_answered_at_once(server, tmp_path):
+    """curl sends `Expect: 100-continue` above 1 kB and waits up to 1 s for the 100 before the body."""
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"messages": [{"role": "user", "content": "hi " * 1000}], "max_tokens": 2}))
+    out = subprocess.run(["curl", "-s", "-m", "10", "-o", os.devnull, "-w", "%{http_code} %{time_total}",
+                          "-H", "Content-Type: application/json", "--data-binary", f"@{body}",
+                          server.url + "/chat/completions"], capture_output=True, text=True)  # fmt: skip
+    code, seconds = out.stdout.split()
+    assert code in ("200", "400") and float(seconds) < 0.9, out.stdout

@@ -251,7 +251,7 @@ def _tail(f) -> str:
 
 def _run(mode: str, program: str, timeout: float, memory_mb: int, max_procs: int) -> ExecResult:
     base = tempfile.mkdtemp(prefix="alignkit-sandbox-")
-    workdir = os.path.join(base, "work")
+    workdir = os.path.join(base, secrets.token_hex(8))  # base is 0711: other samples cannot find it
     start = time.monotonic()
     nonce = secrets.token_hex(16).encode()
     try:
@@ -262,7 +262,7 @@ def _run(mode: str, program: str, timeout: float, memory_mb: int, max_procs: int
         with open(os.path.join(workdir, "guard.py"), "w", encoding="utf-8") as f:
             f.write(_GUARD)
         if mode == "linux-namespaces+nobody":
-            os.chmod(base, 0o755)
+            os.chmod(base, 0o711)
             for name in ("program.py", "guard.py", ""):
                 os.chown(os.path.join(workdir, name), NOBODY, NOBODY)
         nproc = max_procs if mode != "linux-namespaces" else _user_procs() + max_procs
