@@ -310,7 +310,7 @@ RANGES: dict[str, tuple] = {
     **dict.fromkeys(("batch_size", "grad_accum", "epochs", "eval_batch_size", "forward_batch_size",
                      "generation_batch_size", "iterations", "max_len", "max_prompt_len", "max_n",
                      "max_new_tokens", "max_tokens_limit", "max_concurrency", "max_connections",
-                     "max_body_bytes", "n_boot", "n_rounds", "new_pairs_repeat", "patience", "ppo_epochs",
+                     "max_body_bytes", "max_pending", "n_boot", "n_rounds", "new_pairs_repeat", "patience", "ppo_epochs",
                      "prompts_per_round", "prompts_per_step", "reference_batch_size", "rollout_batch",
                      "rounds", "seq_len", "updates_per_rollout", "window", "default_max_tokens",
                      "sweep_steps", "group_size", "vocab_size"), _ONE),

@@ -13,12 +13,16 @@ the full contract. What it guarantees:
 - Validation: bad JSON, missing or mistyped fields, a last turn that is not the user's, absurd
   `max_tokens`, a prompt that does not fit the context: 4xx with an OpenAI-style JSON error
   {"error": {"message", "type", "param", "code"}} whose message names the field.
-- Bounded: request bodies over `max_body_bytes` get 413 (the body is drained, up to 16 MiB or
-  2 s, so the client reads the answer); a client has `read_deadline_s` for its whole request
-  (a slowloris trickle is dropped, and its thread freed); a body nested too deeply for the JSON
-  parser is a 400; at most `max_concurrency` requests are admitted at once (the rest wait up to
-  `queue_timeout_s` for a slot, then get 503 with Retry-After); more than `max_connections`
-  open connections get 503 at once.
+- Slow clients cannot lock it: one reader thread collects each request's headers and body
+  with a selector, without a thread per connection, and drops a connection that has not sent
+  its whole request within `read_deadline_s` (or sends nothing for `request_timeout_s`); only
+  complete requests reach a handler thread. At most `max_pending` connections may be sending
+  (more get 503 at once).
+- Bounded: request bodies over `max_body_bytes` get 413 (the body is drained, up to a limit, so
+  the client reads the answer); at most `max_concurrency` requests are admitted at once (the
+  rest wait up to `queue_timeout_s` for a slot, then get 503 with Retry-After); more than
+  `max_connections` requests being handled get 503 at once. JSON nested too deeply to decode
+  is a 400.
 - The model runs one request at a time under a lock (the n choices of a request are one batch).
 - Graceful shutdown on SIGINT / SIGTERM: stop accepting, finish the requests in flight, exit.
 
@@ -31,10 +35,13 @@ needs. The end-of-sequence token is neither in the text nor in the log-probs.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import os
+import re
 import secrets
+import selectors
 import signal
 import socket
 import sys
@@ -54,6 +61,8 @@ logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
+MAX_HEAD_BYTES = 64 * 1024
+DRAIN_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,18 +86,19 @@ class Config:
     max_n: int = 8
     """Largest n (choices per request)."""
     max_body_bytes: int = 1_000_000
-    """Larger request bodies get 413 (the body is drained, up to a bound, so the client reads it)."""
+    """Larger request bodies get 413 without being read."""
     max_concurrency: int = 8
     """Requests admitted at once (queued for or using the model)."""
     queue_timeout_s: float = 30.0
     """How long a request waits for an admission slot before 503."""
-    max_connections: int = 256
-    """Open connections beyond this are answered 503 at once."""
-    request_timeout_s: float = 30.0
-    """Socket timeout of one read while reading a request."""
+    max_connections: int = 64
+    """Complete requests being handled at once beyond this are answered 503 at once."""
+    max_pending: int = 1024
+    """Connections still sending their request beyond this are answered 503 at once."""
     read_deadline_s: float = 10.0
-    """Whole time a client has to send its request line, headers and body; a slower one is
-    dropped (a client trickling one byte a second cannot hold a connection)."""
+    """Overall limit on receiving one request's headers and body (slow clients are dropped)."""
+    request_timeout_s: float = 30.0
+    """Longest silence while receiving a request, and the socket timeout while answering."""
     dtype: str | None = None
     """Load the weights in this dtype (fp32, bf16, fp16); None keeps the saved one."""
 
@@ -153,10 +163,10 @@ def parse_request(raw: bytes, cfg: Config, served_name: str) -> ChatRequest:
 
     try:
         body = json.loads(raw.decode("utf-8"))
+    except RecursionError:  # the decoder's own guard, raised by a body like [[[[...]]]]
+        raise RequestError(400, "request body is nested too deeply to decode") from None
     except UnicodeDecodeError:
         raise RequestError(400, "request body is not UTF-8 text") from None
-    except RecursionError:
-        raise RequestError(400, "request body is nested too deeply") from None
     except json.JSONDecodeError as e:
         raise RequestError(
             400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
@@ -334,8 +344,152 @@ class ModelRunner:
         return out
 
 
+_HEAD_END = b"\r\n\r\n"
+_LENGTH = re.compile(rb"^content-length:[ \t]*(\S*)", re.IGNORECASE | re.MULTILINE)
+_EXPECT = re.compile(rb"^expect:[ \t]*100-continue", re.IGNORECASE | re.MULTILINE)
+
+
+class _Pending:
+    """A connection still sending its request: what came so far and when it must be complete."""
+
+    __slots__ = ("sock", "address", "data", "need", "deadline", "idle_deadline")
+
+    def __init__(self, sock, address, cfg: Config):
+        now = time.monotonic()
+        self.sock, self.address, self.data = sock, address, bytearray()
+        self.need: int | None = None  # total bytes of head + body, once the head is in
+        self.deadline = now + cfg.read_deadline_s
+        self.idle_deadline = now + cfg.request_timeout_s
+
+    def complete(self, max_body: int) -> bool:
+        """True once the head and the body it announces are in (or the body will not be read)."""
+        if self.need is None:
+            end = self.data.find(_HEAD_END)
+            if end < 0:
+                return False
+            head = bytes(self.data[:end])
+            match = _LENGTH.search(head)
+            try:
+                length = int(match.group(1)) if match else 0
+            except ValueError:  # the handler answers 400
+                length = 0
+            # no body to wait for: a bad length, chunked (411) or a body over the limit (413)
+            self.need = end + 4 + (length if 0 <= length <= max_body else 0)
+            if len(self.data) < self.need and _EXPECT.search(head):
+                try:  # the client waits for this before it sends the body (curl does, above 1 kB)
+                    self.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except OSError:
+                    pass
+        return len(self.data) >= self.need
+
+
+def _answer_and_close(sock, status: str, error: RequestError) -> None:
+    body = json.dumps(error.body())
+    try:
+        sock.setblocking(True)
+        sock.settimeout(1.0)
+        sock.sendall((f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                      f"Retry-After: 1\r\nConnection: close\r\n\r\n{body}").encode())  # fmt: skip
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class _Reader(threading.Thread):
+    """Receives every request whole with one selector (no thread per connection), then hands it
+    to the server; drops connections past their deadline."""
+
+    def __init__(self, server: _Server):
+        super().__init__(name="alignkit-serve-reader", daemon=True)
+        self.server = server
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        self.incoming: list[_Pending] = []
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def add(self, sock, address) -> None:
+        with self.lock:
+            self.incoming.append(_Pending(sock, address, self.server.app.cfg))
+        self.wake_w.send(b"x")
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake_w.send(b"x")
+        self.join()
+        for key in list(self.selector.get_map().values()):
+            if key.fileobj is not self.wake_r:
+                key.fileobj.close()
+        self.selector.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+    def run(self) -> None:
+        cfg = self.server.app.cfg
+        pending: dict = {}
+        while not self.stopping:
+            with self.lock:
+                new, self.incoming = self.incoming, []
+            for p in new:
+                if len(pending) >= cfg.max_pending:
+                    self.server.app.count("rejected_connections")
+                    _answer_and_close(p.sock, "503 Service Unavailable", RequestError(
+                        503, "too many connections sending requests; retry later", kind="server_busy"))
+                    continue
+                p.sock.setblocking(False)
+                pending[p.sock] = p
+                self.selector.register(p.sock, selectors.EVENT_READ, p)
+            now = time.monotonic()
+            wait = min((min(p.deadline, p.idle_deadline) for p in pending.values()), default=now + 1.0) - now
+            for key, _ in self.selector.select(max(0.0, min(wait, 1.0))):
+                if key.fileobj is self.wake_r:
+                    try:
+                        self.wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                self._receive(key.data, pending)
+            now = time.monotonic()
+            for p in [p for p in pending.values() if now >= min(p.deadline, p.idle_deadline)]:
+                self.server.app.count("timeouts")
+                self._forget(p, pending)
+                _answer_and_close(p.sock, "408 Request Timeout", RequestError(
+                    408, f"the request was not received within {cfg.read_deadline_s:g} s", kind="timeout"))
+
+    def _forget(self, p: _Pending, pending: dict) -> None:
+        self.selector.unregister(p.sock)
+        del pending[p.sock]
+
+    def _receive(self, p: _Pending, pending: dict) -> None:
+        cfg = self.server.app.cfg
+        try:
+            chunk = p.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # the client went away
+            self._forget(p, pending)
+            p.sock.close()
+            return
+        p.data += chunk
+        p.idle_deadline = time.monotonic() + cfg.request_timeout_s
+        if p.complete(cfg.max_body_bytes):
+            self._forget(p, pending)
+            p.sock.setblocking(True)
+            self.server.dispatch(p.sock, p.address, bytes(p.data))
+        elif p.need is None and len(p.data) > MAX_HEAD_BYTES:
+            self._forget(p, pending)
+            _answer_and_close(p.sock, "431 Request Header Fields Too Large",
+                              RequestError(431, f"request headers exceed {MAX_HEAD_BYTES} bytes"))  # fmt: skip
+
+
 class _Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer that joins its request threads on close and caps open connections."""
+    """ThreadingHTTPServer whose requests arrive whole through a _Reader before they get a
+    thread; it joins its request threads on close and caps the requests being handled."""
 
     daemon_threads = False  # server_close() waits for the requests in flight
     block_on_close = True
@@ -346,34 +500,38 @@ class _Server(ThreadingHTTPServer):
         self.request_queue_size = max(128, app.cfg.max_connections)
         self._open = 0
         self._open_lock = threading.Lock()
+        self.received: dict = {}  # socket -> the bytes of its request, for the handler
         super().__init__(address, handler)
+        self.reader = _Reader(self)
+        self.reader.start()
 
     def process_request(self, request, client_address):
+        self.reader.add(request, client_address)
+
+    def dispatch(self, request, client_address, data: bytes) -> None:
         with self._open_lock:
             full = self._open >= self.app.cfg.max_connections
             if not full:
                 self._open += 1
         if full:
             self.app.count("rejected_connections")
-            body = json.dumps(
-                RequestError(503, "too many open connections; retry later", kind="server_busy").body()
-            )
-            try:
-                request.sendall((f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-                                 f"{body}").encode())  # fmt: skip
-            except OSError:
-                pass
-            self.shutdown_request(request)
+            _answer_and_close(request, "503 Service Unavailable",
+                              RequestError(503, "too many open connections; retry later", kind="server_busy"))
             return
+        self.received[request] = data
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.received.pop(request, None)
             with self._open_lock:
                 self._open -= 1
+
+    def server_close(self) -> None:
+        self.reader.stop()
+        super().server_close()
 
 
 class _App:
@@ -401,29 +559,10 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.app.cfg.request_timeout_s
         super().setup()
-        # the deadline for the whole request (the socket timeout only bounds the gap between
-        # chunks): when it passes before the request is read, the socket is shut down
-        self._read_done = threading.Event()
-        self._deadline = threading.Timer(self.server.app.cfg.read_deadline_s, self._too_slow)
-        self._deadline.daemon = True
-        self._deadline.start()
+        self.rfile = io.BytesIO(self.server.received.pop(self.connection, b""))
 
-    def _too_slow(self) -> None:
-        if self._read_done.is_set():
-            return
-        self.server.app.count("slow_clients_dropped")
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _request_read(self) -> None:
-        self._read_done.set()
-        self._deadline.cancel()
-
-    def finish(self) -> None:
-        self._request_read()
-        super().finish()
+    def handle_expect_100(self) -> bool:
+        return True  # the reader answered 100 Continue already, before it received the body
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         # method, path and status only: never headers (Authorization) or bodies
@@ -458,7 +597,6 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        self._request_read()
         app = self.server.app
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/health":
@@ -484,16 +622,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._chat()
         except RequestError as e:
             self._error(e, {"Retry-After": "1"} if e.status == 503 else None)
-            if getattr(self, "_drain_after", 0):
-                self._request_read()
-                self.wfile.flush()
-                self._drain(self._drain_after)
+            if e.status == 413:
+                self._drain()
         except TimeoutError:
             self.server.app.count("timeouts")
             self.close_connection = True
         except Exception:  # a bug must not kill the server; the client gets a 500
             logger.exception("chat completion failed")
             self._error(RequestError(500, "internal error while generating", kind="server_error"))
+
+    def _drain(self) -> None:
+        """Read (and drop) the rest of a refused body, up to DRAIN_BYTES and `read_deadline_s`:
+        closing with unread data would reset the connection and lose the 413 at the client."""
+        self.wfile.flush()
+        left = min(getattr(self, "_unread", 0), DRAIN_BYTES)
+        deadline = time.monotonic() + self.server.app.cfg.read_deadline_s
+        try:
+            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(min(remaining, 1.0))
+                chunk = self.connection.recv(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def _read_body(self) -> bytes:
         cfg = self.server.app.cfg
@@ -509,28 +661,12 @@ class _Handler(BaseHTTPRequestHandler):
         if n < 0:
             raise RequestError(400, "Content-Length is negative")
         if n > cfg.max_body_bytes:
-            self._drain_after = n
+            self._unread = n - len(self.rfile.read())
             raise RequestError(413, f"request body of {n} bytes exceeds the limit of {cfg.max_body_bytes}")
         data = self.rfile.read(n)
         if len(data) != n:
             raise RequestError(400, f"request body ended after {len(data)} of {n} bytes")
-        self._request_read()
         return data
-
-    def _drain(self, n: int) -> None:
-        """Read and drop up to `n` bytes (at most 16 MiB, 2 s) of a refused body after the answer
-        went out: closing with unread data would reset the connection, and the client would see
-        a broken pipe instead of the 413."""
-        end, left = time.monotonic() + 2.0, min(n, 16 * 2**20)
-        self.connection.settimeout(0.2)
-        try:
-            while left > 0 and time.monotonic() < end:
-                chunk = self.connection.recv(min(65536, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass
 
     def _chat(self) -> None:
         app = self.server.app

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -411,3 +412,151 @@ def test_api_key_never_appears_in_logs_or_outputs(model_dir, tmp_path, monkeypat
     assert caplog.records  # the server did log its requests
     for blob in (_all_text(files), caplog.text, out, err, text):
         assert KEY not in blob and KEY[10:30] not in blob
+
+
+# ---- hostile clients -----------------------------------------------------------------------------
+
+
+def slow_and_real_clients(url: str, n_slow: int = 50, n_real: int = 20, slow_for_s: float = 3.0) -> dict:
+    """Open `n_slow` sockets that trickle a request one byte every 0.1 s, then send `n_real` chat
+    requests (4 at a time) while they are open; the latency of each real request, in seconds."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    slow = []
+    for _ in range(n_slow):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        slow.append(s)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(0.1):
+            for s in slow:
+                try:
+                    s.send(b"X")
+                except OSError:
+                    pass
+
+    dripper = threading.Thread(target=trickle)
+    dripper.start()
+    time.sleep(0.3)
+
+    def real(i):
+        t = time.monotonic()
+        status, _, _ = _post(url + "/chat/completions", {"messages": MSG, "max_tokens": 2, "temperature": 0},
+                             timeout=10)  # fmt: skip
+        return status, time.monotonic() - t
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(real, range(n_real)))
+        time.sleep(max(0.0, slow_for_s - 0.3))
+        closed = 0
+        for s in slow:  # past the read deadline every slow socket got a 408 and was closed
+            s.settimeout(2.0)
+            try:
+                data = s.recv(4096)
+                closed += data.startswith(b"HTTP/1.1 408") or data == b""
+            except OSError:
+                closed += 1
+    finally:
+        stop.set()
+        dripper.join()
+        for s in slow:
+            s.close()
+    lat = sorted(t for _, t in results)
+    return {"statuses": [s for s, _ in results], "latencies": lat, "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "slow_closed": closed}  # fmt: skip
+
+
+def test_slow_clients_do_not_lock_out_real_ones(model_dir):
+    """50 slowloris sockets (more than max_connections=16) while 20 real requests come: every real
+    one is answered 200 within 1 s, and every slow one is cut at the 1.5 s read deadline."""
+    cfg = Config(model=str(model_dir / "model"), port=0, max_connections=16, read_deadline_s=1.5)
+    with start(cfg) as srv:
+        out = slow_and_real_clients(srv.url, slow_for_s=2.5)
+        stats = srv.stats
+    assert out["statuses"] == [200] * 20 and out["latencies"][-1] < 1.0, out
+    assert out["slow_closed"] == 50 and stats["timeouts"] == 50
+
+
+def test_deeply_nested_json_is_a_400(server):
+    for raw in (b"[" * 5000 + b"]" * 5000, b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        status, body, _ = _post(server.url + "/chat/completions", raw=raw)
+        assert status == 400 and "nested too deeply" in body["error"]["message"]
+
+
+def test_oversized_body_gets_a_readable_413(server):
+    """The client sends all of a 200 kB body (limit 20 kB) and reads the 413, no reset."""
+    status, body, _ = _post(server.url + "/chat/completions", raw=b" " * 200_000)
+    assert status == 413 and "exceeds the limit of 20000" in body["error"]["message"]
+    host, port = server.url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n" + b" " * 2_000_000)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"exceeds the limit" in answer
+
+
+def test_headers_that_never_end_are_refused(server):
+    host, port = server.url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70_000)
+        assert s.recv(4096).startswith(b"HTTP/1.1 431")
+
+
+@pytest.mark.parametrize("form", ["plain", "json", "json-unicode", "url", "html", "cut-at-300"])
+def test_endpoint_errors_redact_every_form_of_the_key(form, monkeypatch):
+    """An endpoint that echoes the key (raw, JSON-escaped, \\u-escaped, %-encoded, HTML-escaped,
+    or across the 300-byte cut) in its error: the EndpointError shows none of it."""
+    import html
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    key = 'sk-"echo/' + "Zq81" * 6
+    echoed = {
+        "plain": key,
+        "json": json.dumps(key)[1:-1],
+        "json-unicode": "".join(f"\\u{ord(c):04x}" for c in key),
+        "url": urllib.parse.quote(key, safe=""),
+        "html": html.escape(key),
+        "cut-at-300": "x" * 270 + key,  # the key straddles byte 300 of the body
+    }[form]
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = ('{"error": "bad key: ' + echoed + ' (check it)"}').encode()
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("ALIGNKIT_ECHO_KEY", key)
+    try:
+        with pytest.raises(EndpointError) as e:
+            EndpointBackend(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "m", api_key_env="ALIGNKIT_ECHO_KEY",
+                            max_retries=0).generate(["hi"], SamplingParams(max_new_tokens=2))  # fmt: skip
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    message = str(e.value)
+    assert "HTTP 400" in message and "Zq81Zq81" not in message and "sk-" not in message, message
+    assert form == "cut-at-300" or "[redacted]" in message
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_expect_100_continue_is_answered_at_once(server, tmp_path):
+    """curl sends `Expect: 100-continue` above 1 kB and waits up to 1 s for the 100 before the body."""
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"messages": [{"role": "user", "content": "hi " * 1000}], "max_tokens": 2}))
+    out = subprocess.run(["curl", "-s", "-m", "10", "-o", os.devnull, "-w", "%{http_code} %{time_total}",
+                          "-H", "Content-Type: application/json", "--data-binary", f"@{body}",
+                          server.url + "/chat/completions"], capture_output=True, text=True)  # fmt: skip
+    code, seconds = out.stdout.split()
+    assert code in ("200", "400") and float(seconds) < 0.9, out.stdout

@@ -433,26 +433,26 @@ def _is_loopback(host: str | None) -> bool:
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
 
-def redact_secret(text: str, secret: str | None) -> str:
-    """`text` with `secret` replaced by "[redacted]" in the forms an endpoint may echo it: as it
-    is, JSON-escaped (with or without \\u escapes of every character, "/" as "\\/"), and
-    percent-encoded."""
-    if not secret:
-        return text
-    import urllib.parse
+_HTML_NAMES = {'"': "&quot;", "&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;"}
 
-    forms = {
-        secret,
-        json.dumps(secret)[1:-1],
-        json.dumps(secret)[1:-1].replace("/", "\\/"),
-        "".join(f"\\u{ord(c):04x}" for c in secret),
-        "".join(f"\\u{ord(c):04X}" for c in secret),
-        urllib.parse.quote(secret, safe=""),
-        urllib.parse.quote_plus(secret),
-    }
-    for form in sorted(forms, key=len, reverse=True):
-        text = text.replace(form, "[redacted]")
-    return text
+
+def redact_secret(text: str, secret: str, mark: str = "[redacted]") -> str:
+    """`text` with every occurrence of `secret` replaced by `mark`, also where each character
+    may be written escaped: JSON \\uXXXX or \\/, \\xXX, %XX (URL), &#NN; / &#xXX; / &quot; (HTML), in
+    any mix and hex case. A secret shorter than 4 characters is left alone (it would match
+    everywhere)."""
+    if len(secret) < 4:
+        return text
+    parts = []
+    for ch in secret:
+        code = ord(ch)
+        forms = [re.escape(ch), "\\\\" + re.escape(ch), f"\\\\u{code:04x}", f"&#0*{code};", f"&#x0*{code:x};"]
+        if code < 256:
+            forms += [f"%{code:02x}", f"\\\\x{code:02x}"]
+        if ch in _HTML_NAMES:
+            forms.append(_HTML_NAMES[ch])
+        parts.append("(?:" + "|".join(forms) + ")")
+    return re.sub("".join(parts), mark, text, flags=re.IGNORECASE)
 
 
 class EndpointJudge:
@@ -537,7 +537,7 @@ class EndpointJudge:
         data = json.dumps(body).encode("utf-8")
 
         def redact(text: str) -> str:
-            return redact_secret(text, key)
+            return redact_secret(text, key) if key else text
 
         problem = ""
         for attempt in range(self.max_retries + 1):
@@ -548,8 +548,8 @@ class EndpointJudge:
                 with self._opener.open(request, timeout=self.timeout) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as e:
-                # redact the whole echo first, then cut: a cut key would slip past the redaction
-                snippet = redact(e.read(65536).decode("utf-8", "replace"))[:300]
+                # redact before cutting: a cut first could keep a prefix of the key
+                snippet = redact(e.read(64 * 1024).decode("utf-8", "replace"))[:300]
                 problem = f"HTTP {e.code}: {snippet}"
                 if e.code in RETRY_STATUS:
                     continue
@@ -560,7 +560,7 @@ class EndpointJudge:
             try:
                 return json.loads(raw)
             except ValueError:
-                problem = "the answer is not JSON: " + redact(raw[:65536].decode("utf-8", "replace"))[:200]
+                problem = "the answer is not JSON: " + redact(raw[: 64 * 1024].decode("utf-8", "replace"))[:200]
                 break
         # drop the key from this frame (a traceback printed with its locals shows them) and leave
         # the urllib exception unchained: neither is needed to understand the failure

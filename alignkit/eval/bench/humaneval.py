@@ -7,8 +7,10 @@ Protocol: the model continues the task's `prompt` (imports, signature, docstring
 continuation is cut before the first stop sequence ("\\ndef ", "\\nclass ", "\\nif __name__",
 "\\nprint(", "\\n#", after decoding), so only the function body is kept. The program
 `prompt + completion + test + check(entry_point)` then runs in a separate process (see
-`alignkit.eval.bench.sandbox`: time limit, no network, throwaway directory). A sample passes when
-the program exits cleanly.
+`alignkit.eval.bench.sandbox`: time limit, no network, throwaway directory). A sample passes only
+when `check(entry_point)` returns normally, proven by a per-run nonce the harness writes after it
+(OpenAI human-eval's rule): an exit of any kind, even `sys.exit(0)`, fails. The sandbox's
+isolation mode is reported as `metrics["sandbox"]`.
 
 pass@k is the unbiased estimator of Chen et al. 2021 (section 2.1, and their numerically stable
 form): with n samples per task of which c pass,
@@ -18,8 +20,8 @@ form): with n samples per task of which c pass,
 averaged over tasks; it is reported for k in {1, 10, 100} up to n. Greedy decoding (the default)
 needs n = 1; several samples need temperature > 0.
 
-Model-written code is executed. The sandbox is a guard against accidents, not a security
-boundary: run this benchmark inside a container without network when the model is untrusted.
+Model-written code is executed. docs/security.md says what the sandbox isolates on which
+platform; run this benchmark inside a VM or container without network when the model is untrusted.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from alignkit.config import ConfigError
 from alignkit.data.load import DataError
 from alignkit.eval.bench.common import GenOptions, as_lm, field, find_file, mean, read_jsonl, truncated_count
-from alignkit.eval.bench.sandbox import run_program
+from alignkit.eval.bench.sandbox import isolation, run_program
 
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 KS = (1, 10, 100)
@@ -131,8 +133,8 @@ def run(
             "n_samples": n_samples,
             "temperature": temperature,
             "timeouts": sum(r.status == "timeout" for r in results),
+            "sandbox": isolation(),
             "truncated_prompts": truncated_count(lm),
-            "sandbox": sorted({r.isolation for r in results}),
         }
     )
     return {"metrics": metrics, "records": records}
