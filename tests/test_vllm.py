@@ -116,6 +116,31 @@ def test_after_an_optimizer_step_the_synced_engine_decodes_like_the_trained_mode
 
 
 @needs_vllm
+def test_a_lora_policy_is_merged_for_the_push(tiny):
+    """A peft LoRA policy with non-zero adapters: the engine decodes like the wrapped model (the
+    adapters reach vLLM merged), and the policy's own weights are unmerged again afterwards."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.load import apply_lora
+    from alignkit.models.vllm_engine import VLLMGenerator
+
+    _, tok, _ = tiny
+    policy = apply_lora(tiny_llama("tiny", tokenizer=tok, seed=2).float(), ModelConfig(path="x", lora_r=4))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5)
+    policy.eval()
+    prompts, params = _prompts(tok), SamplingParams(max_new_tokens=8, greedy=True)
+    hf = HFGenerator(policy, tok).generate(prompts, params)
+    with policy.disable_adapter():
+        base = HFGenerator(policy, tok).generate(prompts, params)
+    assert list(hf) != list(base)  # the adapters matter
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    assert list(VLLMGenerator(policy, tok).generate(prompts, params)) == list(hf)
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+@needs_vllm
 def test_sampling_params_map_onto_vllm(tiny):
     """Seeded sampling is reproducible, rows of one prompt get different seeds, and a top_k=1
     sample is the greedy decode (the filters reach vLLM)."""

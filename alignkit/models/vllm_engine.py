@@ -50,12 +50,22 @@ def import_vllm() -> Any:
 
 
 def merged_state_dict(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs in the plain transformers layout vLLM loads: for a peft LoRA model the
-    adapters are merged into the base weights (caller unmerges), names without peft's prefixes."""
+    """(name, tensor) pairs in the plain transformers layout vLLM loads. For a peft LoRA model each
+    adapted weight is yielded as base + its active adapters' delta (computed, the model is not
+    touched: merge/unmerge in place would drift the base weights by rounding), names without
+    peft's `base_layer` / `modules_to_save` parts, adapter tensors left out."""
     core = _core_model(model)
+    deltas = {}
+    for mod_name, mod in core.named_modules():
+        if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and not getattr(mod, "merged", False):
+            names = [a for a in getattr(mod, "active_adapters", []) if a in getattr(mod, "lora_A", {})]
+            if names:
+                deltas[f"{mod_name}.base_layer.weight"] = sum(mod.get_delta_weight(a) for a in names)
     for name, tensor in core.state_dict().items():
         if "lora_" in name or ".original_module." in name:
             continue
+        if name in deltas:
+            tensor = tensor + deltas[name].to(tensor.dtype)
         yield name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), tensor
 
 
@@ -96,7 +106,7 @@ class VLLMGenerator:
         if not self.cuda:
             _check_cpu_head_size(_core_model(policy).config)
         self._dir = tempfile.TemporaryDirectory(prefix="alignkit-vllm-")
-        with _merged(policy):
+        with torch.no_grad():
             _save_for_vllm(policy, self._dir.name)
         kwargs: dict[str, Any] = dict(
             model=self._dir.name, skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."),
@@ -122,7 +132,7 @@ class VLLMGenerator:
 
     def sync_weights(self) -> None:
         """Push the policy's current weights into the engine, in memory."""
-        with torch.no_grad(), _merged(self.policy):
+        with torch.no_grad():
             self._worker().reload_weights(weights_iterator=merged_state_dict(self.policy))
 
     def sampling_params(self, params: SamplingParams, row: int) -> Any:
@@ -177,22 +187,6 @@ def _check_cpu_head_size(config: Any) -> None:
     if head not in sizes:
         raise ValueError(f"rollout.engine=vllm on CPU: the policy's attention head size is {head}, vLLM's CPU "
                          f"attention supports {sizes} (e.g. the `tiny` preset, not `nano`); use rollout.engine=hf")
-
-
-class _merged:
-    """Merge a peft model's LoRA adapters into its base weights for the duration of the block."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.peft = callable(getattr(model, "merge_adapter", None))
-
-    def __enter__(self):
-        if self.peft:
-            self.model.merge_adapter()
-
-    def __exit__(self, *exc):
-        if self.peft:
-            self.model.unmerge_adapter()
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
