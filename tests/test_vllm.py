@@ -216,6 +216,33 @@ def test_grpo_first_steps_equal_with_vllm_and_hf(tiny, monkeypatch, stage_name):
     assert rows["hf"][0]["grad_norm"] > 1e-3
 
 
+@needs_vllm
+def test_ppo_two_steps_equal_with_vllm_and_hf(tiny, monkeypatch):
+    """PPO (separate critic, so greedy rollouts still have non-zero GAE advantages) with
+    rollout.engine=hf and =vllm, rollouts made greedy: every metric of two iterations equal, and
+    step 2's rollout follows the updated policy in both."""
+    from alignkit.train import ppo, rollout
+
+    root, _, _ = tiny
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(rollout, "SamplingParams", lambda **kw: SamplingParams(**{**kw, "greedy": True}))
+    rows = {}
+    for engine in ("hf", "vllm"):
+        out = root / f"ppo-{engine}"
+        cfg = load_config(ppo.Config, None, [
+            f"model.path={root / 'sft'}", f"data.path={root / 'prompts.jsonl'}", f"out={out}",
+            "reward.source=function", "reward.function=vllm_rewards:count_e", "iterations=2", "rollout_batch=4",
+            "train.batch_size=2", "ppo_epochs=2", "rollout.max_new_tokens=6", "value_model=separate",
+            "train.lr=5e-2", "train.precision=fp32", f"rollout.engine={engine}",
+        ])
+        ppo.run(cfg)
+        rows[engine] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for step in (0, 1):
+        for key in ("reward", "kl", "entropy", "approx_kl", "value_loss", "response_length"):
+            assert rows["vllm"][step][key] == pytest.approx(rows["hf"][step][key], rel=1e-5, abs=1e-6), (step, key)
+    assert rows["hf"][1]["kl"] != pytest.approx(0.0, abs=1e-6)
+
+
 def test_engine_is_a_config_key_with_a_clear_error():
     from alignkit.config import ConfigError
     from alignkit.train import grpo
