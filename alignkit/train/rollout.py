@@ -34,7 +34,14 @@ import torch
 
 from alignkit.config import ConfigError, TrainConfig
 from alignkit.data.tokenize import decode_response
-from alignkit.models.generate import HFGenerator, SamplingParams, cache_kwarg, distinct_prompts, new_kv_cache
+from alignkit.models.generate import (
+    Generator,
+    HFGenerator,
+    SamplingParams,
+    cache_kwarg,
+    distinct_prompts,
+    new_kv_cache,
+)
 from alignkit.models.logprobs import position_ids_from_mask
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.loop import reshape_schedule, truncate_metrics
@@ -91,6 +98,12 @@ class RolloutConfig:
     """Prompts decoded together (KV cache)."""
     forward_batch_size: int = 64
     """Rows per forward pass when recomputing log-probs and values without gradients."""
+    engine: str = "hf"
+    """Sampler: `hf` (our KV-cached loop, the reference) or `vllm` (needs vllm; docs/grpo.md)."""
+
+    def __post_init__(self):
+        if self.engine not in ("hf", "vllm"):
+            raise ConfigError(f"config key 'rollout.engine': expected 'hf' or 'vllm', got {self.engine!r}")
 
 
 @dataclass
@@ -431,6 +444,16 @@ RefLogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 """The same signature, returning the reference's (B, T) log-probs."""
 
 
+def make_generator(policy: Any, tokenizer: Any, engine: str = "hf", batch_size: int = 64) -> Generator:
+    """The rollout sampler of `engine`; a vLLM engine is started once per policy and receives the
+    policy's current weights in memory before each generate."""
+    if engine == "vllm":
+        from alignkit.models.vllm_engine import vllm_generator
+
+        return vllm_generator(policy, tokenizer)
+    return HFGenerator(policy, tokenizer, batch_size=batch_size)
+
+
 @torch.no_grad()
 def collect_rollout(
     policy: Any,
@@ -462,7 +485,7 @@ def collect_rollout(
     rows = [list(p) for p in prompt_ids for _ in range(group_size)]  # group members contiguous
     texts = [t for t in prompt_texts for _ in range(group_size)]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
-    gen = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size).generate(rows, params)
+    gen = make_generator(policy, tokenizer, cfg.engine, cfg.generation_batch_size).generate(rows, params)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else pad_id
     p_ids, p_mask = pad_left(rows, pad_id)  # (B, P)
@@ -538,10 +561,12 @@ def load_prompts(path: str, tokenizer: Any, max_prompt_len: int, limit: int = 0,
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def greedy_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+def greedy_responses(
+    model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, engine: str = "hf"
+) -> list[str]:
     """Greedy decoded responses (special tokens removed)."""
-    gen = HFGenerator(model, tokenizer).generate([list(p) for p in prompt_ids],
-                                                 SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
+    gen = make_generator(model, tokenizer, engine).generate([list(p) for p in prompt_ids],
+                                                          SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
     return [tokenizer.decode(r, skip_special_tokens=True) for r in gen]
 
 

@@ -1,0 +1,201 @@
+"""vLLM as a rollout engine behind the Generator protocol, colocated with the trainer.
+
+    gen = vllm_generator(policy, tokenizer)        # one engine per policy, started on first use
+    out = gen.generate(prompt_ids, SamplingParams(max_new_tokens=32, seed=0))
+
+The engine is built once from the policy (its config and weights saved to a temporary directory
+that vLLM reads at start); afterwards, before every `generate`, the policy's current weights are
+pushed into the engine in memory (no disk round trip), so a rollout always samples from the
+policy as the last optimiser step left it. Only token ids come back: the trainer recomputes every
+log-prob used in a loss. On CUDA the engine sleeps between rollouts (vLLM sleep mode, weights and
+KV cache released) and wakes up for the next one; on CPU sleep mode does not exist and is skipped.
+
+vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so the weight push is a plain
+function call. Install: `bash scripts/setup_vllm_venv.sh` (CPU, its own venv) or see
+docs/distributed-vllm.md for the CUDA build.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from alignkit.models.generate import Generations, SamplingParams, _core_model, _eos_ids
+
+INSTALL_HINT = (
+    "rollout.engine=vllm needs the `vllm` package, which is not importable in this Python ({exe}). "
+    "It needs its own environment (it pins its own torch): on CPU run `bash scripts/setup_vllm_venv.sh` "
+    "and use /work/venvs/vllm/bin/python; on GPU `pip install vllm` in a fresh venv "
+    "(docs/distributed-vllm.md). Or set rollout.engine=hf."
+)
+
+
+def import_vllm() -> Any:
+    """The vllm module, configured to run in this process; a clear ImportError when it is absent."""
+    import sys
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT.format(exe=sys.executable) + f" (import error: {e})") from e
+    return vllm
+
+
+def merged_state_dict(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs in the plain transformers layout vLLM loads. For a peft LoRA model each
+    adapted weight is yielded as base + its active adapters' delta (computed, the model is not
+    touched: merge/unmerge in place would drift the base weights by rounding), names without
+    peft's `base_layer` / `modules_to_save` parts, adapter tensors left out."""
+    core = _core_model(model)
+    deltas = {}
+    for mod_name, mod in core.named_modules():
+        if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and not getattr(mod, "merged", False):
+            names = [a for a in getattr(mod, "active_adapters", []) if a in getattr(mod, "lora_A", {})]
+            if names:
+                deltas[f"{mod_name}.base_layer.weight"] = sum(mod.get_delta_weight(a) for a in names)
+    for name, tensor in core.state_dict().items():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        if name in deltas:
+            tensor = tensor + deltas[name].to(tensor.dtype)
+        yield name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), tensor
+
+
+def _save_for_vllm(model: Any, path: str) -> None:
+    """Config, generation config and weights of the (merged) model in Hugging Face format."""
+    core = _core_model(model)
+    core.config.save_pretrained(path)
+    if getattr(core, "generation_config", None) is not None:
+        core.generation_config.save_pretrained(path)
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, t in merged_state_dict(model):
+        if t.data_ptr() in {v.data_ptr() for v in tensors.values()}:
+            continue  # tied weights (lm_head = embed_tokens): vLLM ties them from the config
+        tensors[name] = t.detach().to("cpu").contiguous().clone()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+class VLLMGenerator:
+    """A vLLM engine colocated with `policy` that samples from the policy's current weights.
+
+    kv_cache_mb: KV-cache size on CPU (vLLM reserves it up front); gpu_memory_utilization: the
+    share of GPU memory vLLM may take on CUDA; sleep: release weights and KV cache between
+    rollouts on CUDA (ignored on CPU).
+    """
+
+    def __init__(
+        self, policy: Any, tokenizer: Any = None, kv_cache_mb: int = 64, gpu_memory_utilization: float = 0.3,
+        sleep: bool = True, max_model_len: int | None = None,
+    ):
+        vllm = import_vllm()
+        self._policy = weakref.ref(policy)  # the engine cache must not keep the policy alive
+        self.eos_ids = _eos_ids(policy, tokenizer)
+        self.cuda = next(policy.parameters()).device.type == "cuda"
+        self.sleep_mode = sleep and self.cuda
+        dtype = next(policy.parameters()).dtype
+        if not self.cuda:
+            _check_cpu_head_size(_core_model(policy).config)
+        self._dir = tempfile.TemporaryDirectory(prefix="alignkit-vllm-")
+        with torch.no_grad():
+            _save_for_vllm(policy, self._dir.name)
+        kwargs: dict[str, Any] = dict(
+            model=self._dir.name, skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."),
+            enforce_eager=True, seed=0, max_model_len=max_model_len,
+        )
+        if self.cuda:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_mode)
+        else:
+            kwargs.update(kv_cache_memory_bytes=kv_cache_mb * 2**20)
+        self.llm = vllm.LLM(**kwargs)
+        self._vllm = vllm
+        self._asleep = False
+        if self.sleep_mode:
+            self.llm.sleep(level=2)
+            self._asleep = True
+
+    @property
+    def policy(self) -> Any:
+        return self._policy()
+
+    def _worker(self) -> Any:
+        return self.llm.llm_engine.model_executor.driver_worker.worker
+
+    def sync_weights(self) -> None:
+        """Push the policy's current weights into the engine, in memory."""
+        with torch.no_grad():
+            self._worker().reload_weights(weights_iterator=merged_state_dict(self.policy))
+
+    def sampling_params(self, params: SamplingParams, row: int) -> Any:
+        """vLLM's SamplingParams for prompt `row`: each row gets its own seed (seed + row), so the
+        G copies of one prompt in a GRPO group draw different samples."""
+        greedy = params.greedy or params.temperature == 0
+        kw: dict[str, Any] = dict(max_tokens=params.max_new_tokens, detokenize=False)
+        if greedy:
+            kw.update(temperature=0.0)
+        else:
+            kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1)
+            if params.seed is not None:
+                kw["seed"] = params.seed + row
+        if params.stop_at_eos and self.eos_ids:
+            kw["stop_token_ids"] = list(self.eos_ids)
+        else:
+            kw["ignore_eos"] = True
+        return self._vllm.SamplingParams(**kw)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
+        if params.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
+        if params.max_new_tokens == 0 or not prompts:
+            return Generations([[] for _ in prompts], [False] * len(prompts))
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+        self.sync_weights()
+        reqs = [{"prompt_token_ids": list(p)} for p in prompts]
+        sps = [self.sampling_params(params, i) for i in range(len(prompts))]
+        outs = self.llm.generate(reqs, sps, use_tqdm=False)
+        ids, finished = [], []
+        for o in outs:
+            toks = list(o.outputs[0].token_ids)
+            ids.append(toks)
+            finished.append(bool(params.stop_at_eos and toks and toks[-1] in self.eos_ids))
+        if self.sleep_mode:
+            self.llm.sleep(level=2)
+            self._asleep = True
+        return Generations(ids, finished)
+
+
+def _check_cpu_head_size(config: Any) -> None:
+    """vLLM's CPU attention kernel supports only some head sizes; fail at start, not mid-rollout."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise ValueError(f"rollout.engine=vllm on CPU: the policy's attention head size is {head}, vLLM's CPU "
+                         f"attention supports {sizes} (e.g. the `tiny` preset, not `nano`); use rollout.engine=hf")
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def vllm_generator(policy: Any, tokenizer: Any = None, **kwargs: Any) -> VLLMGenerator:
+    """The engine of `policy`, started on the first call and reused (weights re-synced) after."""
+    gen = _ENGINES.get(policy)
+    if gen is None:
+        gen = VLLMGenerator(policy, tokenizer, **kwargs)
+        _ENGINES[policy] = gen
+    return gen
