@@ -65,6 +65,9 @@ class DataConfig:
     """Prompt + response tokens kept (the response's end is cut)."""
     limit: int = 0
     """Use only the first N records (0: all)."""
+    max_no_signal: float = 0.5
+    """Preference stages stop before training when more than this fraction of pairs carry no signal
+    (empty, identical or near-identical responses, as `alignkit data lint` flags them); 1: never."""
 
 
 @dataclass(frozen=True)
@@ -320,7 +323,7 @@ RANGES: dict[str, tuple] = {
                      "kl_target", "limit", "log_every", "lora_r", "max_grad_norm", "mismatched_pairs",
                      "missing_eos_penalty", "n_principles", "save_every", "stats_pairs", "stop_approx_kl",
                      "vf_coef", "warmup_steps", "weight_decay", "warmup", "kl_growth_max"), _NONNEG),
-    **dict.fromkeys(("label_noise", "lam", "gamma", "entropy_ratio_min", "refusal_rise_max",
+    **dict.fromkeys(("label_noise", "max_no_signal", "lam", "gamma", "entropy_ratio_min", "refusal_rise_max",
                      "repetition_rise_max", "judge_agreement_min"), _UNIT),
     "lora_dropout": (0, 1, True, False),
     "confidence": (0, 1, False, False),

@@ -116,3 +116,19 @@ def test_a_diverged_run_is_one_line(tmp_path, capsys, monkeypatch):
     code = main(["sft", f"model.path={d}", f"data.path={tmp_path / 'x.jsonl'}", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "alignkit: error: step 3: loss is nan; the last good checkpoint is X"
+
+
+def test_pairs_without_signal_stop_before_training():
+    """chosen == rejected teaches a DPO or Bradley-Terry loss nothing (zero gradient): more than
+    data.max_no_signal of such pairs is an error naming the file, fewer a warning."""
+    from alignkit.data.lint import check_signal
+    from alignkit.data.load import DataError
+    from alignkit.data.records import PreferencePair
+
+    same = [PreferencePair(f"q{i}", f"The answer is {i}.", f"The answer is {i}.") for i in range(4)]
+    good = [PreferencePair(f"q{i}", f"The answer is {i}.", "idk, google it") for i in range(4, 8)]
+    with pytest.raises(DataError, match="data.jsonl: 4 of 4 pairs .* carry no preference signal"):
+        check_signal(same, "data.jsonl", 0.5)
+    assert "1 of 4 pairs (25%) carry no preference signal" in check_signal(same[:1] + good[:3], "data.jsonl", 0.5)
+    assert check_signal(good, "data.jsonl", 0.5) is None
+    assert check_signal(same, "data.jsonl", 1.0) is not None  # 1: never stop, still warn

@@ -453,6 +453,32 @@ def lint_preferences(
     return LintReport(records, flags, length, near_threshold, truncation, reasons=reasons)
 
 
+NO_SIGNAL = ("empty", "identical", "near_identical")
+"""Reasons a pair teaches nothing about which response is better (its two sides are the same)."""
+
+
+def check_signal(records: list[PreferencePair], source: str, max_no_signal: float) -> str | None:
+    """Before training: a `DataError` when more than `max_no_signal` of the pairs carry no signal
+    (`NO_SIGNAL`: empty, identical or near-identical responses; a DPO or Bradley-Terry loss on
+    chosen == rejected has zero gradient), else a warning text when some do, else None."""
+    from alignkit.data.load import DataError
+
+    if not records:
+        return None
+    report = lint_preferences(records)
+    counts = {r: n for r, n in report.counts().items() if r in NO_SIGNAL and n}
+    bad = sum(1 for fl in report.flags.values() if any(f.reason in NO_SIGNAL for f in fl))
+    if not bad:
+        return None
+    frac = bad / len(records)
+    what = (f"{bad} of {len(records)} pairs ({frac:.0%}) carry no preference signal "
+            f"({', '.join(f'{r}: {n}' for r, n in counts.items())})")  # fmt: skip
+    if frac > max_no_signal:
+        raise DataError(source, f"{what}, more than data.max_no_signal={max_no_signal:g}; "
+                                f"`alignkit data lint {source} --out DIR` writes a cleaned file")  # fmt: skip
+    return f"{source}: {what}; they train nothing (`alignkit data lint` removes them)"
+
+
 def _positions(path: str | os.PathLike, on_error: str) -> tuple[Any, list[int]]:
     """Load preference records while noting each record's position (line, record or row).
 

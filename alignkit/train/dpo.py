@@ -422,6 +422,11 @@ def _load_data(cfg: Config, tokenizer: Any):
         items: list = make_kto_items(examples, limits.max_len, cfg.train.seed)
         columns = kto_columns(items)
     else:
+        from alignkit.data.lint import check_signal
+
+        signal = check_signal(loaded.records, cfg.data.path, cfg.data.max_no_signal)
+        if signal:
+            warn(signal)
         items, trunc = tokenize_preference(tokenizer, loaded.records, limits)
         columns = preference_columns(items)
     warn(trunc.warnings(limits, cfg.data.path))

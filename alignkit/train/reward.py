@@ -31,6 +31,7 @@ import torch
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, required
 from alignkit.console import warn
 from alignkit.data.batching import PreferenceBatch, bucketed_batches, collate_preference, padding_fraction
+from alignkit.data.lint import check_signal
 from alignkit.data.load import load_records
 from alignkit.data.records import PreferencePair
 from alignkit.data.tokenize import TokenizedPair, TruncationLimits, tokenize_preference
@@ -322,6 +323,9 @@ def run(cfg: Config) -> dict:
     limits = TruncationLimits(max_prompt_len=cfg.data.max_prompt_len, max_len=cfg.data.max_len)
     items, trunc = tokenize_preference(tokenizer, loaded.records, limits)
     warn(trunc.warnings(limits, cfg.data.path))
+    signal = check_signal(loaded.records, cfg.data.path, cfg.data.max_no_signal)
+    if signal:
+        warn(signal)
     if not items:
         raise ValueError(f"{cfg.data.path}: no preference pair left after tokenisation")
     n_data = len(items)  # reward_stats.json describes the data's own responses
