@@ -37,6 +37,9 @@ class SamplingParams:
     """Seed of the sampling RNG; the same seed, prompts and batch size give the same tokens."""
     stop_at_eos: bool = True
     """End a response at its first EOS; False always generates max_new_tokens (benchmarks)."""
+    row_seeds: tuple[int, ...] | None = None
+    """One seed per prompt (overrides `seed`): each row samples from its own RNG, so its tokens do
+    not depend on the other prompts in the batch (a batch split over ranks samples the same)."""
 
 
 class Generations(list):
@@ -156,6 +159,11 @@ class HFGenerator:
         if params.seed is not None:
             rng = torch.Generator(device=device)
             rng.manual_seed(params.seed)
+        row_rngs = None
+        if params.row_seeds is not None:
+            if len(params.row_seeds) != len(prompts):
+                raise ValueError(f"row_seeds has {len(params.row_seeds)} seeds for {len(prompts)} prompts")
+            row_rngs = [torch.Generator(device=device).manual_seed(s) for s in params.row_seeds]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         ids: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
@@ -165,7 +173,8 @@ class HFGenerator:
             with torch.inference_mode():
                 for start in range(0, len(order), self.batch_size):
                     rows = order[start : start + self.batch_size]
-                    out, done = self._generate_batch([prompts[i] for i in rows], params, device, rng)
+                    batch_rng = rng if row_rngs is None else [row_rngs[i] for i in rows]
+                    out, done = self._generate_batch([prompts[i] for i in rows], params, device, batch_rng)
                     for j, i in enumerate(rows):
                         ids[i], finished[i] = out[j], done[j]
         finally:
@@ -173,13 +182,15 @@ class HFGenerator:
         return Generations(ids, finished)
 
     def _next_token(
-        self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None
+        self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | list[torch.Generator] | None
     ) -> torch.Tensor:
-        """logits: (B, V) float -> (B,) token ids."""
+        """logits: (B, V) float -> (B,) token ids; `rng` is one generator or one per row."""
         if params.greedy or params.temperature == 0:
             return logits.argmax(dim=-1)
-        logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(-1)
+        probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(dim=-1)
+        if isinstance(rng, list):
+            return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, rng)])
+        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
     def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
         kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions)

@@ -28,6 +28,14 @@ from alignkit.losses.advantages import group_advantages, masked_mean, rloo_advan
 from alignkit.losses.kl import get_kl_estimator
 from alignkit.losses.policy import entropy_from_logits, grpo_loss
 from alignkit.train import checkpoint as ckpt
+from alignkit.train.distributed import (
+    SINGLE,
+    Dist,
+    all_reduce_grads,
+    all_reduce_sums,
+    all_reduce_tensor,
+    my_rows,
+)
 from alignkit.train.rollout import (
     RewardConfig,
     Rollout,
@@ -137,10 +145,15 @@ def grpo_update(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generator: torch.Generator,
+    dist: Dist = SINGLE,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """`updates_per_rollout` passes over shuffled minibatches; returns mean statistics and the
     (B, T) detached log-probs of the first pass (those of the sampling policy when no separate
-    old-log-prob pass was made)."""
+    old-log-prob pass was made).
+
+    `ro` is the global batch (the same on every rank); under `dist` each rank computes its share
+    of every minibatch with the minibatch's global weights and the gradients are summed over
+    ranks, so the step is the one-process step."""
     n = len(ro)
     mb = max(1, min(cfg.train.batch_size, n))
     accum = max(1, cfg.train.grad_accum)
@@ -159,8 +172,9 @@ def grpo_update(
             idx = order[start : start + mb].sort().values
             tokens = ro.response_mask[idx].sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
-            stats: dict[str, float] = {}
-            for rows in idx.chunk(accum):
+            stats = dict.fromkeys(("loss", "clipfrac", "approx_kl", "kl_k3", "entropy"), 0.0)
+            mine = my_rows(idx, dist)
+            for rows in (mine.chunk(accum) if len(mine) else ()):
                 mask = ro.response_mask[rows]
                 r_ids = ro.response_ids[rows]
                 with autocast:
@@ -179,7 +193,9 @@ def grpo_update(
                 part = {"loss": w * loss.item(), "clipfrac": tw * float(st.clipfrac), "approx_kl": tw * float(st.approx_kl),
                         "kl_k3": tw * float(st.kl), "entropy": tw * float(ent)}
                 for k, v in part.items():
-                    stats[k] = stats.get(k, 0.0) + v
+                    stats[k] += v
+            all_reduce_grads(params, dist)
+            stats = all_reduce_sums(stats, dist)
             if cfg.train.max_grad_norm > 0:
                 stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
             optimizer.step()
@@ -187,7 +203,7 @@ def grpo_update(
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
-    return {k: v / max(count, 1) for k, v in sums.items()}, first_logp
+    return {k: v / max(count, 1) for k, v in sums.items()}, all_reduce_tensor(first_logp, dist)
 
 
 def _check(cfg: Config) -> None:
@@ -206,6 +222,7 @@ def _check(cfg: Config) -> None:
 def run(cfg: Config) -> dict:
     from alignkit.memory import PeakMemory
     from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
+    from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
     from alignkit.train.loop import build_optimizer, build_scheduler
     from alignkit.train.rollout import (
         append_jsonl,
@@ -224,14 +241,18 @@ def run(cfg: Config) -> dict:
     )
 
     _check(cfg)
+    dist = init_dist()
+    if cfg.prompts_per_step % dist.world:
+        raise ConfigError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of the {dist.world} ranks")
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    resume_from = ckpt.prepare_run_dir(out, cfg.train.resume, cfg.train.overwrite)
+    resume_from = ckpt.prepare_run_dir(out, cfg.train.resume, cfg.train.overwrite, main=dist.main)
+    barrier(dist)
     if resume_from is not None:
         check_resume(resume_from, to_dict(cfg), cfg.iterations)
-    device = pick_device()
+    device = device_for(dist) if dist.active else pick_device()
     torch.manual_seed(cfg.train.seed)
     world = None
     if cfg.world:
@@ -259,6 +280,7 @@ def run(cfg: Config) -> dict:
         gen = torch.Generator().manual_seed(cfg.train.seed)
         batches = prompt_batches(len(prompt_ids), cfg.prompts_per_step, cfg.train.seed)
         temperature, share = cfg.rollout.temperature, cfg.share_prompt_prefix
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         old_fn = None
         if needs_old_logprobs(cfg):
             def old_fn(ids, mask, r_ids):
@@ -272,23 +294,27 @@ def run(cfg: Config) -> dict:
         done, evals = 0, []
         if resume_from is not None:
             state = load_iteration(
-                resume_from, policy, [optimizer], [scheduler], gen, cfg.train, total_steps, metrics_path, batches
+                resume_from, policy, [optimizer], [scheduler], gen, cfg.train, total_steps, metrics_path, batches,
+                main=dist.main,
             )
             done, evals = state["step"], state["evals"]
         last: dict[str, Any] = (read_jsonl(metrics_path, missing_ok=True) or [{}])[-1]
         for it in range(done + 1, cfg.iterations + 1):
             t_it = time.perf_counter()
-            idx = next(batches)
+            idx, first = shard(next(batches), dist)  # this rank's prompts; their groups stay here
+            G = cfg.group_size
             ro = collect_rollout(
                 policy, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
-                cfg.rollout, logprob_fn=old_fn, ref_logprob_fn=ref_fn, group_size=cfg.group_size,
-                missing_eos_penalty=cfg.reward.missing_eos_penalty, seed=cfg.train.seed * 100003 + it,
+                cfg.rollout, logprob_fn=old_fn, ref_logprob_fn=ref_fn, group_size=G,
+                missing_eos_penalty=cfg.reward.missing_eos_penalty,
+                row_seeds=row_seeds(cfg.train.seed, it, first * G, len(idx) * G),
                 autocast=autocast_for(cfg.train.precision, device),
             )
+            ro = gather_rollout(ro, dist, pad_id)  # the global batch, on every rank
             t_roll = time.perf_counter() - t_it
             seq_reward = sequence_rewards(ro, cfg)
             adv = advantage_fn(seq_reward, cfg.group_size)  # (B,)
-            stats, first_logp = grpo_update(policy, ro, adv, cfg, optimizer, scheduler, gen)
+            stats, first_logp = grpo_update(policy, ro, adv, cfg, optimizer, scheduler, gen, dist)
             logp = ro.logprobs if old_fn is not None else first_logp
             kl_seq = ((logp - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
             groups = ro.scores.view(-1, cfg.group_size)
@@ -312,28 +338,31 @@ def run(cfg: Config) -> dict:
                 "rollout_s": t_roll,
                 "iteration_s": time.perf_counter() - t_it,
             }
-            if gold is not None:
+            if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
-            if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+            if dist.main and world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
                 ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
                 row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
-            append_jsonl(metrics_path, row)
+            if dist.main:
+                append_jsonl(metrics_path, row)
             last = row
-            if save_due(it, cfg.iterations, cfg.train):
+            if dist.main and save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, policy, {id(p) for p in params}, [optimizer], [scheduler], gen, {
                     "prompt_batches": it, "evals": evals, "config": to_dict(cfg),
                 }, cfg.train.keep_checkpoints)
 
-        save_model(policy, tokenizer, out / "final")
+        if dist.main:
+            save_model(policy, tokenizer, out / "final")
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations, "advantage": cfg.advantage,
                                   "reward_source": cfg.reward.source}
-        if world is not None:
+        if world is not None and dist.main:
             ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
             ev["during_training"] = evals
             write_json_atomic(out / "eval.json", ev)
             result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
                           win_rate_ci=ev["win_rate_ci"])
+    barrier(dist)  # the other ranks wait for rank 0's final model and evaluation
     result.update(
         reward=last.get("reward"), kl=last.get("kl"), gold_train=last.get("gold"),
         wall_s=time.perf_counter() - t0, peak_mem_mb=mem.peak_mb, lora=cfg.model.lora_r > 0,

@@ -35,6 +35,7 @@ from alignkit.losses.advantages import explained_variance, gae, masked_mean, mas
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from alignkit.train import checkpoint as ckpt
+from alignkit.train.distributed import SINGLE, Dist, all_reduce_grads, all_reduce_sums, my_rows
 from alignkit.train.rollout import (
     RewardConfig,
     Rollout,
@@ -213,10 +214,15 @@ def ppo_update(
     optimizers: list[torch.optim.Optimizer],
     schedulers: list[Any],
     generator: torch.Generator,
+    dist: Dist = SINGLE,
 ) -> dict[str, float]:
     """`cfg.ppo_epochs` passes of shuffled minibatches (train.batch_size rows, split into
     train.grad_accum micro-batches whose losses are weighted to give the exact minibatch mean).
-    Returns the means of the per-minibatch statistics."""
+    Returns the means of the per-minibatch statistics.
+
+    `batch` is the global batch (the same on every rank); under `dist` each rank computes its share
+    of every minibatch with the minibatch's global weights and the gradients are summed over
+    ranks, so every step is the one-process step."""
     n = batch.mask.shape[0]
     mb = max(1, min(cfg.train.batch_size, n))
     accum = max(1, cfg.train.grad_accum)
@@ -232,8 +238,9 @@ def ppo_update(
             tokens = sub.mask.sum().clamp(min=1)
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
-            stats: dict[str, float] = {}
-            for chunk in torch.arange(len(idx), device=idx.device).chunk(accum):
+            stats = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean", "vf_clipfrac"), 0.0)
+            mine = my_rows(torch.arange(len(idx), device=idx.device), dist)
+            for chunk in (mine.chunk(accum) if len(mine) else ()):
                 micro = sub.rows(chunk)
                 token_w = float(micro.mask.sum() / tokens)
                 row_w = len(chunk) / len(idx)
@@ -254,7 +261,9 @@ def ppo_update(
                     "vf_clipfrac": token_w * float(vclip),
                 }
                 for k, v in part.items():
-                    stats[k] = stats.get(k, 0.0) + v
+                    stats[k] += v
+            all_reduce_grads(policy_params + value_params, dist)
+            stats = all_reduce_sums(stats, dist)
             if cfg.train.max_grad_norm > 0:
                 stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.max_grad_norm))
                 torch.nn.utils.clip_grad_norm_(value_params, cfg.train.max_grad_norm)
@@ -309,6 +318,7 @@ def build_value_model(cfg: Config, policy: nn.Module, device: torch.device) -> t
 def run(cfg: Config) -> dict:
     from alignkit.memory import PeakMemory
     from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
+    from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
     from alignkit.train.loop import build_optimizer, build_scheduler
     from alignkit.train.rollout import (
         append_jsonl,
@@ -327,14 +337,18 @@ def run(cfg: Config) -> dict:
     )
 
     _check(cfg)
+    dist = init_dist()
+    if cfg.rollout_batch % dist.world:
+        raise ConfigError(f"config key 'rollout_batch' ({cfg.rollout_batch}) must be a multiple of the {dist.world} ranks")
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    resume_from = ckpt.prepare_run_dir(out, cfg.train.resume, cfg.train.overwrite)
+    resume_from = ckpt.prepare_run_dir(out, cfg.train.resume, cfg.train.overwrite, main=dist.main)
+    barrier(dist)
     if resume_from is not None:
         check_resume(resume_from, to_dict(cfg), cfg.iterations)
-    device = pick_device()
+    device = device_for(dist) if dist.active else pick_device()
     torch.manual_seed(cfg.train.seed)
     world = None
     if cfg.world:
@@ -368,6 +382,7 @@ def run(cfg: Config) -> dict:
         )
         gen = torch.Generator().manual_seed(cfg.train.seed)
         batches = prompt_batches(len(prompt_ids), cfg.rollout_batch, cfg.train.seed)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
         def logprob_fn(ids, mask, r_ids):
             logits, values = ac(ids, mask, r_ids)
@@ -381,25 +396,28 @@ def run(cfg: Config) -> dict:
         mon, stopped = (Monitor(cfg.monitor) if cfg.monitor.enabled else None), None
         if resume_from is not None:
             state = load_iteration(
-                resume_from, ac, optimizers, schedulers, gen, cfg.train, total_steps, metrics_path, batches
+                resume_from, ac, optimizers, schedulers, gen, cfg.train, total_steps, metrics_path, batches,
+                main=dist.main,
             )
             done, evals = state["step"], state["evals"]
             controller.load_state_dict(state["kl_controller"])
         last: dict[str, Any] = (read_jsonl(metrics_path, missing_ok=True) or [{}])[-1]
         for it in range(done + 1, cfg.iterations + 1):
             t_it = time.perf_counter()
-            idx = next(batches)
+            idx, first = shard(next(batches), dist)  # this rank's prompts
             ro = collect_rollout(
                 policy, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
                 cfg.rollout, logprob_fn=logprob_fn, ref_logprob_fn=ref_fn,
-                missing_eos_penalty=cfg.reward.missing_eos_penalty, seed=cfg.train.seed * 100003 + it,
+                missing_eos_penalty=cfg.reward.missing_eos_penalty,
+                row_seeds=row_seeds(cfg.train.seed, it, first, len(idx)),
                 autocast=autocast_for(cfg.train.precision, device),
             )
+            ro = gather_rollout(ro, dist, pad_id)  # the global batch, on every rank
             t_roll = time.perf_counter() - t_it
             beta = controller.beta
             batch, rewards, kl = make_batch(ro, beta, cfg)
             kl_seq = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
-            stats = ppo_update(ac, batch, cfg, optimizers, schedulers, gen)
+            stats = ppo_update(ac, batch, cfg, optimizers, schedulers, gen, dist)
             controller.update(float(kl.sum(-1).mean()), n_steps=len(ro))
             mask = ro.response_mask
             row: dict[str, Any] = {
@@ -429,13 +447,14 @@ def run(cfg: Config) -> dict:
             fired = [] if mon is None else observe_rollout(
                 mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses,
                 getattr(reward, "last_member_scores", None))
-            if gold is not None:
+            if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
-            if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+            if dist.main and world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
                 ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
                 row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
-            append_jsonl(metrics_path, row)
+            if dist.main:
+                append_jsonl(metrics_path, row)
             last = row
             if fired and cfg.monitor.stop:
                 stopped = {"iteration": it, "rules": fired, "restored": None}
@@ -444,20 +463,22 @@ def run(cfg: Config) -> dict:
                     ckpt.read_checkpoint(before, ac)
                     stopped["restored"] = str(before)
                 break
-            if save_due(it, cfg.iterations, cfg.train):
+            if dist.main and save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, ac, trainable, optimizers, schedulers, gen, {
                     "prompt_batches": it, "kl_controller": controller.state_dict(), "evals": evals,
                     "config": to_dict(cfg),
                 }, cfg.train.keep_checkpoints)
 
-        save_model(policy, tokenizer, out / "final")
+        if dist.main:
+            save_model(policy, tokenizer, out / "final")
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations}
-        if world is not None:
+        if world is not None and dist.main:
             ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
             ev["during_training"] = evals
             write_json_atomic(out / "eval.json", ev)
             result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
                           win_rate_ci=ev["win_rate_ci"])
+    barrier(dist)  # the other ranks wait for rank 0's final model and evaluation
     result.update(
         reward=last.get("reward"), kl=last.get("kl"), beta=controller.beta,
         gold_train=last.get("gold"), wall_s=time.perf_counter() - t0, peak_mem_mb=mem.peak_mb,

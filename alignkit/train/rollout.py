@@ -468,6 +468,7 @@ def collect_rollout(
     group_size: int = 1,
     missing_eos_penalty: float = 0.0,
     seed: int | None = None,
+    row_seeds: Sequence[int] | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> Rollout:
     """Sample `group_size` responses per prompt with the KV-cached generator, then score them.
@@ -478,13 +479,16 @@ def collect_rollout(
         from its first update, as GRPO does with one update per rollout).
     ref_logprob_fn: the frozen reference's log-probs, or None.
     missing_eos_penalty: subtracted from `scores` where a response has no EOS.
+    row_seeds: one sampling seed per response row (prompts x group_size, overrides `seed`), so a
+        row's tokens do not depend on the rank or batch that samples it (distributed.row_seeds).
     autocast: the update's autocast context (`autocast_for`), so that the log-prob passes round
         as the update does (under bf16 the ratio is then 1 and the KL 0 before the first step).
     """
     device = next(policy.parameters()).device
     rows = [list(p) for p in prompt_ids for _ in range(group_size)]  # group members contiguous
     texts = [t for t in prompt_texts for _ in range(group_size)]
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+                            row_seeds=None if row_seeds is None else tuple(row_seeds))
     gen = make_generator(policy, tokenizer, cfg.engine, cfg.generation_batch_size).generate(rows, params)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else pad_id
@@ -721,14 +725,14 @@ def save_due(iteration: int, iterations: int, train: TrainConfig) -> bool:
 
 def load_iteration(
     path: Path, model: torch.nn.Module, optimizers: list[Any], schedulers: list[Any], shuffle: torch.Generator,
-    train: TrainConfig, total_steps: int, metrics_path: Path, batches: Iterator[Any],
+    train: TrainConfig, total_steps: int, metrics_path: Path, batches: Iterator[Any], main: bool = True,
 ) -> dict:
     """Restore what `save_iteration` wrote into the freshly built objects and return its `state`.
 
     The schedulers follow `train`'s schedule over `total_steps` from the saved step (the loop's
     rule), metrics rows after the saved iteration (a killed run's) are dropped, the prompt
     `batches` iterator skips the batches already used, and the global RNGs are restored: call it
-    just before the first iteration.
+    just before the first iteration. Only `main` (rank 0) truncates the metrics.
     """
     saved = ckpt.read_checkpoint(path, model)
     for name, items in (("optimizer", optimizers), ("scheduler", schedulers)):
@@ -739,7 +743,8 @@ def load_iteration(
     for s in schedulers:
         reshape_schedule(s, train, total_steps)
     state = saved["trainer_state"]
-    truncate_metrics(metrics_path, state["step"])
+    if main:
+        truncate_metrics(metrics_path, state["step"])
     rng = saved["rng"][0]
     ckpt.set_rng_state(rng)
     shuffle.set_state(rng["shuffle"])

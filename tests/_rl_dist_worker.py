@@ -1,0 +1,59 @@
+"""PPO, GRPO and RLOO runs for tests/test_rl_distributed.py, in one process or under torchrun.
+
+    python tests/_rl_dist_worker.py --root DIR --tag one
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_rl_dist_worker.py --root DIR --tag two
+
+DIR holds the tiny policy (DIR/sft), the prompts and the reward function module, written by the
+test. Every stage runs 2 iterations into DIR/<tag>-<stage>; with `--resume-ppo` PPO runs 1
+iteration, then resumes to 2 (rank 0 writes, every rank reads the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from alignkit.config import load_config  # noqa: E402
+from alignkit.train import grpo, ppo, rloo  # noqa: E402
+
+COMMON = ["reward.source=function", "reward.function=dist_rewards:count_e", "train.precision=fp32",
+          "train.lr=5e-4", "rollout.max_new_tokens=6", "iterations=2"]
+STAGES = {
+    # minibatches of 3 and 1 rows: on 2 ranks a split of 2 + 1, then a rank with no row
+    "ppo": (ppo, ["rollout_batch=4", "train.batch_size=3", "ppo_epochs=2", "value_model=separate",
+                  "kl_target=1.0", "kl_horizon=10"]),
+    # two passes (an old-log-prob pass), minibatches of 4 and 2, 2 micro-batches each
+    "grpo": (grpo, ["prompts_per_step=2", "group_size=3", "train.batch_size=4", "updates_per_rollout=2",
+                    "train.grad_accum=2"]),
+    "rloo": (rloo, ["prompts_per_step=2", "group_size=2", "train.batch_size=4"]),
+}
+
+
+def overrides(root: Path, stage: str, tag: str) -> list[str]:
+    return [f"model.path={root / 'sft'}", f"data.path={root / 'prompts.jsonl'}", f"out={root / f'{tag}-{stage}'}",
+            *COMMON, *STAGES[stage][1]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--stages", default="ppo,grpo,rloo")
+    ap.add_argument("--resume-ppo", action="store_true")
+    args = ap.parse_args()
+    root = Path(args.root)
+    sys.path.insert(0, str(root))
+    for name in args.stages.split(","):
+        module, _ = STAGES[name]
+        args_ = overrides(root, name, args.tag)
+        if name == "ppo" and args.resume_ppo:
+            module.run(load_config(module.Config, None, [*args_, "iterations=1"]))
+            args_ = [*args_, "train.resume=true"]
+        module.run(load_config(module.Config, None, args_))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""PPO, GRPO and RLOO on 2 torchrun ranks (gloo) equal one process with the same global batch.
+
+One worker launch per side (tests/_rl_dist_worker.py runs all three stages): 2 iterations each;
+on 2 ranks PPO runs 1 iteration and resumes to 2 from rank 0's checkpoint. Metrics rows and the
+final weights must agree within 1e-5 (fp32). Also: the pieces that make it possible, by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.models.generate import HFGenerator, SamplingParams
+from alignkit.models.load import save_model, tiny_llama
+from alignkit.train.distributed import SINGLE, Dist, my_rows, row_seeds, shard
+
+WORKER = Path(__file__).resolve().parent / "_rl_dist_worker.py"
+TIMING = {"rollout_s", "iteration_s"}
+# a fraction of tokens at a clip boundary: on the first minibatch values == old values, and a
+# 1e-7 difference decides whether a tied token counts as clipped (the loss is the same either way)
+THRESHOLD_COUNTS = {"vf_clipfrac"}
+
+
+def test_shard_row_seeds_and_minibatch_split_by_hand():
+    """6 prompts on 2 ranks: rank 1 holds prompts 3..5, whose rows (G=2) start at global row 6;
+    its seeds are the one-process seeds of rows 6..11. A minibatch of 5 rows splits 3 + 2."""
+    d1 = Dist(rank=1, world=2)
+    assert shard(list("abcdef"), d1) == (list("def"), 3)
+    assert row_seeds(1, 2, 6, 6) == row_seeds(1, 2, 0, 12)[6:]
+    assert len(set(row_seeds(1, 2, 0, 12))) == 12
+    idx = torch.tensor([9, 2, 4, 0, 7])
+    assert my_rows(idx, Dist(rank=0, world=2)).tolist() == [9, 2, 4]
+    assert my_rows(idx, d1).tolist() == [0, 7]
+    assert my_rows(torch.tensor([3]), d1).tolist() == []  # a rank may get no row of a minibatch
+    assert my_rows(idx, SINGLE).tolist() == idx.tolist()
+    with pytest.raises(ValueError, match="split evenly"):
+        shard([1, 2, 3], d1)
+
+
+def test_row_seeded_sampling_does_not_depend_on_the_batch():
+    """With one seed per row, sampling 4 prompts together equals sampling them 2 + 2 (as two
+    ranks do), in any batch size; a single batch seed does not promise that."""
+    model = tiny_llama("nano", vocab_size=40, seed=3).eval()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [5, 6, 7]]
+    seeds = row_seeds(0, 1, 0, 4)
+    params = SamplingParams(max_new_tokens=8, row_seeds=seeds)
+    whole = HFGenerator(model, batch_size=4).generate(prompts, params)
+    halves = [HFGenerator(model, batch_size=1).generate(prompts[i : i + 2], SamplingParams(
+        max_new_tokens=8, row_seeds=seeds[i : i + 2])) for i in (0, 2)]
+    assert list(whole) == list(halves[0]) + list(halves[1])
+    assert whole[0] != whole[3]  # the same prompt twice (a GRPO group) gets different samples
+    with pytest.raises(ValueError, match="row_seeds"):
+        HFGenerator(model).generate(prompts, SamplingParams(row_seeds=seeds[:2]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from alignkit.models.bpe import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("rl_dist")
+    tok = train_bpe_tokenizer(["Human: What is one plus two?\nAssistant: three . four five six seven"] * 20, vocab_size=300)
+    save_model(tiny_llama("nano", tokenizer=tok, seed=0), tok, root / "sft")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Human: What is {w} plus two?\nAssistant:"}) + "\n"
+                                                for w in ("one", "two", "three", "four", "five", "six")))
+    (root / "dist_rewards.py").write_text("def count_e(prompts, responses):\n    return [r.count('e') / 4 for r in responses]\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
+    for tag, launcher, extra in (("one", [], []),
+                                 ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], ["--resume-ppo"])):
+        done = subprocess.run([sys.executable, *launcher, str(WORKER), "--root", str(root), "--tag", tag, *extra],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (root / f"{tag}.log").write_text(done.stderr)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo"])
+def test_two_ranks_equal_one_process(runs, stage):
+    one = [json.loads(x) for x in (runs / f"one-{stage}" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (runs / f"two-{stage}" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2] == [r["step"] for r in one]  # rank 0 alone wrote them
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for k in a.keys() - TIMING - THRESHOLD_COUNTS:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (stage, a["step"], k)
+    start = load_file(runs / "sft" / "model.safetensors")
+    wa = load_file(runs / f"one-{stage}" / "final" / "model.safetensors")
+    wb = load_file(runs / f"two-{stage}" / "final" / "model.safetensors")
+    assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-4  # the runs did train
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{stage} {k}: {m}")
+    if stage == "ppo":  # resumed on 2 ranks from rank 0's checkpoint
+        assert "resumed from" in (runs / "two.log").read_text() and "(iteration 1)" in (runs / "two.log").read_text()
