@@ -121,7 +121,7 @@ def _count_rollouts(monkeypatch) -> list[int]:
     calls, real = [], rollout_mod.collect_rollout
 
     def counted(*args, **kwargs):
-        calls.append(kwargs["seed"])
+        calls.append(kwargs["row_seeds"][0])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rollout_mod, "collect_rollout", counted)
