@@ -188,7 +188,9 @@ def hyperparameters(cfg: Any) -> dict[str, Any]:
     dict-valued field such as loss_params counts once), minus NOT_HYPERPARAMETERS (paths, how a
     result is computed, bookkeeping, evaluation) and minus knobs the other settings switch off
     (LoRA details without LoRA, epochs when max_steps is set, kl_horizon without kl_target, ...)."""
-    return {n: v for n, v in _leaves(cfg) if n not in NOT_HYPERPARAMETERS and not _inactive(n, cfg)}
+    # the reward-hacking monitor watches a run; it changes no update (monitor.stop only ends it early)
+    return {n: v for n, v in _leaves(cfg)
+            if n not in NOT_HYPERPARAMETERS and not n.startswith("monitor.") and not _inactive(n, cfg)}
 
 
 def count_hyperparameters(cfg: Any) -> dict:
