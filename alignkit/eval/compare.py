@@ -137,7 +137,7 @@ NOT_HYPERPARAMETERS = frozenset({
     # how a result is computed, not which result: the same numbers at another cost
     "reference", "reference_batch_size", "train.grad_accum", "train.precision",
     "train.strategy", "train.zero_stage", "train.offload", "data.max_no_signal",
-    "rollout.generation_batch_size", "rollout.forward_batch_size",
+    "rollout.generation_batch_size", "rollout.forward_batch_size", "rollout.engine",
     # a correctness switch nobody tunes (on: the step-0 loss is exactly the no-change value)
     "disable_dropout",
     # bookkeeping and evaluation
