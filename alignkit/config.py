@@ -107,6 +107,10 @@ class TrainConfig:
     """Show a progress bar."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
+    logprob_chunk: int = 1024
+    """Tokens per LM-head chunk when computing log-probs and the SFT loss (0: full logits)."""
+    packing: bool = False
+    """SFT and preference stages: concatenate a micro-batch's sequences into one row (no padding)."""
 
 
 def _type_name(tp: Any) -> str:
