@@ -17,7 +17,8 @@ import torch
 from alignkit.config import DataConfig, ModelConfig, TrainConfig
 from alignkit.data.batching import SFTBatch, bucketed_batches, collate_sft, padding_fraction
 from alignkit.data.load import load_records
-from alignkit.data.tokenize import TruncationLimits, tokenize_sft
+from alignkit.data.packing import PackedBatch, pack
+from alignkit.data.tokenize import TokenizedSFT, TruncationLimits, tokenize_sft
 from alignkit.models.chunked import DEFAULT_CHUNK, sft_loss_of_model
 from alignkit.train.loop import StepOutput, train
 
@@ -36,10 +37,17 @@ class Config:
     """Output directory; the model is saved to OUT/final."""
 
 
-def sft_step(model: torch.nn.Module, batch: SFTBatch, chunk: int = DEFAULT_CHUNK) -> StepOutput:
+def sft_step(model: torch.nn.Module, batch: SFTBatch | PackedBatch, chunk: int = DEFAULT_CHUNK) -> StepOutput:
     """Cross-entropy over response tokens; the sum and the token count go to the loop."""
+    if isinstance(batch, PackedBatch):  # block-diagonal attention from the restarting positions
+        loss_sum, n_tokens = sft_loss_of_model(model, batch.input_ids, None, batch.labels, chunk, batch.position_ids)
+        return StepOutput(loss=loss_sum, weight=n_tokens, metrics={"ntokens": float(batch.input_ids.numel())})
     loss_sum, n_tokens = sft_loss_of_model(model, batch.input_ids, batch.attention_mask, batch.labels, chunk)
     return StepOutput(loss=loss_sum, weight=n_tokens, metrics={"ntokens": float(batch.attention_mask.sum())})
+
+
+def collate_packed(items: list[TokenizedSFT]) -> PackedBatch:
+    return pack([it.prompt_ids for it in items], [it.response_ids for it in items])
 
 
 def run(cfg: Config) -> dict:
@@ -69,7 +77,7 @@ def run(cfg: Config) -> dict:
 
     result = train(
         model, functools.partial(sft_step, chunk=cfg.train.logprob_chunk), items,
-        lambda b: collate_sft(b, pad_id), plan, cfg.train, out,
+        collate_packed if cfg.train.packing else (lambda b: collate_sft(b, pad_id)), plan, cfg.train, out,
         save_fn=lambda m, d: save_model(m, tokenizer, d),
     )
     return {
