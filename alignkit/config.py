@@ -118,6 +118,10 @@ class TrainConfig:
     """DeepSpeed ZeRO stage: 2 shards gradients and optimizer states, 3 also the parameters."""
     offload: bool = False
     """Keep optimizer states (and with ZeRO-3 / FSDP2 the parameters) in CPU memory."""
+    logprob_chunk: int = 1024
+    """Tokens per LM-head chunk when computing log-probs and the SFT loss (0: full logits)."""
+    packing: bool = False
+    """SFT: concatenate each micro-batch's sequences into one row, no padding (alignkit.data.packing)."""
 
 
 def _type_name(tp: Any) -> str:
@@ -320,7 +324,7 @@ RANGES: dict[str, tuple] = {
     **dict.fromkeys(("center_coef", "clip", "clip_eps", "clip_eps_high", "clip_eps_value",
                      "critique_temperature", "temperature", "ent_coef", "ensemble_coef", "eval_every",
                      "eval_limit", "eval_max_new_tokens", "initial_pairs", "keep_checkpoints", "kl_coef",
-                     "kl_target", "limit", "log_every", "lora_r", "max_grad_norm", "mismatched_pairs",
+                     "kl_target", "limit", "log_every", "logprob_chunk", "lora_r", "max_grad_norm", "mismatched_pairs",
                      "missing_eos_penalty", "n_principles", "save_every", "stats_pairs", "stop_approx_kl",
                      "vf_coef", "warmup_steps", "weight_decay", "warmup", "kl_growth_max"), _NONNEG),
     **dict.fromkeys(("label_noise", "max_no_signal", "lam", "gamma", "entropy_ratio_min", "refusal_rise_max",

@@ -135,7 +135,7 @@ NOT_HYPERPARAMETERS = frozenset({
     "data.on_error", "data.limit", "reference_path", "cache_dir", "reward.model", "reward.function", "value_init",
     "reward.ensemble",
     # how a result is computed, not which result: the same numbers at another cost
-    "reference", "reference_batch_size", "train.grad_accum", "train.precision",
+    "reference", "reference_batch_size", "train.grad_accum", "train.precision", "train.logprob_chunk", "train.packing",
     "train.strategy", "train.zero_stage", "train.offload", "data.max_no_signal",
     "rollout.generation_batch_size", "rollout.forward_batch_size", "rollout.engine",
     # a correctness switch nobody tunes (on: the step-0 loss is exactly the no-change value)

@@ -8,6 +8,7 @@ make a base model that only continues text.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import random
@@ -18,8 +19,8 @@ import torch
 
 from alignkit.config import ModelConfig, TrainConfig, required
 from alignkit.data.batching import SFTBatch
-from alignkit.losses.sft import response_mask, sft_loss
-from alignkit.models.logprobs import forward_logits
+from alignkit.losses.sft import response_mask
+from alignkit.models.chunked import DEFAULT_CHUNK, sft_loss_of_model
 from alignkit.train.loop import StepOutput, train
 
 
@@ -85,10 +86,9 @@ def collate_blocks(blocks: list[torch.Tensor]) -> SFTBatch:
     return SFTBatch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
 
 
-def lm_step(model: torch.nn.Module, batch: SFTBatch) -> StepOutput:
+def lm_step(model: torch.nn.Module, batch: SFTBatch, chunk: int = DEFAULT_CHUNK) -> StepOutput:
     """Next-token loss over every labelled token; returns the sum and the token count."""
-    logits = forward_logits(model, batch.input_ids, batch.attention_mask)
-    loss_sum, n_tokens = sft_loss(logits, batch.labels)
+    loss_sum, n_tokens = sft_loss_of_model(model, batch.input_ids, batch.attention_mask, batch.labels, chunk)
     return StepOutput(loss=loss_sum, weight=n_tokens, metrics={"ntokens": float(batch.attention_mask.sum())})
 
 
@@ -121,7 +121,7 @@ def run(cfg: Config) -> dict:
     model = build_model(cfg.model, tokenizer)
     result = train(
         model,
-        lm_step,
+        functools.partial(lm_step, chunk=cfg.train.logprob_chunk),
         blocks,
         collate_blocks,
         shuffled_plan(len(blocks), cfg.train.batch_size, cfg.train.seed),

@@ -44,6 +44,7 @@ from torch import nn
 from alignkit.atomic import share_tree
 from alignkit.data.batching import collate_sft
 from alignkit.data.tokenize import TokenizedSFT
+from alignkit.models.chunked import DEFAULT_CHUNK, scored_logprobs
 from alignkit.models.logprobs import position_ids_from_mask
 
 CACHE_FORMAT = 1
@@ -77,6 +78,7 @@ def response_logps(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     chunk_tokens: int = 8192,
+    logprob_chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each row's label tokens, and their count: log pi(y | x) of DPO.
 
@@ -86,7 +88,9 @@ def response_logps(
     boolean `logits_to_keep`), so prompt and padding positions cost no (T, V) logits at all;
     a model that does not take `logits_to_keep` falls back to full logits, then selects.
     Position ids come from the mask, so the padding side does not matter. The logsumexp runs
-    over at most `chunk_tokens` rows of (N, V) at a time, in float32.
+    over at most `chunk_tokens` rows of (N, V) at a time, in float32. With `logprob_chunk` > 0
+    (and a model whose head splits off, `alignkit.models.chunked`) the (N, V) logits are never
+    built at all: the head runs `logprob_chunk` tokens at a time, forward and backward.
 
     Args:
         model: a causal LM (possibly wrapped in DDP / peft); called through its own forward.
@@ -95,6 +99,12 @@ def response_logps(
     Returns:
         sums (R,) float32 with gradient when enabled, counts (R,) int64.
     """
+    chunked = scored_logprobs(model, input_ids, attention_mask, labels, logprob_chunk)
+    if chunked is not None:
+        token_lp, keep = chunked  # (N,), (R, T)
+        rows = keep.nonzero()[:, 0]
+        sums = torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
+        return sums, keep.sum(-1)
     keep = torch.zeros_like(labels, dtype=torch.bool)  # (R, T): position t scores token t+1
     keep[:, :-1] = labels[:, 1:] != -100
     targets = labels[:, 1:][keep[:, :-1]]  # (N,)

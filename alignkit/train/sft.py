@@ -8,6 +8,7 @@ learns to answer, not to repeat prompts.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from alignkit.config import DataConfig, ModelConfig, TrainConfig
 from alignkit.console import warn
 from alignkit.data.batching import SFTBatch, bucketed_batches, collate_sft, padding_fraction
 from alignkit.data.load import load_records
-from alignkit.data.tokenize import TruncationLimits, tokenize_sft
-from alignkit.losses.sft import response_mask, sft_loss
-from alignkit.models.logprobs import forward_logits
+from alignkit.data.packing import PackedBatch, pack
+from alignkit.data.tokenize import TokenizedSFT, TruncationLimits, tokenize_sft
+from alignkit.losses.sft import response_mask
+from alignkit.models.chunked import DEFAULT_CHUNK, sft_loss_of_model
 from alignkit.train.loop import StepOutput, train
 
 
@@ -37,11 +39,17 @@ class Config:
     """Output directory; the model is saved to OUT/final."""
 
 
-def sft_step(model: torch.nn.Module, batch: SFTBatch) -> StepOutput:
+def sft_step(model: torch.nn.Module, batch: SFTBatch | PackedBatch, chunk: int = DEFAULT_CHUNK) -> StepOutput:
     """Cross-entropy over response tokens; the sum and the token count go to the loop."""
-    logits = forward_logits(model, batch.input_ids, batch.attention_mask)
-    loss_sum, n_tokens = sft_loss(logits, batch.labels)
+    if isinstance(batch, PackedBatch):  # block-diagonal attention from the restarting positions
+        loss_sum, n_tokens = sft_loss_of_model(model, batch.input_ids, None, batch.labels, chunk, batch.position_ids)
+        return StepOutput(loss=loss_sum, weight=n_tokens, metrics={"ntokens": float(batch.input_ids.numel())})
+    loss_sum, n_tokens = sft_loss_of_model(model, batch.input_ids, batch.attention_mask, batch.labels, chunk)
     return StepOutput(loss=loss_sum, weight=n_tokens, metrics={"ntokens": float(batch.attention_mask.sum())})
+
+
+def collate_packed(items: list[TokenizedSFT]) -> PackedBatch:
+    return pack([it.prompt_ids for it in items], [it.response_ids for it in items])
 
 
 def run(cfg: Config) -> dict:
@@ -71,7 +79,8 @@ def run(cfg: Config) -> dict:
         return bucketed_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch)
 
     result = train(
-        model, sft_step, items, lambda b: collate_sft(b, pad_id), plan, cfg.train, out,
+        model, functools.partial(sft_step, chunk=cfg.train.logprob_chunk), items,
+        collate_packed if cfg.train.packing else (lambda b: collate_sft(b, pad_id)), plan, cfg.train, out,
         save_fn=lambda m, d: save_model(m, tokenizer, d),
         weight_fn=lambda b: float(response_mask(b.labels).sum()),
     )

@@ -1,0 +1,66 @@
+"""Padding-free packing: a micro-batch's sequences concatenated into one row.
+
+Legend: S sequences, N packed tokens (the sum of their lengths). Each sequence keeps its own
+positions 0..len-1; with `attention_mask=None` and such position ids, transformers' mask builder
+(`find_packed_sequence_indices`) makes attention block-diagonal, so no token sees another
+sequence and the result equals the padded batch's within float32 rounding, with no pad tokens
+computed at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.data.batching import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """S sequences in one row.
+
+    input_ids: (1, N) the sequences' prompt + response ids back to back.
+    position_ids: (1, N) 0..len-1 restarting at each sequence.
+    labels: (1, N) response ids, IGNORE_INDEX on prompts and on every sequence's first token
+        (so the last token of one sequence never scores the first of the next).
+    seq_index: (N,) which sequence each token belongs to.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    seq_index: torch.Tensor
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.seq_index[-1]) + 1 if len(self.seq_index) else 0
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> PackedBatch:
+    """Pack (prompt, response) token lists into one `PackedBatch`, in order."""
+    if not prompts:
+        raise ValueError("pack got an empty batch")
+    ids, pos, labels, seq = [], [], [], []
+    for s, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        ids += list(p) + list(r)
+        pos += range(n)
+        lab = [IGNORE_INDEX] * len(p) + list(r)
+        lab[0] = IGNORE_INDEX
+        labels += lab
+        seq += [s] * n
+    as_row = lambda x: torch.tensor(x, dtype=torch.long).unsqueeze(0)  # noqa: E731
+    return PackedBatch(as_row(ids), as_row(pos), as_row(labels), torch.tensor(seq, dtype=torch.long))
+
+
+def per_sequence_sums(token_values: torch.Tensor, keep: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """(S,) sums of per-token values (N_scored,) over each sequence's scored tokens.
+
+    keep: (1, N) bool, True at positions t whose next token t+1 is a label (row-major order of
+    `token_values`); position t belongs to sequence seq_index[t + 1] (same as seq_index[t]).
+    """
+    seq = batch.seq_index[keep[0]]  # (N_scored,)
+    out = torch.zeros(batch.num_sequences, dtype=token_values.dtype, device=token_values.device)
+    return out.index_add(0, seq, token_values)

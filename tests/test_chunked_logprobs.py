@@ -1,0 +1,166 @@
+"""Chunked LM head (alignkit.models.chunked) against the full-logits path: values and gradients.
+
+The reference is the plain path written out here: full (B, T, V) logits from the model's own
+forward, `log_softmax`, gather, masked sum. Chunks are made small (7 tokens) so every batch
+spans several of them, forward and backward.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from alignkit.models import chunked
+from alignkit.models.chunked import Head, chunked_logprobs, sft_loss_of_model, split_head
+from alignkit.models.logprobs import position_ids_from_mask
+from alignkit.train.reference import response_logps
+
+V, PAD, CHUNK = 301, 0, 7
+
+
+def _llama(tie=False):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).float()
+
+
+def _batch(side: str, seed=0):
+    """Three rows of lengths 9, 14, 5 with labels -100 on a 3-token prompt and on padding."""
+    g = torch.Generator().manual_seed(seed)
+    lens, T = [9, 14, 5], 14
+    ids = torch.full((3, T), PAD)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    labels = torch.full((3, T), -100)
+    for r, n in enumerate(lens):
+        row = torch.randint(1, V, (n,), generator=g)
+        sl = slice(0, n) if side == "right" else slice(T - n, T)
+        ids[r, sl], mask[r, sl] = row, 1
+        lab = row.clone()
+        lab[:3] = -100
+        labels[r, sl] = lab
+    return ids, mask, labels
+
+
+def _full(model, ids, mask, labels):
+    """Plain reference: (summed NLL, per-row summed log-probs) from full logits."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    lp = F.log_softmax(logits[:, :-1].float(), -1)  # (B, T-1, V)
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    tok = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    return -tok.sum(), tok.sum(-1)
+
+
+def _grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_sft_loss_and_grads_equal_full(side, tie):
+    model = _llama(tie)
+    ids, mask, labels = _batch(side)
+    assert split_head(model) is not None
+    ref, _ = _full(model, ids, mask, labels)
+    got, n = sft_loss_of_model(model, ids, mask, labels, chunk=CHUNK)
+    assert int(n) == (labels[:, 1:] != -100).sum()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(model, got), _grads(model, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_response_logps_equal_full_with_lora(side):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in model.named_parameters():  # non-zero B so the adapter changes the output
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    ids, mask, labels = _batch(side, seed=1)
+    _, ref = _full(model, ids, mask, labels)
+    got, counts = response_logps(model, ids, mask, labels, logprob_chunk=CHUNK)
+    old, _ = response_logps(model, ids, mask, labels, logprob_chunk=0)  # the existing full-logits path
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(old, ref, rtol=1e-5, atol=1e-5)
+    w = torch.tensor([0.3, -1.0, 2.0])
+    for a, b in zip(_grads(model, (got * w).sum()), _grads(model, (ref * w).sum())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():  # the LoRA reference mode: adapters off, same split path
+        _, ref0 = _full(model, ids, mask, labels)
+        got0, _ = response_logps(model, ids, mask, labels, logprob_chunk=CHUNK)
+    torch.testing.assert_close(got0, ref0, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got0, got)
+
+
+def test_chunked_logprobs_hand_head():
+    """A 2-token vocabulary, hidden size 1, W = [[1], [-1]], no bias: logits (h, -h), so
+    log p(token 0) = h - log(e^h + e^-h) = -log(1 + e^{-2h}); softcap 1 gives tanh(h), -tanh(h)."""
+    h = torch.tensor([[0.0], [1.0], [-2.0]], requires_grad=True)
+    w = torch.tensor([[1.0], [-1.0]])
+    y = torch.zeros(3, dtype=torch.long)
+    got = chunked_logprobs(h, y, Head(w, None), chunk=2)
+    torch.testing.assert_close(got, -torch.log1p(torch.exp(-2 * h.detach()[:, 0])))
+    (g,) = torch.autograd.grad(got.sum(), h)  # d/dh -log(1 + e^{-2h}) = 2 / (1 + e^{2h})
+    torch.testing.assert_close(g[:, 0], 2 / (1 + torch.exp(2 * h.detach()[:, 0])))
+    capped = chunked_logprobs(h, y, Head(w, None, softcap=1.0), chunk=2)
+    torch.testing.assert_close(capped, -torch.log1p(torch.exp(-2 * torch.tanh(h.detach()[:, 0]))))
+
+
+def test_softcapped_gemma2_equals_full():
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=PAD,
+                       final_logit_softcapping=3.0, attn_implementation="eager")
+    model = Gemma2ForCausalLM(cfg).float()
+    assert split_head(model)[1].softcap == 3.0
+    ids, mask, labels = _batch("right", seed=2)
+    ref, _ = _full(model, ids, mask, labels)
+    got, _ = sft_loss_of_model(model, ids, mask, labels, chunk=CHUNK)
+    assert chunked._VERIFIED[type(model)]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(model, got), _grads(model, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unsplittable_models_fall_back():
+    """GPT-2 has no `get_decoder` split in every version; a LoRA-wrapped head is not a plain
+    Linear. Either way the numbers are the full path's."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    lora_head = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    assert split_head(lora_head) is None
+    ids, mask, labels = _batch("left", seed=3)
+    for model in (gpt2, lora_head):
+        ref, _ = _full(model, ids, mask, labels)
+        got, _ = sft_loss_of_model(model, ids, mask, labels, chunk=CHUNK)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ddp_wrapped_model_equal_full(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = _llama()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ids, mask, labels = _batch("left", seed=4)
+        ref, _ = _full(model, ids, mask, labels)
+        ref_grads = _grads(model, ref)
+        got, _ = sft_loss_of_model(ddp, ids, mask, labels, chunk=CHUNK)
+        got.backward()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for p, b in zip(model.parameters(), ref_grads):
+            torch.testing.assert_close(p.grad, b, rtol=1e-5, atol=1e-5)
+        assert model.get_output_embeddings()(torch.ones(1, 32)).shape == (1, V)  # head restored
+    finally:
+        dist.destroy_process_group()
