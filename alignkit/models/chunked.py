@@ -80,6 +80,10 @@ def split_head(model: Any) -> tuple[Any, Head] | None:
     lin = get_out()
     if type(lin) is not nn.Linear:  # LoRA-wrapped or custom head: its forward is more than a matmul
         return None
+    if type(lin.weight).__name__ == "DTensor" or hasattr(lin.weight, "ds_id"):
+        return None  # sharded (FSDP2, ZeRO-3): only the model's own forward gathers the head
+    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in core.parameters()):
+        return None
     try:
         decoder = get_dec()
     except (AttributeError, NotImplementedError):
