@@ -5,20 +5,15 @@ and the library versions (OUT/run.json), and a short model card in OUT/final/REA
 from __future__ import annotations
 
 import datetime
-import os
 import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from alignkit.atomic import write_json_atomic, write_text_atomic
+from alignkit.console import is_main_process
 
 VERSIONED = ("alignkit", "torch", "transformers", "accelerate", "peft", "tokenizers", "deepspeed", "vllm")
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (RANK unset in a plain process): only it writes run records."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def versions() -> dict[str, str]:

@@ -232,8 +232,8 @@ def observe_rollout(
     fired = mon.update(iteration, row)
     row["monitor/alarm"] = float(len(fired))
     if fired:
-        import sys
+        from alignkit.console import warn
 
-        print(f"alignkit: warning: reward-hacking monitor, iteration {iteration}: {', '.join(fired)} "
-              "(docs/ppo.md, Reward-hacking monitors)", file=sys.stderr, flush=True)
+        warn(f"reward-hacking monitor, iteration {iteration}: {', '.join(fired)} "
+             "(docs/ppo.md, Reward-hacking monitors)")
     return fired

@@ -60,6 +60,15 @@ class Generator(Protocol):
         ...
 
 
+def check_request(prompts: list[list[int]], params: SamplingParams) -> None:
+    """ValueError for an empty prompt or a negative max_new_tokens (every Generator's contract)."""
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
+    if params.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
+
+
 def _core_model(model: Any) -> Any:
     """The transformers model under a peft wrapper (peft forwards kwargs unchanged)."""
     get_base = getattr(model, "get_base_model", None)
@@ -149,11 +158,7 @@ class HFGenerator:
         self._keep_last = "logits_to_keep" in inspect.signature(_core_model(model).forward).parameters
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
-        if params.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
+        check_request(prompts, params)
         device = next(self.model.parameters()).device
         rng = None
         if params.seed is not None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from alignkit.models.generate import Generations, SamplingParams, _core_model, _eos_ids
+from alignkit.models.generate import Generations, SamplingParams, _core_model, _eos_ids, check_request
 
 INSTALL_HINT = (
     "rollout.engine=vllm needs the `vllm` package, which is not importable in this Python ({exe}). "
@@ -153,11 +153,7 @@ class VLLMGenerator:
         return self._vllm.SamplingParams(**kw)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
-        if params.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
+        check_request(prompts, params)
         if params.max_new_tokens == 0 or not prompts:
             return Generations([[] for _ in prompts], [False] * len(prompts))
         if self._asleep:

@@ -368,14 +368,19 @@ def train(
             loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
             weight, items, tokens, tok_known = 0.0, 0, 0, True
             msum: dict[str, float] = {}
-            batches_here = [to_device(collate([dataset[j] for j in idx]), acc.device) for idx, _ in runs]
+            def load(idx: list[int]) -> Any:
+                return to_device(collate([dataset[j] for j in idx]), acc.device)
+
+            # collated ahead (all micro-batches at once) only when the weight must come first
+            batches_here: list[Any] = [load(idx) for idx, _ in runs] if strat.needs_weight_fn else []
             loss_scale = None
-            if strat.needs_weight_fn:  # the engine scales the loss before backward: the weight comes first
+            if strat.needs_weight_fn:  # the engine scales the loss before backward
                 pre = sum(float(weight_fn(b)) for b, (_, real) in zip(batches_here, runs) if real)
                 pre_t = torch.tensor([pre], dtype=torch.float64, device=acc.device)
                 torch.distributed.all_reduce(pre_t)
                 loss_scale = world / float(pre_t) if float(pre_t) > 0 else 0.0
-            for i, ((idx, real), batch) in enumerate(zip(runs, batches_here)):
+            for i, (idx, real) in enumerate(runs):
+                batch = batches_here[i] if batches_here else load(idx)
                 with strat.sync(i == len(runs) - 1):
                     with acc.autocast():
                         out = step(model, batch)

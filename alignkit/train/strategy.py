@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,7 @@ class Strategy:
             if p.grad is not None:
                 p.grad.mul_(global_scale)
         grad_norm = float(self._clip(max_norm))
-        if not torch.isfinite(torch.tensor(grad_norm)):
+        if not math.isfinite(grad_norm):
             return grad_norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
