@@ -5,6 +5,7 @@ and the library versions (OUT/run.json), and a short model card in OUT/final/REA
 from __future__ import annotations
 
 import datetime
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -42,6 +43,22 @@ def git_commit() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
+def launch() -> dict[str, Any]:
+    """How many processes run this job and what started them (torchrun, accelerate, a Ray actor or
+    a plain process), from the environment the launchers set."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ALIGNKIT_LAUNCHER"):
+        by = os.environ["ALIGNKIT_LAUNCHER"]
+    elif any(k.startswith("ACCELERATE_") for k in os.environ) and world > 1:
+        by = "accelerate"
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        by = "torchrun"
+    else:
+        by = "python"
+    return {"world_size": world, "nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")) if world > 1 else 1,
+            "launcher": by}
+
+
 def write_run_record(out: Path, cfg: Any, command: list[str] | None, rerun: str) -> None:
     """OUT/config.yaml (every key, resolved) and OUT/run.json (command, versions, commit, time)."""
     if not is_main_process():
@@ -58,6 +75,7 @@ def write_run_record(out: Path, cfg: Any, command: list[str] | None, rerun: str)
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "git_commit": git_commit(),
+        "launch": launch(),
     }, indent=2)
 
 
