@@ -132,3 +132,12 @@ def test_pairs_without_signal_stop_before_training():
     assert "1 of 4 pairs (25%) carry no preference signal" in check_signal(same[:1] + good[:3], "data.jsonl", 0.5)
     assert check_signal(good, "data.jsonl", 0.5) is None
     assert check_signal(same, "data.jsonl", 1.0) is not None  # 1: never stop, still warn
+
+
+@pytest.mark.parametrize("stage,strategy", [("ppo", "fsdp2"), ("grpo", "deepspeed"), ("rloo", "fsdp2")])
+def test_rl_stages_refuse_a_sharding_strategy_they_would_ignore(tmp_path, capsys, stage, strategy):
+    """PPO/GRPO/RLOO keep a full policy on every rank: a sharded strategy is a config error that
+    names the key, before any model is loaded (the paths need not exist)."""
+    assert main([stage, "model.path=nowhere", "data.path=nowhere.jsonl", f"train.strategy={strategy}",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert f"'train.strategy' is '{strategy}', but {stage} runs data-parallel" in capsys.readouterr().err

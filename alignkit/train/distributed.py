@@ -66,6 +66,18 @@ def init_dist() -> Dist:
     return Dist(tdist.get_rank(), tdist.get_world_size(), local)
 
 
+def check_rl_strategy(strategy: str, stage: str) -> None:
+    """The RL stages replicate the policy on every rank (the scheme above); a sharded
+    `train.strategy` would be silently ignored, so it is refused instead."""
+    if strategy != "ddp":
+        from alignkit.config import ConfigError
+
+        raise ConfigError(
+            f"config key 'train.strategy' is {strategy!r}, but {stage} runs data-parallel with a full policy on "
+            "every rank (train.strategy=ddp); fsdp2 and deepspeed are supported by pretrain, sft, reward and dpo "
+            "(docs/distributed-rl.md)")
+
+
 def device_for(d: Dist) -> torch.device:
     return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 

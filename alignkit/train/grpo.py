@@ -34,6 +34,7 @@ from alignkit.train.distributed import (
     all_reduce_grads,
     all_reduce_sums,
     all_reduce_tensor,
+    check_rl_strategy,
     my_rows,
 )
 from alignkit.train.rollout import (
@@ -217,6 +218,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("iterations, prompts_per_step and updates_per_rollout must be positive")
     if cfg.advantage not in ADVANTAGES:
         raise ConfigError(f"config key 'advantage': unknown {cfg.advantage!r} (valid: {', '.join(ADVANTAGES)})")
+    check_rl_strategy(cfg.train.strategy, "rloo" if cfg.advantage == "rloo" else "grpo")
 
 
 def run(cfg: Config) -> dict:

@@ -35,7 +35,14 @@ from alignkit.losses.advantages import explained_variance, gae, masked_mean, mas
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from alignkit.train import checkpoint as ckpt
-from alignkit.train.distributed import SINGLE, Dist, all_reduce_grads, all_reduce_sums, my_rows
+from alignkit.train.distributed import (
+    SINGLE,
+    Dist,
+    all_reduce_grads,
+    all_reduce_sums,
+    check_rl_strategy,
+    my_rows,
+)
 from alignkit.train.rollout import (
     RewardConfig,
     Rollout,
@@ -293,6 +300,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("iterations, rollout_batch and ppo_epochs must be positive")
     if cfg.reference and cfg.model.lora_r > 0:
         raise ConfigError("config key 'reference' must be unset with model.lora_r > 0 (the reference is the adapter-free policy)")
+    check_rl_strategy(cfg.train.strategy, "ppo")
 
 
 def build_value_model(cfg: Config, policy: nn.Module, device: torch.device) -> tuple[nn.Module | None, ValueHead | None]:
