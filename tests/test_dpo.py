@@ -347,6 +347,29 @@ def test_kto_run_trains_on_unpaired_data(sft_dir, world, tmp_path):
     assert len(_rows(tmp_path / "kto" / "eval_responses.jsonl")) == 6
 
 
+def test_kto_z0_is_one_estimate_over_the_global_batch(sft_dir, world, tmp_path):
+    """z0 is computed once per optimizer step over the global batch, so grad_accum=2 (two
+    micro-batches of 4) trains exactly like one micro-batch of 8; a z0 per micro-batch would differ
+    from step 2 on, once the policy has moved away from the reference (at step 1 z0 is 0)."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "kto.jsonl"
+    rows = _rows(world / "preferences.jsonl")[:32]  # all desirable: the policy raises every
+    # completion's likelihood, mismatched ones too, so z0 leaves its clamp at 0
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"], "label": True}) + "\n"
+                            for r in rows))
+    runs = {}
+    for accum in (1, 2):
+        out = tmp_path / f"accum{accum}"
+        dpo.run(_cfg(sft_dir, path, out, loss="kto", reference="copy", beta=0.5,
+                     train={"max_steps": 4, "lr": 1e-2, "precision": "fp32", "grad_accum": accum}))
+        runs[accum] = ([r["kl"] for r in _rows(out / "metrics.jsonl")], load_file(str(out / "final" / "model.safetensors")))
+    (kl1, w1), (kl2, w2) = runs[1], runs[2]
+    assert kl1[0] == 0.0 and max(kl1[1:]) > 1e-4  # the estimate moves once the policy does
+    assert kl2 == pytest.approx(kl1, rel=1e-5)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-5
+
+
 def test_bad_loss_name_lists_valid_names():
     with pytest.raises(ConfigError, match=r"'sigmod'.*valid names: cdpo, hinge, ipo, kto, orpo, robust, rpo, sigmoid"):
         Config(loss="sigmod")

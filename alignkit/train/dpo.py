@@ -18,14 +18,13 @@ once from the config. The inputs each loss gets (see docs/dpo.md):
 - soft labels of the records (`soft_label` / `label_prob`) are passed to the loss.
 
 `loss: kto` trains on unpaired feedback (data kind "unpaired") with `kto_loss` (Ethayarajh et
-al. 2024, Eq. 8). Its reference point z0 is estimated per micro-batch from mismatched pairs:
-each example j is paired once, at load time, with the completion of another example (a seeded
-cyclic shift over a shuffled order, so never its own when n > 1); the step computes
-z0 = max(0, mean_j [log pi - log pi_ref](partner completion | prompt_j)) over the micro-batch
-with `kto_kl_estimate`, under no_grad. It is per micro-batch and per rank, not all-reduced: a
-collective inside the step could hang when ranks run different numbers of micro-batches (the
-loop's last, short global batch); with micro-batches of a few dozen examples the estimate is
-already a mean over that many mismatched pairs.
+al. 2024, Eq. 8). Its reference point z0 is estimated from mismatched pairs: each example j is
+paired once, at load time, with the completion of another example (a seeded cyclic shift over a
+shuffled order, so never its own when n > 1). Once per optimizer step, before the first forward,
+z0 = max(0, mean_j [log pi - log pi_ref](partner completion | prompt_j)) is computed under no_grad
+over the whole global batch: every micro-batch of every rank, the sums all-reduced (the loop's
+`before_step` hook, which every rank calls once per step, so the collective cannot hang). N ranks
+and any grad_accum therefore give one process's z0 for the same global batch.
 
     alignkit dpo --config configs/dpo.yaml model.path=runs/sft/final data.path=runs/world/preferences.jsonl
 """
@@ -61,7 +60,6 @@ from alignkit.losses.preference import (
     REFERENCE_FREE,
     check_beta,
     get_preference_loss,
-    kto_kl_estimate,
     kto_loss,
     preference_metrics,
 )
@@ -324,19 +322,47 @@ def make_preference_step(cfg: Config, reference: Reference):
     return step
 
 
+def kto_kl_sums(model: nn.Module, reference: Reference, batch: KTOBatch) -> torch.Tensor:
+    """(sum over the batch's mismatched pairs of log pi - log pi_ref, number of pairs), float64,
+    without gradient (z0 is detached: skip DDP and keep no activations)."""
+    mm = batch.mismatched
+    with torch.no_grad():
+        ref_kl = reference.logps(model, mm.input_ids, mm.attention_mask, mm.labels, batch.ref_kl_logps)  # (N,)
+        policy_kl, _ = response_logps(getattr(model, "module", model), mm.input_ids, mm.attention_mask, mm.labels)
+    diff = (policy_kl.detach() - ref_kl.detach()).to(torch.float64)
+    return torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=torch.float64, device=diff.device)])
+
+
 def make_kto_step(cfg: Config, reference: Reference):
-    """KTO: policy forward on the examples with gradient, on the mismatched pairs without."""
+    """KTO: policy forward on the examples with gradient. z0 = max(0, mean KL estimate) over the
+    mismatched pairs of the whole global batch (every micro-batch on every rank, all-reduced) is
+    set once per optimizer step by `step.before_step`, so it does not depend on the number of
+    ranks or on grad_accum; a step called without it estimates z0 from its own micro-batch."""
     params = dict(cfg.loss_params)
     beta = cfg.beta
+    global_z0: dict[str, torch.Tensor | None] = {"z0": None}
+
+    def before_step(model: nn.Module, batches: list[tuple[KTOBatch, bool]]) -> None:
+        sums = torch.zeros(2, dtype=torch.float64)
+        for b, real in batches:  # a zero-weight copy still runs its forward: ZeRO-3/FSDP2 gather weights
+            part = kto_kl_sums(model, reference, b).cpu()
+            sums += part if real else 0.0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            dev = batches[0][0].mismatched.input_ids.device if batches else torch.device("cpu")
+            t = sums.to(dev)
+            torch.distributed.all_reduce(t)
+            sums = t.cpu()
+        global_z0["z0"] = torch.clamp(sums[0] / sums[1], min=0.0).to(torch.float32) if sums[1] > 0 else None
 
     def step(model: nn.Module, batch: KTOBatch) -> StepOutput:
-        ex, mm = batch.examples, batch.mismatched
+        ex = batch.examples
         ref = reference.logps(model, ex.input_ids, ex.attention_mask, ex.labels, batch.ref_logps)  # (N,)
-        ref_kl = reference.logps(model, mm.input_ids, mm.attention_mask, mm.labels, batch.ref_kl_logps)  # (N,)
         policy, _ = response_logps(model, ex.input_ids, ex.attention_mask, ex.labels)  # (N,)
-        with torch.no_grad():  # z0 is detached: skip DDP and keep no activations
-            policy_kl, _ = response_logps(getattr(model, "module", model), mm.input_ids, mm.attention_mask, mm.labels)
-        z0 = kto_kl_estimate(policy_kl, ref_kl)  # max(0, mean over this micro-batch), detached
+        z0 = global_z0["z0"]
+        if z0 is None:  # called outside the loop: this micro-batch's own estimate
+            s, n = kto_kl_sums(model, reference, batch).tolist()
+            z0 = torch.tensor(max(0.0, s / n))
+        z0 = z0.to(policy.device)
         out = kto_loss(policy, ref, ex.desirable, z0, beta=beta, **params)
         d = ex.desirable
 
@@ -356,6 +382,7 @@ def make_kto_step(cfg: Config, reference: Reference):
         }
         return StepOutput(loss=out.losses.sum(), weight=len(d), metrics=metrics)
 
+    step.before_step = before_step  # type: ignore[attr-defined]
     return step
 
 
@@ -513,6 +540,7 @@ def run(cfg: Config) -> dict:
         model, step, Indexed(items), collate, plan, cfg.train, out,
         save_fn=lambda m, d: save_model(m, tokenizer, d), accelerator=acc,
         weight_fn=(lambda b: float(len(b.examples.desirable))) if cfg.is_unpaired else (lambda b: float(b.pairs.num_pairs)),
+        before_step=getattr(step, "before_step", None),
     )
     summary = {
         "model": str(result.final_dir),

@@ -225,6 +225,7 @@ def train(
     trainable_params: Iterable[nn.Parameter] | None = None,
     on_log: Callable[[int, dict], None] | None = None,
     weight_fn: Callable[[Any], float] | None = None,
+    before_step: Callable[[nn.Module, list[tuple[Any, bool]]], None] | None = None,
 ) -> TrainResult:
     """Train `model` with `step` over the global batches `plan(epoch)` gives; see the module docstring.
 
@@ -235,6 +236,9 @@ def train(
     after each metrics line (and after that step's checkpoint, if any).
     weight_fn(batch), the `weight` step will return for a collated micro-batch, known before the
     forward pass: needed by train.strategy=deepspeed, whose engine scales the loss before backward.
+    before_step(model, [(batch, real), ...]) runs once per optimizer step on every rank, before the
+    first forward, with this rank's collated micro-batches (`real` False for a zero-weight copy):
+    the place for a statistic of the whole global batch (KTO's z0), all-reduced inside.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -358,12 +362,13 @@ def train(
             if not global_batch:
                 raise ValueError(f"plan({epoch}) batch {pos} is empty")
             mine = split_batch(global_batch, world * accum)[rank * accum : (rank + 1) * accum]
-            runs = [(idx, True) for idx in mine[:-1] if idx]
-            if mine[-1]:
-                runs.append((mine[-1], True))
-            elif world > 1:
-                # DDP syncs in the last backward: a rank with nothing left runs a zero-weight copy
-                runs.append(([global_batch[0]], False))
+            if world > 1:
+                # every rank runs `accum` forward/backward passes, a zero-weight copy where its
+                # share of a short batch is empty: DDP syncs in the last backward, and FSDP2 and
+                # ZeRO-3 gather weights in every pass, so the collectives must pair up across ranks
+                runs = [(idx, True) if idx else ([global_batch[0]], False) for idx in mine]
+            else:
+                runs = [(idx, True) for idx in mine if idx]
 
             loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
             weight, items, tokens, tok_known = 0.0, 0, 0, True
@@ -371,8 +376,11 @@ def train(
             def load(idx: list[int]) -> Any:
                 return to_device(collate([dataset[j] for j in idx]), acc.device)
 
-            # collated ahead (all micro-batches at once) only when the weight must come first
-            batches_here: list[Any] = [load(idx) for idx, _ in runs] if strat.needs_weight_fn else []
+            # collated ahead (all micro-batches at once) only when something must see them first
+            ahead = strat.needs_weight_fn or before_step is not None
+            batches_here: list[Any] = [load(idx) for idx, _ in runs] if ahead else []
+            if before_step is not None:
+                before_step(model, [(b, real) for b, (_, real) in zip(batches_here, runs)])
             loss_scale = None
             if strat.needs_weight_fn:  # the engine scales the loss before backward
                 pre = sum(float(weight_fn(b)) for b, (_, real) in zip(batches_here, runs) if real)
