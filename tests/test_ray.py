@@ -1,0 +1,85 @@
+"""`alignkit ppo --launcher ray` (alignkit/train/ray_launch.py) equals one process with the same
+global batch, which tests/test_rl_distributed.py holds equal to torchrun's 2 ranks.
+
+The Ray run: a local cluster on 127.0.0.1 (dashboard off, 2 CPUs, a 100 MiB object store), a
+placement group of 2 trainer actors (1 CPU each, gloo group formed from the env Ray's actors
+set) and the reward function in a third actor that scores both ranks' rows remotely. Same tiny
+policy, prompts and settings as the torchrun test (tests/_rl_dist_worker.py), 2 iterations:
+every metric and every final weight within 1e-5 of the one-process run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.config import ConfigError, load_config
+from alignkit.train import ppo
+from alignkit.train.ray_launch import RayConfig, launch, local_ranks
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install -e '.[ray]'): the Ray launcher is not tested")
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "_rl_dist_worker.py"
+TIMING = {"rollout_s", "iteration_s"}
+THRESHOLD_COUNTS = {"vf_clipfrac"}  # a tie at the value clip boundary (see tests/test_rl_distributed.py)
+
+
+def test_local_ranks_count_trainers_per_node():
+    """CPU actors on nodes a, b, a, a are local ranks 0, 0, 1, 2; a GPU actor sees only its own
+    device (Ray sets CUDA_VISIBLE_DEVICES), so it is always local rank 0."""
+    assert local_ranks(["a", "b", "a", "a"], num_gpus=0) == [0, 0, 1, 2]
+    assert local_ranks(["a", "b", "a", "a"], num_gpus=1) == [0, 0, 0, 0]
+
+
+def test_without_ray_the_launcher_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    cfg = load_config(ppo.Config, None, ["model.path=x", "data.path=y", "launcher=ray"])
+    assert cfg.ray == RayConfig()
+    with pytest.raises(ConfigError, match=r"launcher=ray needs Ray: pip install 'alignkit\[ray\]'"):
+        launch(ppo.train, cfg)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    sys.path.insert(0, str(WORKER.parent))
+    from _rl_dist_worker import overrides, write_fixture
+
+    root = tmp_path_factory.mktemp("rl_ray")
+    write_fixture(root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(root)]),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_args = ["ray.workers=2", "ray.num_cpus=1", "ray.reward_actor=true", "ray.reward_num_cpus=0",
+                "ray.object_store_mb=100", "ray.placement_timeout_s=60"]
+    for cmd in ([sys.executable, str(WORKER), "--root", str(root), "--tag", "one", "--stages", "ppo"],
+                [sys.executable, "-m", "alignkit.cli", "ppo", "--launcher", "ray", *overrides(root, "ppo", "ray"), *ray_args]):
+        done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ppo_on_ray_actors_equals_one_process(runs):
+    one = [json.loads(x) for x in (runs / "one-ppo" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (runs / "ray-ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2] == [r["step"] for r in one]  # rank 0 alone wrote them
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for k in a.keys() - TIMING - THRESHOLD_COUNTS:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (a["step"], k)
+    start = load_file(runs / "sft" / "model.safetensors")
+    wa = load_file(runs / "one-ppo" / "final" / "model.safetensors")
+    wb = load_file(runs / "ray-ppo" / "final" / "model.safetensors")
+    assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-4  # the runs did train
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert "launcher: ray" in (runs / "ray-ppo" / "config.yaml").read_text()  # its rerun command relaunches on Ray
