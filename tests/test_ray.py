@@ -28,7 +28,6 @@ from alignkit.train.ray_launch import RayConfig, launch, local_ranks
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install -e '.[ray]'): the Ray launcher is not tested")
 REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "_rl_dist_worker.py"
 TIMING = {"rollout_s", "iteration_s"}
 THRESHOLD_COUNTS = {"vf_clipfrac"}  # a tie at the value clip boundary (see tests/test_rl_distributed.py)
 
@@ -50,7 +49,6 @@ def test_without_ray_the_launcher_is_a_one_line_error(monkeypatch):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    sys.path.insert(0, str(WORKER.parent))
     from _rl_dist_worker import overrides, write_fixture
 
     root = tmp_path_factory.mktemp("rl_ray")
@@ -59,10 +57,15 @@ def runs(tmp_path_factory):
            "RAY_USAGE_STATS_ENABLED": "0"}
     ray_args = ["ray.workers=2", "ray.num_cpus=1", "ray.reward_actor=true", "ray.reward_num_cpus=0",
                 "ray.object_store_mb=100", "ray.placement_timeout_s=60"]
-    for cmd in ([sys.executable, str(WORKER), "--root", str(root), "--tag", "one", "--stages", "ppo"],
-                [sys.executable, "-m", "alignkit.cli", "ppo", "--launcher", "ray", *overrides(root, "ppo", "ray"), *ray_args]):
-        done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    cmd = [sys.executable, "-m", "alignkit.cli", "ppo", "--launcher", "ray", *overrides(root, "ppo", "ray"), *ray_args]
+    ray_run = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sys.path.insert(0, str(root))  # the reward function's module
+    try:  # the one-process run, here, while the Ray cluster starts
+        ppo.run(load_config(ppo.Config, None, overrides(root, "ppo", "one")))
+    finally:
+        sys.path.remove(str(root))
+        _, err = ray_run.communicate(timeout=300)
+    assert ray_run.returncode == 0, err[-3000:]
     return root
 
 
