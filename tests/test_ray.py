@@ -5,7 +5,8 @@ The Ray run: a local cluster on 127.0.0.1 (dashboard off, 2 CPUs, a 100 MiB obje
 placement group of 2 trainer actors (1 CPU each, gloo group formed from the env Ray's actors
 set) and the reward function in a third actor that scores both ranks' rows remotely. Same tiny
 policy, prompts and settings as the torchrun test (tests/_rl_dist_worker.py), 2 iterations:
-every metric and every final weight within 1e-5 of the one-process run.
+every metric and every final weight within 1e-5 of the one-process run, and every row of the
+Ray run scored in the reward actor (the reward function logs which process called it).
 """
 
 from __future__ import annotations
@@ -53,19 +54,28 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("rl_ray")
     write_fixture(root)
+    # count_e, and which process scored how many rows (the Ray run must score in its reward actor)
+    (root / "ray_rewards.py").write_text(
+        "import os\nfrom dist_rewards import count_e\n\n"
+        "def count_e_logged(prompts, responses):\n"
+        f"    with open({str(root / 'scored_by.txt')!r}, 'a') as f:\n"
+        "        f.write(f'{os.getpid()} {len(responses)}\\n')\n"
+        "    return count_e(prompts, responses)\n")
+    reward = "reward.function=ray_rewards:count_e_logged"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(root)]),
            "RAY_USAGE_STATS_ENABLED": "0"}
     ray_args = ["ray.workers=2", "ray.num_cpus=1", "ray.reward_actor=true", "ray.reward_num_cpus=0",
                 "ray.object_store_mb=100", "ray.placement_timeout_s=60"]
-    cmd = [sys.executable, "-m", "alignkit.cli", "ppo", "--launcher", "ray", *overrides(root, "ppo", "ray"), *ray_args]
+    cmd = [sys.executable, "-m", "alignkit.cli", "ppo", "--launcher", "ray", *overrides(root, "ppo", "ray"), reward, *ray_args]
     ray_run = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sys.path.insert(0, str(root))  # the reward function's module
     try:  # the one-process run, here, while the Ray cluster starts
-        ppo.run(load_config(ppo.Config, None, overrides(root, "ppo", "one")))
+        ppo.run(load_config(ppo.Config, None, [*overrides(root, "ppo", "one"), reward]))
     finally:
         sys.path.remove(str(root))
         _, err = ray_run.communicate(timeout=300)
     assert ray_run.returncode == 0, err[-3000:]
+    (root / "driver_pid.txt").write_text(str(ray_run.pid))
     return root
 
 
@@ -85,4 +95,10 @@ def test_ppo_on_ray_actors_equals_one_process(runs):
     assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-4  # the runs did train
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    scored = [line.split() for line in (runs / "scored_by.txt").read_text().splitlines()]
+    ray_side = [(pid, int(n)) for pid, n in scored if pid != str(os.getpid())]
+    assert [n for pid, n in scored if pid == str(os.getpid())] == [4, 4]  # one process: 4 rows per iteration
+    # 2 iterations x 2 ranks, 2 rows each, all scored by one process: the reward actor, not the driver
+    assert [n for _, n in ray_side] == [2, 2, 2, 2] and len({pid for pid, _ in ray_side}) == 1
+    assert ray_side[0][0] != (runs / "driver_pid.txt").read_text()
     assert "launcher: ray" in (runs / "ray-ppo" / "config.yaml").read_text()  # its rerun command relaunches on Ray

@@ -174,7 +174,13 @@ def _connect(ray: Any, rc: RayConfig) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if rc.address:
-        ray.init(address=rc.address, log_to_driver=True)
+        try:
+            ray.init(address=rc.address)
+        except ConnectionError as e:
+            raise ConfigError(
+                f"config key 'ray.address': cannot join the Ray cluster at {rc.address!r} ({e}); is `ray start --head` "
+                "running there, and does this shell set RAY_AUTH_MODE=token when the cluster uses token authentication?"
+            ) from None
         return True
     need = rc.workers * rc.num_cpus + (rc.reward_num_cpus if rc.reward_actor else 0.0)
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
