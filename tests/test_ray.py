@@ -97,7 +97,7 @@ def test_ppo_on_ray_actors_equals_one_process(runs):
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     scored = [line.split() for line in (runs / "scored_by.txt").read_text().splitlines()]
     ray_side = [(pid, int(n)) for pid, n in scored if pid != str(os.getpid())]
-    assert [n for pid, n in scored if pid == str(os.getpid())] == [4, 4]  # one process: 4 rows per iteration
+    assert [int(n) for pid, n in scored if pid == str(os.getpid())] == [4, 4]  # one process: 4 rows per iteration
     # 2 iterations x 2 ranks, 2 rows each, all scored by one process: the reward actor, not the driver
     assert [n for _, n in ray_side] == [2, 2, 2, 2] and len({pid for pid, _ in ray_side}) == 1
     assert ray_side[0][0] != (runs / "driver_pid.txt").read_text()

@@ -183,7 +183,8 @@ def _connect(ray: Any, rc: RayConfig) -> bool:
             ) from None
         return True
     need = rc.workers * rc.num_cpus + (rc.reward_num_cpus if rc.reward_actor else 0.0)
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
+    # "local": a new cluster even where RAY_ADDRESS or a previous `ray start` points at another one
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
              _node_ip_address="127.0.0.1", object_store_memory=rc.object_store_mb * 2**20)
     return True
 
