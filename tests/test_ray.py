@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.config import ConfigError, load_config
+from alignkit.models.load import tiny_llama
 from alignkit.train import ppo
 from alignkit.train.ray_launch import RayConfig, launch, local_ranks
 
@@ -46,6 +47,27 @@ def test_without_ray_the_launcher_is_a_one_line_error(monkeypatch):
     assert cfg.ray == RayConfig()
     with pytest.raises(ConfigError, match=r"launcher=ray needs Ray: pip install 'alignkit\[ray\]'"):
         launch(ppo.train, cfg)
+
+
+def test_reward_actor_scores_like_the_local_source(tmp_path):
+    """The reward actor's class, called in this process: a 2-model uwo ensemble built from the
+    config scores, raw scores and member scores exactly as the source each rank would build."""
+    from alignkit.models.heads import RewardModel, RewardStats, save_reward_model
+    from alignkit.train.ray_launch import RewardScorer, driver_state
+    from alignkit.train.rollout import RewardConfig, build_reward_source
+
+    for seed, (mean, std) in ((2, (0.1, 2.0)), (3, (-0.5, 0.25))):
+        rm = RewardModel.from_model(tiny_llama("nano", vocab_size=40, seed=seed), seed=seed)
+        save_reward_model(rm, None, tmp_path / f"rm{seed}", RewardStats(mean=mean, std=std, n=2))
+    cfg = RewardConfig(model=str(tmp_path / "rm2"), ensemble=(str(tmp_path / "rm3"),), ensemble_mode="uwo")
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])  # (B, L)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    local = build_reward_source(cfg)
+    want, want_raw = local(["p", "q"], ["a", "b"], ids, mask)
+    got, got_raw, members = RewardScorer(cfg, None, driver_state()).score(["p", "q"], ["a", "b"], ids, mask)
+    assert torch.equal(got, want) and torch.equal(got_raw, want_raw)
+    assert members.shape == (2, 2) and torch.equal(members, local.last_member_scores)
+    assert not torch.equal(members[0], members[1])  # two different models really were loaded
 
 
 @pytest.fixture(scope="module")
