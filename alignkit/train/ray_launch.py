@@ -197,6 +197,10 @@ def local_ranks(nodes: list[str], num_gpus: float) -> list[int]:
     return [nodes[:i].count(n) for i, n in enumerate(nodes)]
 
 
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+
+
 def launch(train: Callable[..., dict], cfg: Any) -> dict:
     """Run `train(cfg, reward)` on `cfg.ray.workers` Ray actors; returns rank 0's result."""
     ray = _import_ray()
@@ -205,24 +209,30 @@ def launch(train: Callable[..., dict], cfg: Any) -> dict:
 
     rc: RayConfig = cfg.ray
     owned = _connect(ray, rc)
-    bundle = {"CPU": rc.num_cpus, **({"GPU": rc.num_gpus} if rc.num_gpus else {})}
-    pg = placement_group([dict(bundle) for _ in range(rc.workers)], strategy=rc.strategy)
+    bundles = [_bundle(rc.num_cpus, rc.num_gpus) for _ in range(rc.workers)]
+    reward_bundle = _bundle(rc.reward_num_cpus, rc.reward_num_gpus) if rc.reward_actor else {}
+    if reward_bundle:  # the last bundle; a reward actor that reserves nothing needs none
+        bundles.append(reward_bundle)
+    pg = placement_group(bundles, strategy=rc.strategy)
+
+    def in_bundle(i: int) -> dict:
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)}
+
     actors: list[Any] = []
     try:
         if not pg.wait(rc.placement_timeout_s):
             raise ConfigError(
-                f"config key 'ray.workers': the cluster cannot place {rc.workers} bundles of {bundle} "
-                f"(strategy {rc.strategy}) within {rc.placement_timeout_s:g} s; it has {ray.cluster_resources()}")
+                f"config keys 'ray.*': the cluster cannot place the bundles {bundles} (strategy {rc.strategy}) "
+                f"within {rc.placement_timeout_s:g} s; it has {ray.cluster_resources()}")
         driver = driver_state()
         reward_actor = None
         if rc.reward_actor:
-            reward_actor = ray.remote(num_cpus=rc.reward_num_cpus, num_gpus=rc.reward_num_gpus)(RewardScorer).remote(
+            reward_cls = ray.remote(num_cpus=rc.reward_num_cpus, num_gpus=rc.reward_num_gpus)(RewardScorer)
+            reward_actor = reward_cls.options(**(in_bundle(rc.workers) if reward_bundle else {})).remote(
                 cfg.reward, cfg.world, driver)
             actors.append(reward_actor)
         trainer_cls = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(Trainer)
-        trainers = [trainer_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=r)).remote(r, rc.workers, driver)
-            for r in range(rc.workers)]
+        trainers = [trainer_cls.options(**in_bundle(r)).remote(r, rc.workers, driver) for r in range(rc.workers)]
         actors += trainers
         addresses = ray.get([t.address.remote() for t in trainers])
         ranks = local_ranks([a[0] for a in addresses], rc.num_gpus)
