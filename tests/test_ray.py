@@ -2,8 +2,9 @@
 global batch, which tests/test_rl_distributed.py holds equal to torchrun's 2 ranks.
 
 The Ray run: a local cluster on 127.0.0.1 (dashboard off, 2 CPUs, a 100 MiB object store), a
-placement group of 2 trainer actors (1 CPU each, gloo group formed from the env Ray's actors
-set) and the reward function in a third actor that scores both ranks' rows remotely. Same tiny
+placement group of 3 bundles: 2 trainer actors (0.5 CPU each; they form the gloo group from the
+torchrun variables the launcher sets) and 1 CPU for the reward actor, where the reward function
+scores both ranks' rows. Same tiny
 policy, prompts and settings as the torchrun test (tests/_rl_dist_worker.py), 2 iterations:
 every metric and every final weight within 1e-5 of the one-process run, and every row of the
 Ray run scored in the reward actor (the reward function logs which process called it).
@@ -86,7 +87,7 @@ def runs(tmp_path_factory):
     reward = "reward.function=ray_rewards:count_e_logged"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(root)]),
            "RAY_USAGE_STATS_ENABLED": "0"}
-    ray_args = ["ray.workers=2", "ray.num_cpus=1", "ray.reward_actor=true", "ray.reward_num_cpus=0",
+    ray_args = ["ray.workers=2", "ray.num_cpus=0.5", "ray.reward_actor=true", "ray.reward_num_cpus=1",
                 "ray.object_store_mb=100", "ray.placement_timeout_s=60"]
     cmd = [sys.executable, "-m", "alignkit.cli", "ppo", "--launcher", "ray", *overrides(root, "ppo", "ray"), reward, *ray_args]
     ray_run = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
