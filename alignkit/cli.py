@@ -59,6 +59,9 @@ SUBCOMMANDS = {
 FLAGS = {
     "winrate": ("a", "b", "prompts", "judge", "world", "out", "human_labels"),
     "compare": ("demo", "out"),
+    "ppo": ("launcher",),
+    "grpo": ("launcher",),
+    "rloo": ("launcher",),
 }
 
 

@@ -32,6 +32,20 @@ STAGES = {
 }
 
 
+def write_fixture(root: Path) -> None:
+    """The tiny policy (root/sft), six prompts and the reward function module `dist_rewards`."""
+    import json
+
+    from alignkit.models.bpe import train_bpe_tokenizer
+    from alignkit.models.load import save_model, tiny_llama
+
+    tok = train_bpe_tokenizer(["Human: What is one plus two?\nAssistant: three . four five six seven"] * 20, vocab_size=300)
+    save_model(tiny_llama("nano", tokenizer=tok, seed=0), tok, root / "sft")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Human: What is {w} plus two?\nAssistant:"}) + "\n"
+                                                for w in ("one", "two", "three", "four", "five", "six")))
+    (root / "dist_rewards.py").write_text("def count_e(prompts, responses):\n    return [r.count('e') / 4 for r in responses]\n")
+
+
 def overrides(root: Path, stage: str, tag: str) -> list[str]:
     return [f"model.path={root / 'sft'}", f"data.path={root / 'prompts.jsonl'}", f"out={root / f'{tag}-{stage}'}",
             *COMMON, *STAGES[stage][1]]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.models.generate import HFGenerator, SamplingParams
-from alignkit.models.load import save_model, tiny_llama
+from alignkit.models.load import tiny_llama
 from alignkit.train.distributed import SINGLE, Dist, my_rows, row_seeds, shard
 
 WORKER = Path(__file__).resolve().parent / "_rl_dist_worker.py"
@@ -62,14 +62,10 @@ def test_row_seeded_sampling_does_not_depend_on_the_batch():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from alignkit.models.bpe import train_bpe_tokenizer
+    from _rl_dist_worker import write_fixture
 
     root = tmp_path_factory.mktemp("rl_dist")
-    tok = train_bpe_tokenizer(["Human: What is one plus two?\nAssistant: three . four five six seven"] * 20, vocab_size=300)
-    save_model(tiny_llama("nano", tokenizer=tok, seed=0), tok, root / "sft")
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Human: What is {w} plus two?\nAssistant:"}) + "\n"
-                                                for w in ("one", "two", "three", "four", "five", "six")))
-    (root / "dist_rewards.py").write_text("def count_e(prompts, responses):\n    return [r.count('e') / 4 for r in responses]\n")
+    write_fixture(root)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
     for tag, launcher, extra in (("one", [], []),
                                  ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], ["--resume-ppo"])):

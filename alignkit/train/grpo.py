@@ -37,8 +37,10 @@ from alignkit.train.distributed import (
     check_rl_strategy,
     my_rows,
 )
+from alignkit.train.ray_launch import RayConfig
 from alignkit.train.rollout import (
     RewardConfig,
+    RewardSource,
     Rollout,
     RolloutConfig,
     autocast_for,
@@ -105,6 +107,10 @@ class Config:
     """Also measure greedy gold score and win rate on held-out prompts every N iterations (0: only at the end)."""
     eval_limit: int = 0
     """Held-out prompts used for the gold evaluation (0: all)."""
+    launcher: Literal["torchrun", "ray"] = "torchrun"
+    """'torchrun': this process is the run (or one of torchrun's ranks); 'ray': place ray.workers ranks as Ray actors."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray placement (launcher=ray only): trainer ranks and their resources, the cluster, a reward actor."""
 
 
 def needs_old_logprobs(cfg: Config) -> bool:
@@ -222,6 +228,17 @@ def _check(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> dict:
+    """Train, here (one process or a torchrun rank) or, with launcher=ray, on Ray actors."""
+    if cfg.launcher == "ray":
+        from alignkit.train.ray_launch import launch
+
+        return launch(train, cfg)
+    return train(cfg)
+
+
+def train(cfg: Config, reward: RewardSource | None = None) -> dict:
+    """This process's part of the run. reward: a source built elsewhere (Ray's reward actor);
+    None builds cfg.reward here."""
     from alignkit.memory import PeakMemory
     from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
     from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
@@ -270,7 +287,7 @@ def run(cfg: Config) -> dict:
         policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
         policy.eval()  # dropout off: the ratio must be exactly 1 before the first update
         reference = build_reference(policy, cfg.model.path, cfg.model.lora_r > 0, device)
-        reward = build_reward_source(cfg.reward, world, device)
+        reward = reward if reward is not None else build_reward_source(cfg.reward, world, device)
         gold = gold_fn(world) if world is not None else None
 
         batch = cfg.prompts_per_step * cfg.group_size

@@ -43,8 +43,10 @@ from alignkit.train.distributed import (
     check_rl_strategy,
     my_rows,
 )
+from alignkit.train.ray_launch import RayConfig
 from alignkit.train.rollout import (
     RewardConfig,
+    RewardSource,
     Rollout,
     RolloutConfig,
     autocast_for,
@@ -118,6 +120,10 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """Reward-hacking monitors and their alarm rule (`monitor.stop=true` stops at the first alarm
     and keeps the last checkpoint saved before it)."""
+    launcher: Literal["torchrun", "ray"] = "torchrun"
+    """'torchrun': this process is the run (or one of torchrun's ranks); 'ray': place ray.workers ranks as Ray actors."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray placement (launcher=ray only): trainer ranks and their resources, the cluster, a reward actor."""
 
 
 class ValueHead(nn.Module):
@@ -324,6 +330,17 @@ def build_value_model(cfg: Config, policy: nn.Module, device: torch.device) -> t
 
 
 def run(cfg: Config) -> dict:
+    """Train, here (one process or a torchrun rank) or, with launcher=ray, on Ray actors."""
+    if cfg.launcher == "ray":
+        from alignkit.train.ray_launch import launch
+
+        return launch(train, cfg)
+    return train(cfg)
+
+
+def train(cfg: Config, reward: RewardSource | None = None) -> dict:
+    """This process's part of the run. reward: a source built elsewhere (Ray's reward actor);
+    None builds cfg.reward here."""
     from alignkit.memory import PeakMemory
     from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
     from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
@@ -374,7 +391,7 @@ def run(cfg: Config) -> dict:
         value_model, head = build_value_model(cfg, policy, device)
         ac = ActorCritic(policy, value_model, head, cfg.rollout.temperature)
         ac.eval()
-        reward = build_reward_source(cfg.reward, world, device)
+        reward = reward if reward is not None else build_reward_source(cfg.reward, world, device)
         gold = gold_fn(world) if world is not None else None
 
         n_mb = -(-cfg.rollout_batch // max(1, min(cfg.train.batch_size, cfg.rollout_batch)))

@@ -20,6 +20,7 @@ mask is 1 up to and including its EOS; a response cut at `max_new_tokens` has no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
@@ -45,6 +46,7 @@ from alignkit.models.generate import (
 from alignkit.models.logprobs import position_ids_from_mask
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.loop import reshape_schedule, truncate_metrics
+from alignkit.train.ray_launch import RayConfig
 
 ENSEMBLE_MODES = ("mean", "min", "uwo")
 
@@ -667,6 +669,8 @@ def append_jsonl(path: Any, row: dict) -> None:
 RESUME_MAY_CHANGE = frozenset({
     "iterations", "out", "eval_every", "eval_limit", "eval_max_new_tokens", "train.resume", "train.overwrite",
     "train.save_every", "train.keep_checkpoints", "train.progress", "train.tensorboard", "train.log_every",
+    # where the ranks run is not what they compute
+    "launcher", *(f"ray.{f.name}" for f in dataclasses.fields(RayConfig)),
 })
 """Config keys a resumed RL run may change; any other change would make it a different run."""
 
