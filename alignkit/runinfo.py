@@ -43,13 +43,15 @@ def git_commit() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-def launch() -> dict[str, Any]:
-    """How many processes run this job and what started them (torchrun, accelerate, a Ray actor or
-    a plain process), from the environment the launchers set."""
+def launch(cfg: Any = None) -> dict[str, Any]:
+    """How many processes run this job and what started them: torchrun, accelerate or a plain
+    process (from the environment the launchers set), or Ray (`launcher: ray` in the config: the
+    driver records `ray.workers` trainer ranks; how many machines Ray spreads them over is its
+    choice, so `nnodes` is None)."""
+    if getattr(cfg, "launcher", None) == "ray":
+        return {"world_size": int(cfg.ray.workers), "nnodes": None, "launcher": "ray"}
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if os.environ.get("ALIGNKIT_LAUNCHER"):
-        by = os.environ["ALIGNKIT_LAUNCHER"]
-    elif any(k.startswith("ACCELERATE_") for k in os.environ) and world > 1:
+    if any(k.startswith("ACCELERATE_") for k in os.environ) and world > 1:
         by = "accelerate"
     elif "TORCHELASTIC_RUN_ID" in os.environ:
         by = "torchrun"
@@ -75,7 +77,7 @@ def write_run_record(out: Path, cfg: Any, command: list[str] | None, rerun: str)
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "git_commit": git_commit(),
-        "launch": launch(),
+        "launch": launch(cfg),
     }, indent=2)
 
 

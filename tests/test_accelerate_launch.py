@@ -37,8 +37,7 @@ def accelerate(args: list[str]) -> subprocess.CompletedProcess:
     cmd = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            "-m", "alignkit.cli", *args]
-    env = {k: v for k, v in _env().items() if k != "ALIGNKIT_LAUNCHER"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
@@ -54,9 +53,11 @@ def test_accelerate_launch_two_ranks_equal_one_process(world, stage):
 
 
 def test_run_record_names_the_launcher(monkeypatch):
+    from types import SimpleNamespace
+
     from alignkit.runinfo import launch
 
-    for k in [k for k in os.environ if k.startswith("ACCELERATE_")] + ["TORCHELASTIC_RUN_ID", "ALIGNKIT_LAUNCHER"]:
+    for k in [k for k in os.environ if k.startswith("ACCELERATE_")] + ["TORCHELASTIC_RUN_ID"]:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
@@ -64,8 +65,7 @@ def test_run_record_names_the_launcher(monkeypatch):
     assert launch() == {"world_size": 4, "nnodes": 2, "launcher": "torchrun"}
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     assert launch()["launcher"] == "accelerate"
-    monkeypatch.setenv("ALIGNKIT_LAUNCHER", "ray")
-    assert launch()["launcher"] == "ray"
+    ray_cfg = SimpleNamespace(launcher="ray", ray=SimpleNamespace(workers=3))
+    assert launch(ray_cfg) == {"world_size": 3, "nnodes": None, "launcher": "ray"}
     monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.delenv("ALIGNKIT_LAUNCHER")
-    assert launch() == {"world_size": 1, "nnodes": 1, "launcher": "torchrun"}
+    assert launch(SimpleNamespace(launcher="torchrun")) == {"world_size": 1, "nnodes": 1, "launcher": "torchrun"}

@@ -125,3 +125,5 @@ def test_ppo_on_ray_actors_equals_one_process(runs):
     assert [n for _, n in ray_side] == [2, 2, 2, 2] and len({pid for pid, _ in ray_side}) == 1
     assert ray_side[0][0] != (runs / "driver_pid.txt").read_text()
     assert "launcher: ray" in (runs / "ray-ppo" / "config.yaml").read_text()  # its rerun command relaunches on Ray
+    launched = json.loads((runs / "ray-ppo" / "run.json").read_text())["launch"]
+    assert launched == {"world_size": 2, "nnodes": None, "launcher": "ray"}
