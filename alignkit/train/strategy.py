@@ -139,7 +139,9 @@ class FSDP2(Strategy):
 
         trainable = {n for n, p in model.named_parameters() if any(p is q for q in params)}
         self.twin = MetaTwin(model) if self.acc.is_main_process else None
-        offload = CPUOffloadPolicy() if self.cfg.offload else OffloadPolicy()
+        # sharded parameters, their gradients and AdamW states live in host memory; the optimizer
+        # steps there. Pinned host memory (fast copies to the GPU) needs an accelerator.
+        offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cfg.offload else OffloadPolicy()
         model = model.to(self.acc.device)
         for block in repeated_blocks(model):
             fully_shard(block, offload_policy=offload)
