@@ -270,7 +270,9 @@ def test_anchor_to_start_and_upweighted_new_pairs(tiny, monkeypatch):
     assert len(data) == 40 + 2 * (rows[1]["pairs_new"] + rows[2]["pairs_new"])
     assert rows[2]["pairs_total"] == 40 + rows[1]["pairs_new"] + rows[2]["pairs_new"]  # distinct pairs
     first = [json.loads((out / f"round_{k}" / "ppo" / "metrics.jsonl").read_text().splitlines()[0])["kl"] for k in (1, 2)]
-    assert first[0] == pytest.approx(0.0, abs=1e-5) and first[1] > 1e-3
+    # k1 on 4 sampled responses estimates KL(policy_1 || policy_0) > 0 but can itself be < 0:
+    # what the anchor changes is that it is not 0 (anchored to policy_1 it is exactly 0)
+    assert first[0] == pytest.approx(0.0, abs=1e-5) and abs(first[1]) > 1e-3
 
     seen = []
     real_run = iterate.ppo_stage.run

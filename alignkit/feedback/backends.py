@@ -95,8 +95,8 @@ class EndpointBackend:
 
     base_url ends before /chat/completions (e.g. http://127.0.0.1:8000/v1). api_key_env names the
     environment variable holding the key (None: send no key, for a local server). Requests run
-    `max_workers` at a time; the seed of prompt i is params.seed + i, so a server that honours
-    `seed` gives reproducible samples. Failures raise `EndpointError` (never containing the key).
+    `max_workers` at a time; the seed of prompt i is params.row_seeds[i] (mod 2^31) or else
+    params.seed + i, so a server that honours `seed` gives reproducible samples. Failures raise `EndpointError` (never containing the key).
     """
 
     def __init__(
@@ -155,7 +155,9 @@ class EndpointBackend:
             }
             if not greedy and params.top_p < 1.0:
                 body["top_p"] = params.top_p
-            if params.seed is not None:
+            if params.row_seeds is not None:  # one seed per prompt, from the caller
+                body["seed"] = params.row_seeds[i] % 2**31
+            elif params.seed is not None:
                 body["seed"] = params.seed + i
             answer = client._post(body)
             try:

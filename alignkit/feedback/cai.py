@@ -140,6 +140,16 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int) 
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
+def _per_row(params: SamplingParams, step: int, first: int, n: int) -> SamplingParams:
+    """`params` with one seed per prompt, from (seed, step, the prompt's global index): a prompt's
+    sample does not depend on the batch or on the rank that draws it. Greedy: unchanged."""
+    from alignkit.train.distributed import row_seeds
+
+    if params.seed is None or params.greedy or params.temperature == 0:
+        return params
+    return replace(params, row_seeds=row_seeds(params.seed, step, first, n))
+
+
 def _backend(spec: str, name: str, api_key_env: str | None, batch_size: int):
     from alignkit.feedback.backends import make_backend
 
@@ -190,6 +200,7 @@ def revise_chains(
     seed: int = 0,
     response_params: SamplingParams | None = None,
     critique_params: SamplingParams | None = None,
+    first: int = 0,
 ) -> list[dict]:
     """Critique-revision chains, one dict per prompt:
 
@@ -197,25 +208,31 @@ def revise_chains(
     "revision_request", "revision"}, ...], "revision": final revision}. Each round critiques the
     current response (the previous round's revision; an empty revision keeps the previous one)
     in a fresh conversation: prompt, response, critique request.
+
+    `prompts` are prompts first, first + 1, ... of the run (a rank's share): the principles and
+    every sample of prompt i depend on (seed, first + i) only, so the shares of N ranks give the
+    chains of one process.
     """
+    n = len(prompts)
     response_params = response_params or SamplingParams(max_new_tokens=48, seed=seed)
     critique_params = critique_params or SamplingParams(max_new_tokens=48, greedy=True)
-    current = backend.generate(list(prompts), response_params)
+    current = backend.generate(list(prompts), _per_row(response_params, 0, first, n))
     chains = [{"response": r, "rounds": []} for r in current]
-    draws = [principle_draws(constitution, seed, i, n_rounds) for i in range(len(prompts))]
+    draws = [principle_draws(constitution, seed, first + i, n_rounds) for i in range(n)]
     for rnd in range(n_rounds):
         principles = [d[rnd] for d in draws]
         params = critique_params
         if params.seed is not None:  # a fresh stream per round and step when critiques are sampled
             params = replace(params, seed=params.seed + 2 * rnd + 1)
         critiques = backend.generate(
-            [critique_prompt(p, r, pr) for p, r, pr in zip(prompts, current, principles)], params
+            [critique_prompt(p, r, pr) for p, r, pr in zip(prompts, current, principles)],
+            _per_row(params, 0, first, n),
         )
         if params.seed is not None:
             params = replace(params, seed=params.seed + 1)
         revisions = backend.generate(
             [revision_prompt(p, r, pr, c) for p, r, pr, c in zip(prompts, current, principles, critiques)],
-            params,
+            _per_row(params, 0, first, n),
         )
         for i, (pr, c, rev) in enumerate(zip(principles, critiques, revisions)):
             chains[i]["rounds"].append({
@@ -233,18 +250,24 @@ def revise_chains(
 
 
 def revise(cfg: ReviseConfig) -> dict:
-    """Run SL-CAI's critique-revision stage; returns the summary (also OUT/summary.json)."""
+    """Run SL-CAI's critique-revision stage; returns the summary (also OUT/summary.json).
+
+    Under torchrun each rank writes the chains of its share of the prompts, gathered in order;
+    rank 0 writes the files (the same files as one process)."""
+    from alignkit.train.distributed import all_gather_list, barrier, init_dist, share
+
     _check(cfg)
     start = time.perf_counter()
+    dist = init_dist()
     constitution = load_constitution(cfg.constitution)
     rows = _read_prompts(cfg.prompts, cfg.limit)
     backend = _backend(cfg.model, cfg.model_name, cfg.api_key_env, cfg.batch_size)
-    prompts = [p for p, _ in rows]
-    chains = revise_chains(
-        backend, prompts, constitution, cfg.n_rounds, cfg.seed,
+    lo, hi = share(len(rows), dist)
+    chains = all_gather_list(revise_chains(
+        backend, [p for p, _ in rows[lo:hi]], constitution, cfg.n_rounds, cfg.seed,
         _sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed),
-        _sampling(cfg.max_new_tokens, cfg.critique_temperature, 1.0, cfg.seed + 10_000),
-    )  # fmt: skip
+        _sampling(cfg.max_new_tokens, cfg.critique_temperature, 1.0, cfg.seed + 10_000), first=lo,
+    ), dist)  # fmt: skip
     chain_rows, sft_rows = [], []
     for (prompt, category), chain in zip(rows, chains):
         head = {"prompt": prompt_json(prompt)} | ({"category": category} if category else {})
@@ -264,7 +287,9 @@ def revise(cfg: ReviseConfig) -> dict:
         "sft": str(out / "sft.jsonl"),
         "wall_s": time.perf_counter() - start,
     }
-    _write(out, {"chains.jsonl": chain_rows, "sft.jsonl": sft_rows}, summary)
+    if dist.main:
+        _write(out, {"chains.jsonl": chain_rows, "sft.jsonl": sft_rows}, summary)
+    barrier(dist)
     return summary
 
 
@@ -279,10 +304,12 @@ def label_pairs(
     constitution: Constitution,
     n_principles: int = 4,
     seed: int = 0,
+    first: int = 0,
 ) -> list[dict]:
     """P(a better than b) per pair from the feedback model's multiple-choice answers.
 
-    For pair i, principles are drawn from random.Random((seed, i)); each is asked twice, with a
+    For pair i (pair first + i of the run: a rank's share starts at `first`), principles are
+    drawn from random.Random((seed, first + i)); each is asked twice, with a
     shown first and with b shown first. With q1 = P(first | a first) and q2 = P(first | b first),
     both normalised over the two labels, the principle's p_a = (q1 + 1 - q2) / 2 (the
     order-averaged estimate of `alignkit.feedback.judges.both_orders`), and the pair's p_a is the
@@ -293,7 +320,7 @@ def label_pairs(
 
     questions, owners = [], []
     for i, (p, x, y) in enumerate(zip(prompts, a, b)):
-        rng = random.Random(f"alignkit-cai:{seed}:label:{i}")
+        rng = random.Random(f"alignkit-cai:{seed}:label:{first + i}")
         for pr in constitution.sample(rng, n_principles):
             questions += [preference_prompt(p, x, y, pr, constitution.choices),
                           preference_prompt(p, y, x, pr, constitution.choices)]  # fmt: skip
@@ -315,9 +342,16 @@ def label_pairs(
 
 
 def label(cfg: LabelConfig) -> dict:
-    """Run RL-CAI's labelling stage; returns the summary (also OUT/summary.json)."""
+    """Run RL-CAI's labelling stage; returns the summary (also OUT/summary.json).
+
+    Under torchrun each rank samples the pairs of its share of the prompts, then asks the
+    feedback model about its share of the kept pairs; both are gathered in order and rank 0
+    writes the files (the same files as one process)."""
+    from alignkit.train.distributed import all_gather_list, barrier, init_dist, share
+
     _check(cfg)
     start = time.perf_counter()
+    dist = init_dist()
     constitution = load_constitution(cfg.constitution)
     rows = _read_prompts(cfg.prompts, cfg.limit)
     policy = _backend(cfg.policy, cfg.policy_name, cfg.api_key_env, cfg.batch_size)
@@ -326,13 +360,17 @@ def label(cfg: LabelConfig) -> dict:
         if cfg.feedback == cfg.policy
         else _backend(cfg.feedback, cfg.feedback_name, cfg.api_key_env, cfg.batch_size)
     )
-    doubled = [p for p, _ in rows for _ in (0, 1)]
-    responses = policy.generate(doubled, _sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed))
+    lo, hi = share(len(rows), dist)
+    doubled = [p for p, _ in rows[lo:hi] for _ in (0, 1)]  # the two samples of a prompt: rows 2i, 2i + 1
+    params = _sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    responses = all_gather_list(policy.generate(doubled, _per_row(params, 0, 2 * lo, len(doubled))), dist)
     kept = [i for i in range(len(rows))
             if cfg.keep_identical or responses[2 * i].strip() != responses[2 * i + 1].strip()]  # fmt: skip
     prompts = [rows[i][0] for i in kept]
     a, b = [responses[2 * i] for i in kept], [responses[2 * i + 1] for i in kept]
-    labels = label_pairs(feedback, prompts, a, b, constitution, cfg.n_principles, cfg.seed) if kept else []
+    klo, khi = share(len(kept), dist)
+    labels = all_gather_list(label_pairs(feedback, prompts[klo:khi], a[klo:khi], b[klo:khi], constitution,
+                                         cfg.n_principles, cfg.seed, first=klo) if khi > klo else [], dist)
     prefs, details = [], []
     for i, x, y, lab in zip(kept, a, b, labels):
         prompt, category = rows[i]
@@ -358,7 +396,9 @@ def label(cfg: LabelConfig) -> dict:
         "labels": str(out / "labels.jsonl"),
         "wall_s": time.perf_counter() - start,
     }
-    _write(out, {"preferences.jsonl": prefs, "labels.jsonl": details}, summary)
+    if dist.main:
+        _write(out, {"preferences.jsonl": prefs, "labels.jsonl": details}, summary)
+    barrier(dist)
     return summary
 
 

@@ -97,6 +97,21 @@ def shard(items: Sequence, d: Dist) -> tuple[list, int]:
     return list(items[d.rank * k : (d.rank + 1) * k]), d.rank * k
 
 
+def share(n: int, d: Dist) -> tuple[int, int]:
+    """This rank's contiguous share [start, stop) of n items; sizes differ by at most one (any n,
+    a rank may get none). For work whose result is gathered back in order (sampling, labelling)."""
+    return n * d.rank // d.world, n * (d.rank + 1) // d.world
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's `obj` (any picklable value) on every rank: one decision, whatever each rank saw."""
+    if not d.active:
+        return obj
+    box = [obj if d.main else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def row_seeds(seed: int, iteration: int, first_row: int, rows: int) -> tuple[int, ...]:
     """One sampling seed per global row of an iteration's batch: rank-independent, so N ranks
     sample the tokens one process samples."""

@@ -60,6 +60,15 @@ from alignkit.config import ConfigError, required
 from alignkit.data.records import PreferencePair, Prompt, PromptOnly
 from alignkit.train import ppo as ppo_stage
 from alignkit.train import reward as reward_stage
+from alignkit.train.distributed import (
+    SINGLE,
+    Dist,
+    all_gather_list,
+    barrier,
+    broadcast_object,
+    init_dist,
+    share,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -205,15 +214,20 @@ def sample_pairs(
     temperature: float,
     seed: int,
     batch_size: int = 64,
+    first_prompt: int = 0,
 ) -> list[tuple[str, str]]:
     """Two responses per prompt sampled from `policy` at `temperature`, decoded without special
-    tokens: [(a_0, b_0), (a_1, b_1), ...] in the order of `prompt_ids`. The same seed, prompts
-    and batch size give the same responses."""
+    tokens: [(a_0, b_0), (a_1, b_1), ...] in the order of `prompt_ids`. Sample j of prompt i
+    draws from its own RNG, seeded from (seed, 2 * (first_prompt + i) + j): the same seed gives
+    the same responses whatever the batch size or the share of the prompts a rank samples
+    (`prompt_ids` being prompts first_prompt, first_prompt + 1, ... of the round)."""
     from alignkit.data.tokenize import decode_response
     from alignkit.models.generate import HFGenerator, SamplingParams
+    from alignkit.train.distributed import row_seeds
 
     rows = [list(p) for p in prompt_ids for _ in range(2)]  # the two samples of a prompt side by side
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            row_seeds=row_seeds(seed, 0, 2 * first_prompt, len(rows)))
     gen = HFGenerator(policy, tokenizer, batch_size=batch_size).generate(rows, params)
     texts = [decode_response(tokenizer, p, r) for p, r in zip(rows, gen)]  # "▁Paris" keeps its space
     return list(zip(texts[0::2], texts[1::2]))
@@ -327,10 +341,10 @@ def _default_noise(cfg: Config) -> float:
 class _Run:
     """State of one iterate run: paths, data, the rows of the summary."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, dist: Dist = SINGLE):
         from alignkit.data.load import load_records
 
-        self.cfg = cfg
+        self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.out)
         self.world = None
         if cfg.world:
@@ -414,6 +428,7 @@ class _Run:
                                            path, self.cfg.reward.eval_batch_size, self.cfg.world)
 
     def train_reward(self, k: int, init: str, data_path: Path) -> dict:
+        """RM_k trained on `data_path` (collective: every rank runs the supervised loop)."""
         c = self.cfg.reward
         rcfg = dataclasses.replace(
             c, model=dataclasses.replace(c.model, path=init), train=_stage_seeded(c.train, k, self.cfg.resume),
@@ -422,50 +437,75 @@ class _Run:
         )
         return reward_stage.run(rcfg)
 
+    # ---------------------------------------------------------------- across ranks
+    def agree(self, value: Any) -> Any:
+        """Rank 0's value on every rank (a decision all ranks must take together)."""
+        return broadcast_object(value, self.dist)
+
+    def once(self, path: Path, make: Any) -> dict:
+        """The JSON result at `path`: when rank 0 has none yet, every rank runs `make()` (a
+        collective stage) and rank 0 writes it; rank 0's copy is returned on every rank."""
+        if not self.agree(path.is_file()):
+            res = make()
+            if self.dist.main:
+                write_json_atomic(path, res, indent=2, default=str)
+        return self.agree(_read_json(path) if self.dist.main else None)
+
     # ---------------------------------------------------------------- rounds
-    def round_zero(self) -> dict:
-        cfg, d = self.cfg, self.dir(0)
+    def round_zero(self) -> dict | None:
+        """Round 0's row on rank 0 (None elsewhere); RM_0 is trained on every rank when not given."""
+        cfg, d, main = self.cfg, self.dir(0), self.dist.main
         d.mkdir(parents=True, exist_ok=True)
         row: dict[str, Any] = {"round": 0, "policy": cfg.policy, "pairs_new": 0, "pairs_total": len(self.initial)}
         if cfg.reward_model:
             row["reward_model"] = cfg.reward_model
-            ev = self.rm_eval(cfg.reward_model, self.eval_prefs)
+            ev = self.rm_eval(cfg.reward_model, self.eval_prefs) if main else None
         else:
             data = d / "reward_data.jsonl"
-            _write_jsonl(data, self.initial)
+            if main:
+                _write_jsonl(data, self.initial)
+            barrier(self.dist)
             res = self.train_reward(0, cfg.reward_base or cfg.policy, data)
             row["reward_model"] = res["model"]
             ev = res.get("eval")
+        if not main:
+            return None
         row.update(_rm_columns(ev))
         row.update(self.gold_eval(cfg.policy, 0))
         row["kl_to_start"] = 0.0
         return row
 
-    def round(self, k: int, prev: dict) -> dict | None:
-        """Round k from the previous round's row; None when human labels are pending."""
+    def sample(self, k: int, prev: dict) -> list[dict]:
+        """Round k's response pairs from policy_{k-1}: each rank samples its contiguous share of the
+        drawn prompts (per-sample seeds: a pair does not depend on the rank that draws it), and
+        the shares are gathered in prompt order on every rank. Collective."""
         from alignkit.data.tokenize import TruncationLimits, tokenize_prompts
-        from alignkit.feedback.judges import LabelsPending
         from alignkit.models.load import load_model, load_tokenizer
 
-        cfg, d = self.cfg, self.dir(k)
-        d.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        seed = round_seed(cfg, k)
-        samples_path, pairs_path = d / "samples.jsonl", d / "pairs.jsonl"
-        if samples_path.is_file():
-            samples = read_jsonl(samples_path)
-        else:
-            idx = draw_prompts(len(self.records), cfg.prompts_per_round, random.Random(seed))
+        cfg, seed = self.cfg, round_seed(self.cfg, k)
+        idx = draw_prompts(len(self.records), cfg.prompts_per_round, random.Random(seed))
+        lo, hi = share(len(idx), self.dist)
+        mine: list[dict] = []
+        if hi > lo:
             tok = load_tokenizer(prev["policy"])
-            items, _ = tokenize_prompts(tok, [self.records[i] for i in idx],
+            items, _ = tokenize_prompts(tok, [self.records[i] for i in idx[lo:hi]],
                                         TruncationLimits(max_prompt_len=cfg.ppo.data.max_prompt_len, max_len=None))
             pairs = sample_pairs(load_model(prev["policy"]), tok, [it.prompt_ids for it in items], cfg.max_new_tokens,
-                                 cfg.temperature, seed, cfg.generation_batch_size)
-            samples = [{"index": i, "a": a, "b": b} for i, (a, b) in zip(idx, pairs)]
-            _write_jsonl(samples_path, samples)
+                                 cfg.temperature, seed, cfg.generation_batch_size, first_prompt=lo)
+            mine = [{"index": i, "a": a, "b": b} for i, (a, b) in zip(idx[lo:hi], pairs)]
+        return all_gather_list(mine, self.dist)
+
+    def label(self, k: int, prev: dict) -> dict | None:
+        """Rank 0: label round k's samples, write the pairs and the reward model's data; the row's
+        pair columns, or None when human labels are pending (`self.pending`)."""
+        from alignkit.feedback.judges import LabelsPending
+
+        cfg, d, seed = self.cfg, self.dir(k), round_seed(self.cfg, k)
+        pairs_path = d / "pairs.jsonl"
         if pairs_path.is_file():
             counts = _read_json(d / "label_counts.json")
         else:
+            samples = read_jsonl(d / "samples.jsonl")
             try:
                 rows, counts = label_pairs(
                     self.judge(k)(), [self.records[s["index"]] for s in samples], [(s["a"], s["b"]) for s in samples],
@@ -480,24 +520,38 @@ class _Run:
         new_rows = [r for j in range(1, k + 1) for r in read_jsonl(self.dir(j) / "pairs.jsonl")]
         if not data.is_file():
             _write_jsonl(data, self.initial + new_rows * cfg.new_pairs_repeat)
-
         row: dict[str, Any] = {"round": k, "pairs_sampled": counts["sampled"], "pairs_new": counts["pairs"],
                                "pairs_total": len(self.initial) + len(new_rows),
                                **{f"pairs_{x}": counts[x] for x in ("empty", "identical", "ties", "flipped")}}
         # how the previous reward model ranks the previous policy's own answers: what PPO exploited
         if counts["pairs"]:
             row["prev_rm_on_new_pairs"] = _rm_columns(self.rm_eval(prev["reward_model"], str(pairs_path)))
+        return row
 
-        reward_json = d / "reward_result.json"
-        if not reward_json.is_file():
+    def round(self, k: int, prev: dict) -> dict | None:
+        """Round k from the previous round's row: the row on rank 0 (None on the others, and on
+        every rank when human labels are pending: `self.pending`)."""
+        cfg, d, main = self.cfg, self.dir(k), self.dist.main
+        d.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        samples_path = d / "samples.jsonl"
+        if not self.agree(samples_path.is_file()):
+            samples = self.sample(k, prev)
+            if main:
+                _write_jsonl(samples_path, samples)
+        row = self.label(k, prev) if main else None
+        self.pending = self.agree(self.pending)
+        if self.pending:
+            return None
+        barrier(self.dist)  # reward_data.jsonl is written
+
+        def reward() -> dict:
             init = prev["reward_model"] if cfg.reward_init == "previous" else (cfg.reward_base or cfg.policy)
-            write_json_atomic(reward_json, self.train_reward(k, init, data), indent=2, default=str)
-        res = _read_json(reward_json)
-        row["reward_model"] = res["model"]
-        row.update(_rm_columns(res.get("eval")))
+            return self.train_reward(k, init, d / "reward_data.jsonl")
 
-        ppo_json = d / "ppo_result.json"
-        if not ppo_json.is_file():
+        res = self.once(d / "reward_result.json", reward)
+
+        def ppo() -> dict:
             c = cfg.ppo
             pcfg = dataclasses.replace(
                 c, model=dataclasses.replace(c.model, path=cfg.policy if cfg.ppo_init == "start" else prev["policy"]),
@@ -506,8 +560,14 @@ class _Run:
                 train=_stage_seeded(c.train, k, self.cfg.resume), world=cfg.world, out=str(d / "ppo"),
                 reference=cfg.policy if cfg.kl_reference == "start" else None,
             )
-            write_json_atomic(ppo_json, ppo_stage.run(pcfg), indent=2, default=str)
-        pres = _read_json(ppo_json)
+            return ppo_stage.run(pcfg)
+
+        pres = self.once(d / "ppo_result.json", ppo)
+        if not main:
+            return None
+        assert row is not None
+        row["reward_model"] = res["model"]
+        row.update(_rm_columns(res.get("eval")))
         row["policy"] = pres["model"]
         row.update({"ppo_kl": pres.get("kl"), "ppo_reward": pres.get("reward"), "ppo_gold_train": pres.get("gold_train")})
 
@@ -520,7 +580,6 @@ class _Run:
         row["wall_s"] = time.perf_counter() - t0
         return row
 
-
 def _rm_columns(ev: dict | None) -> dict:
     if not ev:
         return {}
@@ -528,41 +587,59 @@ def _rm_columns(ev: dict | None) -> dict:
     return {new: ev[old] for old, new in keys.items() if old in ev}
 
 
-def _prepare_out(cfg: Config) -> None:
+
+
+def _prepare_out(cfg: Config, main: bool = True) -> None:
+    """Refuse (on every rank) or clear (rank 0) an earlier run in `out`."""
     out = Path(cfg.out)
     earlier = (out / "summary.json").is_file() or any(ROUND_DIR.fullmatch(p.name) for p in out.glob("round_*"))
     if earlier and cfg.overwrite:
-        for p in out.glob("round_*"):
-            if ROUND_DIR.fullmatch(p.name) and p.is_dir():
-                shutil.rmtree(p)
-        (out / "summary.json").unlink(missing_ok=True)
+        if main:
+            for p in out.glob("round_*"):
+                if ROUND_DIR.fullmatch(p.name) and p.is_dir():
+                    shutil.rmtree(p)
+            (out / "summary.json").unlink(missing_ok=True)
     elif earlier and not cfg.resume:
         raise ConfigError(f"{out} holds an earlier iterate run: set resume=true to continue it or overwrite=true to replace it")
     out.mkdir(parents=True, exist_ok=True)
 
 
 def run(cfg: Config) -> dict:
-    """Round 0, then `cfg.rounds` rounds of sample -> label -> reward model -> PPO; returns the summary."""
+    """Round 0, then `cfg.rounds` rounds of sample -> label -> reward model -> PPO; returns the summary.
+
+    Under torchrun every rank runs this: the sampling, the reward model's training and PPO are
+    split across the ranks (docs/distributed-rl.md); rank 0 labels, evaluates and writes."""
     _check(cfg)
-    _prepare_out(cfg)
-    r = _Run(cfg)
+    dist = init_dist()
+    if cfg.ppo.rollout_batch % dist.world:
+        raise ConfigError(f"config key 'ppo.rollout_batch' ({cfg.ppo.rollout_batch}) must be a multiple of the "
+                          f"{dist.world} ranks")
+    _prepare_out(cfg, dist.main)
+    barrier(dist)
+    r = _Run(cfg, dist)
     r.judge(1)  # a bad judge spec fails now, before any training
     for k in range(cfg.rounds + 1):
         done = r.dir(k) / "round.json"
-        if done.is_file():
-            r.rows.append(_read_json(done))
+        if r.agree(done.is_file()):
+            r.rows.append(r.agree(_read_json(done) if dist.main else None))
             continue
-        row = r.round_zero() if k == 0 else r.round(k, r.rows[-1])
+        row = r.agree(r.round_zero() if k == 0 else r.round(k, r.rows[-1]))
         if row is None:
-            r.save_summary("awaiting_labels", pending=r.pending)
+            if dist.main:
+                r.save_summary("awaiting_labels", pending=r.pending)
+            barrier(dist)
             return {"status": "awaiting_labels", "out": str(r.out), **r.pending,
                     "next": "label the file, then run again with resume=true"}
-        write_json_atomic(done, row, indent=2, default=str)
+        if dist.main:
+            write_json_atomic(done, row, indent=2, default=str)
         r.rows.append(row)
-        r.save_summary("running")
+        if dist.main:
+            r.save_summary("running")
         logger.info("round %d: gold %s, reward-model accuracy %s, pairs %d", k, row.get("gold_score"),
                     row.get("rm_accuracy"), row["pairs_total"])
-    r.save_summary("done")
+    if dist.main:
+        r.save_summary("done")
+    barrier(dist)
     return {"status": "done", "out": str(r.out), "summary": str(r.out / "summary.json"),
             "rounds": [{k: row.get(k) for k in ("round", "gold_score", "rm_accuracy", "pairs_total", "kl_to_start")}
                        for row in r.rows]}

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, required
-from alignkit.console import warn
+from alignkit.console import is_main_process, warn
 from alignkit.data.batching import PreferenceBatch, bucketed_batches, collate_preference, padding_fraction
 from alignkit.data.lint import check_signal
 from alignkit.data.load import load_records
@@ -387,7 +387,7 @@ def run(cfg: Config) -> dict:
         "peak_mem_mb": result.peak_memory_mb,
         "reward_stats": stats_box[-1].__dict__ if stats_box else None,
     }
-    if cfg.data.eval_path:
+    if cfg.data.eval_path and is_main_process():  # under torchrun rank 0 evaluates and writes
         ev = evaluate_pairs(model, tokenizer, cfg.data, cfg.data.eval_path, cfg.eval_batch_size, cfg.world)
         _write_json(out / "eval.json", ev)
         summary["eval"] = ev

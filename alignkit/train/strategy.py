@@ -139,7 +139,9 @@ class FSDP2(Strategy):
 
         trainable = {n for n, p in model.named_parameters() if any(p is q for q in params)}
         self.twin = MetaTwin(model) if self.acc.is_main_process else None
-        offload = CPUOffloadPolicy() if self.cfg.offload else OffloadPolicy()
+        # sharded parameters, their gradients and AdamW states live in host memory; the optimizer
+        # steps there. Pinned host memory (fast copies to the GPU) needs an accelerator.
+        offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cfg.offload else OffloadPolicy()
         model = model.to(self.acc.device)
         for block in repeated_blocks(model):
             fully_shard(block, offload_policy=offload)
@@ -224,6 +226,7 @@ class DeepSpeed(Strategy):
                                                     dist_init_required=False)
         self.engine, self.inner = engine, optimizer
         self.model, self.optimizer = engine, optimizer  # the scheduler drives the torch optimizer's lr
+        self.shared_master_bytes = share_fp32_master(getattr(engine, "optimizer", None))
         return engine, optimizer
 
     def raw(self):
@@ -255,6 +258,40 @@ class DeepSpeed(Strategy):
             return self.raw() if self.acc.is_main_process else None
         full = self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0, collective
         return self.twin.materialise(full) if self.twin is not None else None
+
+
+def share_fp32_master(zero: Any) -> int:
+    """ZeRO-3 with fp32 parameters: let each rank's fp32 master partition BE its parameter partition.
+
+    DeepSpeed (0.19.8, stage3.py `_create_fp32_partitions`) means to skip the master copy when the
+    flat parameter partition already has the master dtype and device, but compares the partition's
+    torch.device with the accelerator's device *name* (a str), never equal, so it always clones:
+    one more 4 bytes per parameter / N on every rank. Here the master partitions are replaced by the
+    parameter partitions themselves, as DeepSpeed's own branch would have done, while no optimizer
+    state refers to them yet; the optimizer then updates the parameters in place (and DeepSpeed's
+    copy from master to parameters becomes a self-copy). Partitions that are not exact fp32 copies
+    on the same device (bf16 parameters, CPU offload, NVMe swapping) are left alone.
+    Returns the bytes of master partitions freed.
+    """
+    params = getattr(zero, "fp16_partitioned_groups_flat", None)
+    masters = getattr(zero, "fp32_partitioned_groups_flat", None)
+    inner = getattr(zero, "optimizer", None)
+    if not params or masters is None or len(params) != len(masters) or inner is None:
+        return 0
+    if getattr(zero, "offload_optimizer", False) or getattr(zero, "swap_optimizer", False):
+        return 0
+    freed = 0
+    for i, (p, m) in enumerate(zip(params, masters)):
+        if p is None or p is m or p.dtype != torch.float32 or m.dtype != torch.float32 or p.device != m.device:
+            continue
+        if p.shape != m.shape or m in inner.state or not torch.equal(p, m):
+            continue
+        p.requires_grad = True  # as DeepSpeed marks its master partitions
+        if hasattr(m, "ds_id"):
+            p.ds_id = m.ds_id
+        masters[i] = p
+        freed += m.numel() * m.element_size()
+    return freed
 
 
 STRATEGIES = {"ddp": Strategy, "fsdp2": FSDP2, "deepspeed": DeepSpeed}

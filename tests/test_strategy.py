@@ -1,0 +1,40 @@
+"""alignkit/train/strategy.py pieces that need no process group (the strategies themselves are
+tested under torchrun in tests/test_distributed.py)."""
+
+from types import SimpleNamespace
+
+import torch
+
+from alignkit.train.strategy import share_fp32_master
+
+
+def _zero(params, masters, **kw):
+    return SimpleNamespace(fp16_partitioned_groups_flat=params, fp32_partitioned_groups_flat=masters,
+                           optimizer=torch.optim.AdamW([torch.zeros(1)]), **kw)
+
+
+def test_share_fp32_master_by_hand():
+    """Only an exact fp32 copy is replaced by its parameter partition (4 floats = 16 bytes freed);
+    a bf16 partition keeps its fp32 master, and so does a master that is not a copy."""
+    params = [torch.arange(4.0), torch.arange(3.0).bfloat16(), torch.ones(2)]
+    masters = [params[0].clone(), params[1].float(), torch.zeros(2)]
+    masters[0].ds_id = "0_3"
+    kept = list(masters)
+    zero = _zero(params, masters)
+    assert share_fp32_master(zero) == 16
+    assert zero.fp32_partitioned_groups_flat[0] is params[0] and params[0].requires_grad and params[0].ds_id == "0_3"
+    assert zero.fp32_partitioned_groups_flat[1] is kept[1] and zero.fp32_partitioned_groups_flat[2] is kept[2]
+    # an optimizer step on the shared master updates the parameter partition itself
+    zero.optimizer.param_groups[0]["params"] = [params[0]]
+    params[0].grad = torch.ones(4)
+    zero.optimizer.step()
+    assert (params[0].detach() < torch.arange(4.0)).all()
+
+
+def test_share_fp32_master_leaves_offload_and_existing_state_alone():
+    p = torch.arange(4.0)
+    assert share_fp32_master(_zero([p], [p.clone()], offload_optimizer=True)) == 0
+    zero = _zero([p], [p.clone()])
+    zero.optimizer.state[zero.fp32_partitioned_groups_flat[0]] = {"step": 1}
+    assert share_fp32_master(zero) == 0
+    assert share_fp32_master(None) == 0
