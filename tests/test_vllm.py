@@ -158,6 +158,14 @@ def test_sampling_params_map_onto_vllm(tiny):
     sp = engine.sampling_params(SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=4, seed=11), row=2)
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (5, 0.7, 0.9, 4, 13)
     assert list(sp.stop_token_ids) == [tok.eos_token_id]
+    # per-row seeds (the RL stages' row_seeds): a row draws the same tokens wherever it sits, so
+    # sampling 4 rows at once equals sampling them 2 + 2, as two ranks would
+    seeds = (101, 202, 303, 404)
+    whole = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.3, row_seeds=seeds))
+    halves = [engine.generate(prompts[i:i + 2], SamplingParams(max_new_tokens=8, temperature=1.3, row_seeds=seeds[i:i + 2]))
+              for i in (0, 2)]
+    assert list(whole) == list(halves[0]) + list(halves[1])
+    assert len({tuple(r) for r in whole}) > 1
 
 
 @needs_vllm

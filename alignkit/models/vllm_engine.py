@@ -136,15 +136,19 @@ class VLLMGenerator:
             self._worker().reload_weights(weights_iterator=merged_state_dict(self.policy))
 
     def sampling_params(self, params: SamplingParams, row: int) -> Any:
-        """vLLM's SamplingParams for prompt `row`: each row gets its own seed (seed + row), so the
-        G copies of one prompt in a GRPO group draw different samples."""
+        """vLLM's SamplingParams for prompt `row`: each row gets its own seed, so the G copies of
+        one prompt in a GRPO group draw different samples: `row_seeds[row]` when the caller gives
+        per-row seeds (the RL stages: then a row's tokens do not depend on which rank or batch
+        position draws it), else seed + row."""
         greedy = params.greedy or params.temperature == 0
         kw: dict[str, Any] = dict(max_tokens=params.max_new_tokens, detokenize=False)
         if greedy:
             kw.update(temperature=0.0)
         else:
             kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1)
-            if params.seed is not None:
+            if params.row_seeds is not None:
+                kw["seed"] = int(params.row_seeds[row])
+            elif params.seed is not None:
                 kw["seed"] = params.seed + row
         if params.stop_at_eos and self.eos_ids:
             kw["stop_token_ids"] = list(self.eos_ids)
