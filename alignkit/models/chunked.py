@@ -17,6 +17,7 @@ N scored tokens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ class Head:
     """Logits are multiplied by this (Cohere `logit_scale`, 1 / Granite `logits_scaling`)."""
     softcap: float | None = None
     """Gemma-2 style `cap * tanh(logits / cap)` when set."""
+    temperature: float = 1.0
+    """Logits are divided by this last (the RL stages' sampling temperature), as the full path does."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, H) -> (n, V) exactly as the model's own head computes them."""
@@ -53,6 +56,8 @@ class Head:
             z = z * self.scale
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
+        if self.temperature != 1.0:
+            z = z / self.temperature
         return z
 
 
@@ -133,7 +138,7 @@ def _verified(model: Any) -> bool:
 
 
 def hidden_states(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, Head] | None:
     """(B, T, H) final hidden states and the head, or None (use the full path).
 
@@ -236,3 +241,123 @@ def sft_loss_of_model(
         return sft_loss(logits, labels)
     lp, _ = got
     return -lp.sum(), response_mask(labels).sum()
+
+
+# ---------------------------------------------------------------------------------- RL passes
+def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, head: Head, entropy_grad: bool):
+    """(n,) log-probs of `targets` and (n,) entropies of one chunk (the entropy without a graph
+    unless `entropy_grad`); the log-probs are `_chunk_logprobs`' numbers."""
+    logits = head.logits(hidden)  # (n, V)
+    z = logits.float()
+    lse = z.logsumexp(-1)  # (n,)
+    lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - lse
+    with contextlib.nullcontext() if entropy_grad else torch.no_grad():
+        logq = z - lse.unsqueeze(-1)  # (n, V) log-softmax
+        ent = -(logq.exp() * logq.clamp(min=torch.finfo(logq.dtype).min)).sum(-1)
+    return lp, ent
+
+
+def chunked_stats(
+    hidden: torch.Tensor, targets: torch.Tensor, head: Head, chunk: int = DEFAULT_CHUNK, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) float32 log-probs of `targets` and (N,) entropies of softmax(head(hidden)), `chunk`
+    rows at a time (checkpointed like `chunked_logprobs`). The entropy is that of
+    `losses.policy.entropy_from_logits`; it carries a gradient only with `entropy_grad`."""
+    if len(hidden) == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    lps, ents = [], []
+    for h, y in zip(hidden.split(chunk), targets.split(chunk)):
+        if grad:
+            lp, ent = checkpoint(_chunk_stats, h, y, head, entropy_grad, use_reentrant=False)
+        else:
+            lp, ent = _chunk_stats(h, y, head, entropy_grad)
+        lps.append(lp)
+        ents.append(ent if entropy_grad else ent.detach())
+    return torch.cat(lps), torch.cat(ents)
+
+
+@dataclass(frozen=True)
+class ResponseStats:
+    """Per-token numbers of the response tokens of [prompt; response] rows (see `response_stats`).
+
+    Legend: B rows, T response columns (right-padded), H hidden size.
+    """
+
+    logprobs: torch.Tensor
+    """(B, T) float32 log-probs of the response tokens (divided logits by the temperature); 0 on padding."""
+    entropy: torch.Tensor | None
+    """(B, T) float32 entropy of the next-token distribution, 0 on padding; None when not asked."""
+    hidden: torch.Tensor
+    """(B, T, H) final hidden state at the position predicting each response token (value heads read it)."""
+
+
+def _grouped_hidden(
+    model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> tuple[torch.Tensor, Head] | None:
+    """(B, T, H) hidden states predicting the response tokens with each distinct prompt run once
+    (its KV cache gathered back to its rows), as `train.rollout.grouped_response_logits` does
+    for logits; None when the model cannot be split (or is DDP-wrapped: the RL stages are not)."""
+    from alignkit.models.generate import cache_kwarg, distinct_prompts, new_kv_cache
+
+    P, T = prompt_ids.shape[1], response_ids.shape[1]
+    full_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)  # (B, L)
+    distinct = distinct_prompts(prompt_ids, prompt_mask) if P else None
+    if distinct is None:
+        got = hidden_states(model, torch.cat([prompt_ids, response_ids], dim=1), full_mask)
+        return None if got is None else (got[0][:, P - 1 : P - 1 + T], got[1])
+    parts = split_head(model)
+    if parts is None or _is_ddp(model) or not _verified(model):
+        return None
+    decoder, head = parts
+    u_ids, u_mask, inverse = distinct  # (U, P), (U, P), (B,)
+    kw, cache = cache_kwarg(decoder), new_kv_cache(model)  # filled in place by the prefill
+    pre = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids_from_mask(u_mask),
+                  use_cache=True, **{kw: cache}).last_hidden_state
+    hidden = pre[:, -1:].index_select(0, inverse)  # (B, 1, H): column P-1 predicts token 0
+    if T > 1:
+        cache.reorder_cache(inverse)  # (U, ...) -> (B, ...) per layer, differentiable
+        mask = full_mask[:, : P + T - 1]  # the last response token predicts nothing
+        out = decoder(input_ids=response_ids[:, :-1], attention_mask=mask,
+                      position_ids=position_ids_from_mask(mask)[:, P:], use_cache=True, **{kw: cache})
+        hidden = torch.cat([hidden, out.last_hidden_state], dim=1)  # (B, T, H)
+    return hidden, head
+
+
+def response_stats(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor, *,
+    temperature: float = 1.0, chunk: int = DEFAULT_CHUNK, entropy: bool = False, entropy_grad: bool = False,
+    share_prompt_prefix: bool = False,
+) -> ResponseStats | None:
+    """Log-probs (and entropies) of the response tokens through the chunked head, or None when
+    `chunk` is 0 or the model cannot be split (the caller takes its full-logits path).
+
+    input_ids, attention_mask: (B, L) = [left-padded prompt (P); right-padded response (T)];
+    response_ids: (B, T), the last T columns of `input_ids`. Only the response tokens (mask 1)
+    go through the head. `share_prompt_prefix` runs each distinct prompt once (`_grouped_hidden`).
+    """
+    if chunk <= 0:
+        return None
+    T = response_ids.shape[1]
+    P = input_ids.shape[1] - T
+    r_mask = attention_mask[:, P:]  # (B, T)
+    if share_prompt_prefix:
+        got = _grouped_hidden(model, input_ids[:, :P], attention_mask[:, :P], response_ids, r_mask)
+    else:
+        got = hidden_states(model, input_ids, attention_mask)
+        got = None if got is None else (got[0][:, P - 1 : P - 1 + T], got[1])
+    if got is None:
+        return None
+    hidden, head = got  # (B, T, H)
+    if temperature != 1.0:
+        head = dataclasses.replace(head, temperature=temperature)
+    keep = r_mask.bool()  # (B, T)
+    lp, ent = chunked_stats(hidden[keep], response_ids[keep], head, chunk, entropy_grad)
+    zeros = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device)
+    return ResponseStats(
+        logprobs=zeros.index_put((keep,), lp),
+        entropy=zeros.index_put((keep,), ent) if entropy else None,
+        hidden=hidden,
+    )
