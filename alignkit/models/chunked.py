@@ -361,3 +361,34 @@ def response_stats(
         entropy=zeros.index_put((keep,), ent) if entropy else None,
         hidden=hidden,
     )
+
+
+# ---------------------------------------------------------------------------------- scoring
+def sequence_sums(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK, position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B,) summed log-probs of each row's label tokens and (B,) their counts through the chunked
+    head; None when `chunk` is 0 or the model cannot be split (the caller's full path)."""
+    got = scored_logprobs(model, input_ids, attention_mask, labels, chunk, position_ids)
+    if got is None:
+        return None
+    token_lp, keep = got  # (N,), (B, T)
+    rows = keep.nonzero()[:, 0]  # (N,) row of each scored token, row-major
+    sums = torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
+    return sums, keep.sum(-1)
+
+
+def last_token_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor | None:
+    """(B, V) float32 log-softmax of the next-token distribution after the last column of
+    left-padded rows, the head run on that column only, `chunk` rows at a time; None when
+    `chunk` is 0 or the model cannot be split."""
+    if chunk <= 0:
+        return None
+    got = hidden_states(model, input_ids, attention_mask)
+    if got is None:
+        return None
+    hidden, head = got
+    return torch.cat([head.logits(h).float().log_softmax(-1) for h in hidden[:, -1].split(chunk)])

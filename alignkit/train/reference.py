@@ -44,7 +44,7 @@ from torch import nn
 from alignkit.atomic import share_tree
 from alignkit.data.batching import collate_sft
 from alignkit.data.tokenize import TokenizedSFT
-from alignkit.models.chunked import DEFAULT_CHUNK, scored_logprobs
+from alignkit.models.chunked import DEFAULT_CHUNK, sequence_sums
 from alignkit.models.logprobs import position_ids_from_mask
 
 CACHE_FORMAT = 1
@@ -99,12 +99,9 @@ def response_logps(
     Returns:
         sums (R,) float32 with gradient when enabled, counts (R,) int64.
     """
-    chunked = scored_logprobs(model, input_ids, attention_mask, labels, logprob_chunk)
+    chunked = sequence_sums(model, input_ids, attention_mask, labels, logprob_chunk)
     if chunked is not None:
-        token_lp, keep = chunked  # (N,), (R, T)
-        rows = keep.nonzero()[:, 0]
-        sums = torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
-        return sums, keep.sum(-1)
+        return chunked
     keep = torch.zeros_like(labels, dtype=torch.bool)  # (R, T): position t scores token t+1
     keep[:, :-1] = labels[:, 1:] != -100
     targets = labels[:, 1:][keep[:, :-1]]  # (N,)
