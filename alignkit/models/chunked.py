@@ -364,19 +364,35 @@ def response_stats(
 
 
 # ---------------------------------------------------------------------------------- scoring
+def sums_by_sequence(
+    token_values: torch.Tensor, keep: torch.Tensor, seq_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) sums of per-token values (N,) and (S,) token counts per sequence.
+
+    keep: (R, T) bool, True at the positions whose values `token_values` holds (row-major).
+    seq_index: (R * T,) the sequence of each position of a packed batch (R = 1); None: a
+    sequence is a row (S = R).
+    """
+    if seq_index is None:
+        slot, n = keep.nonzero()[:, 0], keep.shape[0]  # (N,) row of each scored token
+    else:
+        slot, n = seq_index[keep.reshape(-1)], (int(seq_index[-1]) + 1 if len(seq_index) else 0)
+    sums = torch.zeros(n, dtype=token_values.dtype, device=token_values.device).index_add(0, slot, token_values)
+    return sums, torch.bincount(slot, minlength=n)
+
+
 def sequence_sums(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-    chunk: int = DEFAULT_CHUNK, position_ids: torch.Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK, position_ids: torch.Tensor | None = None, seq_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(B,) summed log-probs of each row's label tokens and (B,) their counts through the chunked
-    head; None when `chunk` is 0 or the model cannot be split (the caller's full path)."""
+    """(S,) summed log-probs of each sequence's label tokens and (S,) their counts through the
+    chunked head (a sequence is a row, or with `seq_index` a packed sequence, `sums_by_sequence`);
+    None when `chunk` is 0 or the model cannot be split (the caller's full path)."""
     got = scored_logprobs(model, input_ids, attention_mask, labels, chunk, position_ids)
     if got is None:
         return None
-    token_lp, keep = got  # (N,), (B, T)
-    rows = keep.nonzero()[:, 0]  # (N,) row of each scored token, row-major
-    sums = torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
-    return sums, keep.sum(-1)
+    token_lp, keep = got  # (N,), (R, T)
+    return sums_by_sequence(token_lp, keep, seq_index)
 
 
 def last_token_logprobs(

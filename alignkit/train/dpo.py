@@ -55,6 +55,7 @@ from alignkit.data.batching import (
     collate_unpaired,
     padding_fraction,
 )
+from alignkit.data.packing import PackedPairs, pack_preference
 from alignkit.data.tokenize import TokenizedPair, TokenizedSFT, TokenizedUnpaired
 from alignkit.losses.preference import (
     PREFERENCE_LOSSES,
@@ -154,6 +155,8 @@ class Config:
                 raise ConfigError("config key 'reference_path': not used with reference 'lora' (the base weights are)")
         if self.reference_batch_size < 1:
             raise ConfigError("config key 'reference_batch_size' must be >= 1")
+        if self.train.packing and self.loss == KTO:
+            raise ConfigError("config key 'train.packing': not supported with loss 'kto' yet (paired losses only)")
         text = check_beta(self.beta, self.loss)
         if text is not None:
             warnings.warn(text, UserWarning, stacklevel=3)
@@ -181,12 +184,28 @@ class Config:
 class DPOBatch:
     """A preference micro-batch plus, in precomputed mode, its reference log-probs.
 
-    pairs: rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected (see PreferenceBatch).
-    ref_logps: (2B,) reference log-probs aligned with the rows, or None (computed in the step).
+    pairs: rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected (see PreferenceBatch),
+        or with `train.packing` the same 2B sequences packed into one row (PackedPairs).
+    ref_logps: (2B,) reference log-probs aligned with the sequences, or None (computed in the step).
     """
 
-    pairs: PreferenceBatch
+    pairs: PreferenceBatch | PackedPairs
     ref_logps: torch.Tensor | None = None
+
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments of `response_logps` / `Reference.logps` for the 2B sequences."""
+        b = self.pairs
+        if isinstance(b, PackedPairs):
+            p = b.packed
+            return dict(input_ids=p.input_ids, attention_mask=None, labels=p.labels, position_ids=p.position_ids,
+                        seq_index=p.seq_index)
+        return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens of the micro-batch."""
+        b = self.pairs
+        return b.packed.input_ids.numel() if isinstance(b, PackedPairs) else int(b.attention_mask.sum())
 
 
 @dataclass(frozen=True)
@@ -243,12 +262,14 @@ def kto_columns(items: Sequence[KTOItem]) -> dict[str, list[tuple[list[int], lis
     }
 
 
-def make_preference_collate(pad_id: int, reference: Reference):
-    """Collate (index, pair) items into a DPOBatch, attaching cached reference log-probs."""
+def make_preference_collate(pad_id: int, reference: Reference, packing: bool = False):
+    """Collate (index, pair) items into a DPOBatch, attaching cached reference log-probs; with
+    `packing` the 2B sequences go into one row with no padding (`pack_preference`)."""
 
     def collate(indexed: list[tuple[int, TokenizedPair]]) -> DPOBatch:
         idx = [j for j, _ in indexed]
-        pairs = collate_preference([x for _, x in indexed], pad_id)
+        items = [x for _, x in indexed]
+        pairs = pack_preference(items) if packing else collate_preference(items, pad_id)
         ref = None
         if isinstance(reference, PrecomputedReference):
             ref = torch.cat([reference.lookup("chosen", idx), reference.lookup("rejected", idx)])
@@ -303,11 +324,12 @@ def make_preference_step(cfg: Config, reference: Reference):
     average = cfg.average_logps
     wants_nll = "chosen_nll" in inspect.signature(loss_fn).parameters
     beta = cfg.beta
+    chunk = cfg.train.logprob_chunk
 
     def step(model: nn.Module, batch: DPOBatch) -> StepOutput:
-        b = batch.pairs
-        ref = reference.logps(model, b.input_ids, b.attention_mask, b.labels, batch.ref_logps)  # (2B,) | None
-        sums, counts = response_logps(model, b.input_ids, b.attention_mask, b.labels)  # (2B,)
+        b, rows = batch.pairs, batch.model_inputs()
+        ref = reference.logps(model, cached=batch.ref_logps, **rows)  # (2B,) | None
+        sums, counts = response_logps(model, **rows, logprob_chunk=chunk)  # (2B,)
         policy_chosen, policy_rejected = b.split(normalise(sums, counts, average))
         ref_chosen, ref_rejected = b.split(ref) if ref is not None else (None, None)
         extra = {}
@@ -318,7 +340,7 @@ def make_preference_step(cfg: Config, reference: Reference):
             beta=beta, soft_label=b.soft_label, **params, **extra,
         )
         metrics = preference_metrics(out, policy_chosen, policy_rejected)
-        metrics["ntokens"] = float(b.attention_mask.sum())
+        metrics["ntokens"] = float(batch.num_tokens)
         return StepOutput(loss=out.losses.sum(), weight=b.num_pairs, metrics=metrics)
 
     return step
@@ -328,14 +350,16 @@ def make_kto_step(cfg: Config, reference: Reference):
     """KTO: policy forward on the examples with gradient, on the mismatched pairs without."""
     params = dict(cfg.loss_params)
     beta = cfg.beta
+    chunk = cfg.train.logprob_chunk
 
     def step(model: nn.Module, batch: KTOBatch) -> StepOutput:
         ex, mm = batch.examples, batch.mismatched
         ref = reference.logps(model, ex.input_ids, ex.attention_mask, ex.labels, batch.ref_logps)  # (N,)
         ref_kl = reference.logps(model, mm.input_ids, mm.attention_mask, mm.labels, batch.ref_kl_logps)  # (N,)
-        policy, _ = response_logps(model, ex.input_ids, ex.attention_mask, ex.labels)  # (N,)
+        policy, _ = response_logps(model, ex.input_ids, ex.attention_mask, ex.labels, logprob_chunk=chunk)  # (N,)
         with torch.no_grad():  # z0 is detached: skip DDP and keep no activations
-            policy_kl, _ = response_logps(getattr(model, "module", model), mm.input_ids, mm.attention_mask, mm.labels)
+            policy_kl, _ = response_logps(getattr(model, "module", model), mm.input_ids, mm.attention_mask, mm.labels,
+                                          logprob_chunk=chunk)
         z0 = kto_kl_estimate(policy_kl, ref_kl)  # max(0, mean over this micro-batch), detached
         out = kto_loss(policy, ref, ex.desirable, z0, beta=beta, **params)
         d = ex.desirable
@@ -466,9 +490,10 @@ def run(cfg: Config) -> dict:
         ref_model = load_model(ref_path)
         if cfg.disable_dropout:
             disable_dropout(ref_model)
-        reference = CopyReference(ref_model.to(acc.device), average=cfg.average_logps)
+        reference = CopyReference(ref_model.to(acc.device), average=cfg.average_logps,
+                                  logprob_chunk=cfg.train.logprob_chunk)
     elif cfg.reference == "lora":
-        reference = LoraReference(average=cfg.average_logps)
+        reference = LoraReference(average=cfg.average_logps, logprob_chunk=cfg.train.logprob_chunk)
     else:
         key = ref_lib.cache_key(
             ref_lib.fingerprint_files(ref_path),
@@ -488,6 +513,7 @@ def run(cfg: Config) -> dict:
             return ref_lib.precompute_logps(
                 m, columns, pad_id, cfg.average_logps, cfg.reference_batch_size,
                 device=acc.device, autocast=acc.autocast, progress=cfg.train.progress,
+                logprob_chunk=cfg.train.logprob_chunk,
             )
 
         sizes = {name: len(seqs) for name, seqs in columns.items()}
@@ -503,7 +529,8 @@ def run(cfg: Config) -> dict:
     if cfg.is_unpaired:
         collate, step = make_kto_collate(pad_id, reference), make_kto_step(cfg, reference)
     else:
-        collate, step = make_preference_collate(pad_id, reference), make_preference_step(cfg, reference)
+        collate = make_preference_collate(pad_id, reference, cfg.train.packing)
+        step = make_preference_step(cfg, reference)
     lengths = [len(x) for x in items]
 
     def plan(epoch: int) -> list[list[int]]:
