@@ -171,28 +171,87 @@ def _identity_head(lin: nn.Linear):
         del lin.forward
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head) -> torch.Tensor:
-    logits = head.logits(hidden)  # (n, V)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (n,)
-    return picked - logits.float().logsumexp(-1)
+def _entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(n,) entropy -sum_v q_v log q_v from finite float32 logits (n, V) and their logsumexp (n,),
+    as `entropy_from_logits` (a linear head never gives the -inf logits it guards against)."""
+    logq = z - lse.unsqueeze(-1)  # (n, V)
+    return -(logq.exp() * logq).sum(-1)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Chunked log-probs (and, as a metric, entropies) with a hand-written backward.
+
+    Forward: per chunk, logits z = post(h W^T + b) (`Head.logits`), lse = logsumexp(z) in
+    float32, lp = z[y] - lse; only h, y and lse (N floats) are kept. Backward: per chunk the
+    logits are recomputed once (one matmul) and
+
+        dlp/dz = onehot(y) - softmax(z),   dz/da = scale / temperature * (1 - (v / cap)^2)
+
+    (v = z * temperature, the capped value; the last factor only with soft-capping), then
+    grad_h = g_a W and grad_W = g_a^T h: three head matmuls a step, as the full path does, where
+    `torch.utils.checkpoint` would run four. The matmuls run in the dtype the forward's logits
+    had (bf16 under autocast), so the recomputed logits are the forward's.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, head: Head, chunk: int, want_entropy: bool):
+        lps, lses, ents = [], [], []
+        for h, y in zip(hidden.split(chunk), targets.split(chunk)):
+            logits = head.logits(h)  # (n, V)
+            z = logits.float()
+            lse = z.logsumexp(-1)  # (n,)
+            lps.append(logits.gather(-1, y.unsqueeze(-1)).squeeze(-1).float() - lse)
+            lses.append(lse)
+            if want_entropy:
+                ents.append(_entropy(z, lse))
+            ctx.mm_dtype = logits.dtype
+        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses))
+        ctx.head, ctx.chunk = head, chunk
+        ent = torch.cat(ents) if want_entropy else hidden.new_zeros(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(ent)
+        return torch.cat(lps), ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        head, chunk, dt = ctx.head, ctx.chunk, ctx.mm_dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(dt)
+        b = bias.to(dt) if bias is not None else None
+        low = Head(w, b, head.scale, head.softcap, head.temperature)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for i in range(0, len(hidden), chunk):
+            h, y, g = hidden[i : i + chunk].to(dt), targets[i : i + chunk], g_lp[i : i + chunk].float()
+            z = low.logits(h).float()  # (n, V)
+            ga = -(z - lse[i : i + chunk].unsqueeze(-1)).exp_() * g.unsqueeze(-1)  # -g * softmax
+            ga.scatter_add_(-1, y.unsqueeze(-1), g.unsqueeze(-1))  # + g * onehot
+            factor = head.scale / head.temperature
+            if head.softcap:
+                ga.mul_(1 - (z * (head.temperature / head.softcap)).square_())
+            if factor != 1.0:
+                ga.mul_(factor)
+            if need_b:
+                grad_b += ga.sum(0)
+            ga = ga.to(dt)
+            if need_h:
+                grad_h[i : i + chunk] = (ga @ w).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(ga.t().float() if dt != torch.float32 else ga.t(), h.float())
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def chunked_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """(N,) float32 log softmax(head(hidden[i]))[targets[i]], `chunk` rows at a time.
 
-    hidden: (N, H), targets: (N,). With gradients on, each chunk is recomputed in the backward
-    (so only one (chunk, V) block lives at a time); the head weight's gradient sums over chunks.
+    hidden: (N, H), targets: (N,). Only one (chunk, V) block lives at a time, forward and
+    backward (`_HeadLogprobs`); the head weight's gradient sums over chunks.
     """
     if len(hidden) == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-    parts = []
-    for h, y in zip(hidden.split(chunk), targets.split(chunk)):
-        if grad:
-            parts.append(checkpoint(_chunk_logprobs, h, y, head, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(h, y, head))
-    return torch.cat(parts)
+    return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, head, chunk, False)[0]
 
 
 def chunked_entropy(hidden: torch.Tensor, head: Head, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -244,37 +303,36 @@ def sft_loss_of_model(
 
 
 # ---------------------------------------------------------------------------------- RL passes
-def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, head: Head, entropy_grad: bool):
-    """(n,) log-probs of `targets` and (n,) entropies of one chunk (the entropy without a graph
-    unless `entropy_grad`); the log-probs are `_chunk_logprobs`' numbers."""
+def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, head: Head):
+    """(n,) log-probs of `targets` and (n,) entropies of one chunk, both differentiable."""
     logits = head.logits(hidden)  # (n, V)
     z = logits.float()
     lse = z.logsumexp(-1)  # (n,)
     lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - lse
-    with contextlib.nullcontext() if entropy_grad else torch.no_grad():
-        logq = z - lse.unsqueeze(-1)  # (n, V) log-softmax
-        ent = -(logq.exp() * logq.clamp(min=torch.finfo(logq.dtype).min)).sum(-1)
-    return lp, ent
+    return lp, _entropy(z, lse)
 
 
 def chunked_stats(
     hidden: torch.Tensor, targets: torch.Tensor, head: Head, chunk: int = DEFAULT_CHUNK, entropy_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) float32 log-probs of `targets` and (N,) entropies of softmax(head(hidden)), `chunk`
-    rows at a time (checkpointed like `chunked_logprobs`). The entropy is that of
-    `losses.policy.entropy_from_logits`; it carries a gradient only with `entropy_grad`."""
+    rows at a time. The entropy is that of `losses.policy.entropy_from_logits`; it carries a
+    gradient only with `entropy_grad` (then each chunk goes through `torch.utils.checkpoint`,
+    otherwise through `_HeadLogprobs`, which returns the entropy as a metric)."""
     if len(hidden) == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
+    if not entropy_grad:
+        return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, head, chunk, True)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
     lps, ents = [], []
     for h, y in zip(hidden.split(chunk), targets.split(chunk)):
         if grad:
-            lp, ent = checkpoint(_chunk_stats, h, y, head, entropy_grad, use_reentrant=False)
+            lp, ent = checkpoint(_chunk_stats, h, y, head, use_reentrant=False)
         else:
-            lp, ent = _chunk_stats(h, y, head, entropy_grad)
+            lp, ent = _chunk_stats(h, y, head)
         lps.append(lp)
-        ents.append(ent if entropy_grad else ent.detach())
+        ents.append(ent)
     return torch.cat(lps), torch.cat(ents)
 
 
