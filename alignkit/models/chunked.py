@@ -3,8 +3,8 @@
 A causal LM's last step is `logits = head(hidden)`: (N, H) -> (N, V). At a 128k vocabulary and
 thousands of tokens that tensor (and its float32 log-softmax and their gradients) is most of a
 step's memory. Here the decoder runs once to the final hidden states, and the head, the optional
-logit scaling / soft-capping and the logsumexp run over `chunk` tokens at a time; each chunk is
-recomputed in the backward pass (`torch.utils.checkpoint`), so peak memory holds one
+logit scaling / soft-capping and the logsumexp run over `chunk` tokens at a time; each chunk's
+logits are recomputed once in a hand-written backward (`_HeadLogprobs`), so peak memory holds one
 (chunk, V) block instead of (N, V), and grows with the hidden size, not with the vocabulary.
 The numbers are the full path's: the same matmul, the same float32 logsumexp, per row.
 
