@@ -100,3 +100,15 @@ def pack_preference(items: Sequence[TokenizedPair]) -> PackedPairs:
         margin=_optional_floats([x.margin for x in items], 0.0),
         soft_label=_optional_floats([x.soft_label for x in items], 1.0),
     )
+
+
+@dataclass(frozen=True)
+class PackedUnpaired:
+    """Unpaired (KTO) examples packed: prompt + completion of each, in order, in one row.
+
+    packed: the `PackedBatch` of the S examples.
+    desirable: (S,) bool thumbs up / down, as in `UnpairedBatch`.
+    """
+
+    packed: PackedBatch
+    desirable: torch.Tensor

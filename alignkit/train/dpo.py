@@ -55,7 +55,7 @@ from alignkit.data.batching import (
     collate_unpaired,
     padding_fraction,
 )
-from alignkit.data.packing import PackedPairs, pack_preference
+from alignkit.data.packing import PackedBatch, PackedPairs, PackedUnpaired, pack, pack_preference
 from alignkit.data.tokenize import TokenizedPair, TokenizedSFT, TokenizedUnpaired
 from alignkit.losses.preference import (
     PREFERENCE_LOSSES,
@@ -155,8 +155,6 @@ class Config:
                 raise ConfigError("config key 'reference_path': not used with reference 'lora' (the base weights are)")
         if self.reference_batch_size < 1:
             raise ConfigError("config key 'reference_batch_size' must be >= 1")
-        if self.train.packing and self.loss == KTO:
-            raise ConfigError("config key 'train.packing': not supported with loss 'kto' yet (paired losses only)")
         text = check_beta(self.beta, self.loss)
         if text is not None:
             warnings.warn(text, UserWarning, stacklevel=3)
@@ -192,20 +190,22 @@ class DPOBatch:
     pairs: PreferenceBatch | PackedPairs
     ref_logps: torch.Tensor | None = None
 
-    def model_inputs(self) -> dict[str, torch.Tensor | None]:
-        """Keyword arguments of `response_logps` / `Reference.logps` for the 2B sequences."""
-        b = self.pairs
-        if isinstance(b, PackedPairs):
-            p = b.packed
-            return dict(input_ids=p.input_ids, attention_mask=None, labels=p.labels, position_ids=p.position_ids,
-                        seq_index=p.seq_index)
-        return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
 
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-pad) tokens of the micro-batch."""
-        b = self.pairs
-        return b.packed.input_ids.numel() if isinstance(b, PackedPairs) else int(b.attention_mask.sum())
+def model_inputs(b: Any) -> dict[str, torch.Tensor | None]:
+    """Keyword arguments of `response_logps` / `Reference.logps` for the sequences of a padded
+    batch (input_ids, attention_mask, labels) or a packed one (PackedBatch, or a container whose
+    `packed` is one: position ids and sequence index instead of a mask)."""
+    p = b if isinstance(b, PackedBatch) else getattr(b, "packed", None)
+    if p is not None:
+        return dict(input_ids=p.input_ids, attention_mask=None, labels=p.labels, position_ids=p.position_ids,
+                    seq_index=p.seq_index)
+    return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+
+
+def num_tokens(b: Any) -> int:
+    """Real (non-pad) tokens of a padded or packed batch."""
+    p = b if isinstance(b, PackedBatch) else getattr(b, "packed", None)
+    return p.input_ids.numel() if p is not None else int(b.attention_mask.sum())
 
 
 @dataclass(frozen=True)
@@ -223,13 +223,13 @@ class KTOItem:
 class KTOBatch:
     """A KTO micro-batch.
 
-    examples: (N, T) prompt + own completion, with `desirable` (N,).
-    mismatched: (N, T') prompt j + partner completion; labels on the completion only.
+    examples: (N, T) prompt + own completion, with `desirable` (N,) (packed: PackedUnpaired).
+    mismatched: (N, T') prompt j + partner completion; labels on the completion only (packed: PackedBatch).
     ref_logps, ref_kl_logps: (N,) cached reference log-probs of both, or None.
     """
 
-    examples: UnpairedBatch
-    mismatched: SFTBatch
+    examples: UnpairedBatch | PackedUnpaired
+    mismatched: SFTBatch | PackedBatch
     ref_logps: torch.Tensor | None = None
     ref_kl_logps: torch.Tensor | None = None
 
@@ -299,12 +299,20 @@ def make_kto_items(examples: Sequence[TokenizedUnpaired], max_len: int | None, s
     return items
 
 
-def make_kto_collate(pad_id: int, reference: Reference):
+def make_kto_collate(pad_id: int, reference: Reference, packing: bool = False):
+    """Collate (index, KTOItem) items into a KTOBatch (padded, or packed with `packing`)."""
+
     def collate(indexed: list[tuple[int, KTOItem]]) -> KTOBatch:
         idx = [j for j, _ in indexed]
         items = [x for _, x in indexed]
-        examples = collate_unpaired([x.example for x in items], pad_id)
-        mismatched = collate_sft([TokenizedSFT(x.example.prompt_ids, x.kl_completion_ids) for x in items], pad_id)
+        prompts = [x.example.prompt_ids for x in items]
+        if packing:
+            desirable = torch.tensor([bool(x.example.desirable) for x in items], dtype=torch.bool)
+            examples: Any = PackedUnpaired(pack(prompts, [x.example.completion_ids for x in items]), desirable)
+            mismatched: Any = pack(prompts, [x.kl_completion_ids for x in items])
+        else:
+            examples = collate_unpaired([x.example for x in items], pad_id)
+            mismatched = collate_sft([TokenizedSFT(p, x.kl_completion_ids) for p, x in zip(prompts, items)], pad_id)
         ref = ref_kl = None
         if isinstance(reference, PrecomputedReference):
             ref, ref_kl = reference.lookup("completion", idx), reference.lookup("kl", idx)
@@ -327,7 +335,7 @@ def make_preference_step(cfg: Config, reference: Reference):
     chunk = cfg.train.logprob_chunk
 
     def step(model: nn.Module, batch: DPOBatch) -> StepOutput:
-        b, rows = batch.pairs, batch.model_inputs()
+        b, rows = batch.pairs, model_inputs(batch.pairs)
         ref = reference.logps(model, cached=batch.ref_logps, **rows)  # (2B,) | None
         sums, counts = response_logps(model, **rows, logprob_chunk=chunk)  # (2B,)
         policy_chosen, policy_rejected = b.split(normalise(sums, counts, average))
@@ -340,7 +348,7 @@ def make_preference_step(cfg: Config, reference: Reference):
             beta=beta, soft_label=b.soft_label, **params, **extra,
         )
         metrics = preference_metrics(out, policy_chosen, policy_rejected)
-        metrics["ntokens"] = float(batch.num_tokens)
+        metrics["ntokens"] = float(num_tokens(b))
         return StepOutput(loss=out.losses.sum(), weight=b.num_pairs, metrics=metrics)
 
     return step
@@ -354,12 +362,12 @@ def make_kto_step(cfg: Config, reference: Reference):
 
     def step(model: nn.Module, batch: KTOBatch) -> StepOutput:
         ex, mm = batch.examples, batch.mismatched
-        ref = reference.logps(model, ex.input_ids, ex.attention_mask, ex.labels, batch.ref_logps)  # (N,)
-        ref_kl = reference.logps(model, mm.input_ids, mm.attention_mask, mm.labels, batch.ref_kl_logps)  # (N,)
-        policy, _ = response_logps(model, ex.input_ids, ex.attention_mask, ex.labels, logprob_chunk=chunk)  # (N,)
+        ex_in, mm_in = model_inputs(ex), model_inputs(mm)
+        ref = reference.logps(model, cached=batch.ref_logps, **ex_in)  # (N,)
+        ref_kl = reference.logps(model, cached=batch.ref_kl_logps, **mm_in)  # (N,)
+        policy, _ = response_logps(model, **ex_in, logprob_chunk=chunk)  # (N,)
         with torch.no_grad():  # z0 is detached: skip DDP and keep no activations
-            policy_kl, _ = response_logps(getattr(model, "module", model), mm.input_ids, mm.attention_mask, mm.labels,
-                                          logprob_chunk=chunk)
+            policy_kl, _ = response_logps(getattr(model, "module", model), **mm_in, logprob_chunk=chunk)
         z0 = kto_kl_estimate(policy_kl, ref_kl)  # max(0, mean over this micro-batch), detached
         out = kto_loss(policy, ref, ex.desirable, z0, beta=beta, **params)
         d = ex.desirable
@@ -376,7 +384,7 @@ def make_kto_step(cfg: Config, reference: Reference):
             "logps/chosen": mean_where(policy.detach(), d),
             "logps/rejected": mean_where(policy.detach(), ~d),
             "desirable_frac": float(d.float().mean()),
-            "ntokens": float(ex.attention_mask.sum()),
+            "ntokens": float(num_tokens(ex)),
         }
         return StepOutput(loss=out.losses.sum(), weight=len(d), metrics=metrics)
 
@@ -527,7 +535,7 @@ def run(cfg: Config) -> dict:
         cache = {"path": str(ref_lib.cache_path(cache_dir, key)), "hit": hit, "key": key}
 
     if cfg.is_unpaired:
-        collate, step = make_kto_collate(pad_id, reference), make_kto_step(cfg, reference)
+        collate, step = make_kto_collate(pad_id, reference, cfg.train.packing), make_kto_step(cfg, reference)
     else:
         collate = make_preference_collate(pad_id, reference, cfg.train.packing)
         step = make_preference_step(cfg, reference)
