@@ -121,7 +121,7 @@ class TrainConfig:
     logprob_chunk: int = 1024
     """Tokens per LM-head chunk when computing log-probs and the SFT loss (0: full logits)."""
     packing: bool = False
-    """SFT: concatenate each micro-batch's sequences into one row, no padding (alignkit.data.packing)."""
+    """SFT and the DPO family (KTO too): each micro-batch's sequences in one row, no padding (alignkit.data.packing)."""
 
 
 def _type_name(tp: Any) -> str:

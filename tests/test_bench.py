@@ -594,3 +594,32 @@ def test_readers_accept_the_real_files():
     items = bbq.read_bbq(REAL / "bbq")
     assert len(items) > 4000 and all(it["target"] is not None for it in items)
     assert len(humaneval.read_humaneval(REAL / "humaneval")) == 164
+
+
+def test_chunked_scoring_equals_the_full_forward(tmp_path, tok, tiny):
+    """MMLU (single-token letters: the next-token path), TruthfulQA and BBQ (multi-token options:
+    the sequence path) score the same through the chunked LM head (3 tokens a chunk) as through
+    the model's own forward, to 1e-5 per option (1e-6 relative on the long sums); the chunked runs never call the head module,
+    which would build (B, T, V) logits."""
+    calls = []
+    hook = tiny.get_output_embeddings().register_forward_hook(lambda mod, inp, out: calls.append(out.shape))
+    tqa = tmp_path / "mc_task.json"
+    tqa.write_text(json.dumps(TQA))
+    try:
+        runs = {}
+        for chunk in (3, 0):
+            calls.clear()
+            (tmp_path / str(chunk)).mkdir()
+            lm = HFLM(tiny, tok, batch_size=2, logprob_chunk=chunk)
+            runs[chunk] = [
+                [r["logprobs"] for r in mmlu.run(lm, None, _mmlu_dir(tmp_path / str(chunk), "A"), shots=1)["records"]],
+                [r["mc1_logprobs"] + r["mc2_logprobs"] for r in truthfulqa.run(lm, None, tqa)["records"]],
+                [r["logprobs"] for r in bbq.run(lm, None, _bbq_dir(tmp_path / str(chunk)))["records"]],
+            ]
+            assert (calls == []) == (chunk > 0)
+    finally:
+        hook.remove()
+    for chunked, full in zip(runs[3], runs[0]):
+        got, want = [x for r in chunked for x in r], [x for r in full for x in r]
+        assert len(got) == len(want) > 0
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-5)  # sums of ~30 fp32 terms near -100

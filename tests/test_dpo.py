@@ -426,3 +426,24 @@ def test_real_data_runs_a_few_steps(rel, name, tmp_path):
     first = _rows(tmp_path / "run" / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(LN2, abs=1e-5)
     assert res["steps"] == 2 and math.isfinite(res["final_loss"])
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "kto"])
+def test_packed_run_equals_padded_run(sft_dir, world, tmp_path, loss):
+    """`alignkit dpo` with train.packing on and off (precomputed reference, 2 steps of 8): the same
+    final loss and metrics, fp32 (tests/test_packing.py compares the steps and their gradients)."""
+    if loss == "kto":
+        rows = _rows(world / "preferences.jsonl")
+        path = tmp_path / "unpaired.jsonl"
+        path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}) + "\n"
+                                for r in rows[:24] for k in ("chosen", "rejected")))
+    else:
+        path = world / "preferences.jsonl"
+    out = {}
+    for packing in (True, False):
+        out[packing] = dpo.run(_cfg(sft_dir, path, tmp_path / str(packing), loss=loss, cache_dir=tmp_path / "cache",
+                                    train={"packing": packing, "precision": "fp32", "lr": 1e-3}))
+    assert out[True]["final_loss"] == pytest.approx(out[False]["final_loss"], rel=1e-5, abs=1e-6)
+    assert out[False]["final_loss"] > 0 and out[False]["steps"] == 2 and "rewards/chosen" in out[False]["metrics"]
+    for k, v in out[False]["metrics"].items():
+        assert out[True]["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-5), k

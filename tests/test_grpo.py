@@ -271,38 +271,47 @@ def test_stage_runs_end_to_end(tiny_dirs, monkeypatch, stage):
 
 
 @pytest.mark.parametrize("stage", [grpo, rloo])
-def test_sharing_the_prompt_prefix_gives_the_same_first_step(tiny_dirs, monkeypatch, stage):
-    """share_prompt_prefix on and off: the same rollout (the generator and seed do not depend on
-    it), hence the same metrics of the first step, through the reference pass and the update
-    (and the old-log-prob pass, which RLOO's kl_in=reward needs); only the on run goes through
-    grouped_response_logits."""
+def test_sharing_the_prompt_prefix_and_chunking_give_the_same_first_step(tiny_dirs, monkeypatch, stage):
+    """share_prompt_prefix on and off, chunked LM head (train.logprob_chunk 7: several chunks per
+    pass) and full logits (0): the same rollout (the generator and seed do not depend on either),
+    hence the same metrics of the first step, through the reference pass and the update (and the
+    old-log-prob pass, which RLOO's kl_in=reward needs). Only the sharing runs go through the
+    grouped forward: `grouped_response_logits` with full logits, `chunked._grouped_hidden` chunked."""
+    from alignkit.models import chunked
+    from alignkit.train import rollout
+
     monkeypatch.syspath_prepend(str(tiny_dirs))
     calls = []
 
-    def spy(*args, **kwargs):
-        calls.append(args[1].shape[0])
-        return grouped_response_logits(*args, **kwargs)
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            calls.append((fn.__name__, args[1].shape[0]))
+            return fn(*args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(grpo, "grouped_response_logits", spy)
+    monkeypatch.setattr(rollout, "grouped_response_logits", spy(grouped_response_logits))
+    monkeypatch.setattr(chunked, "_grouped_hidden", spy(chunked._grouped_hidden))
     rows = {}
     for share in (True, False):
-        out = tiny_dirs / f"share-{stage.__name__.rsplit('.', 1)[1]}-{share}"
-        cfg = load_config(stage.Config, None, [
-            f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
-            "reward.source=function", "reward.function=grpo_rewards:count_e", "iterations=1", "prompts_per_step=2",
-            "group_size=3", "rollout.max_new_tokens=5", "train.batch_size=6", "train.lr=1e-3",
-            "train.precision=fp32",  # the two paths agree to 1e-5 in fp32; bf16 (a GPU) rounds them apart
-            f"share_prompt_prefix={str(share).lower()}",
-        ])
-        stage.run(cfg)
-        rows[share] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-        if share:  # reference + update, plus the old log-probs when the KL is in the reward
-            assert calls == [6] * (3 if cfg.kl_in == "reward" else 2)
+        for chunk in (7, 0):
+            out = tiny_dirs / f"share-{stage.__name__.rsplit('.', 1)[1]}-{share}-{chunk}"
+            cfg = load_config(stage.Config, None, [
+                f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", f"out={out}",
+                "reward.source=function", "reward.function=grpo_rewards:count_e", "iterations=1", "prompts_per_step=2",
+                "group_size=3", "rollout.max_new_tokens=5", "train.batch_size=6", "train.lr=1e-3",
+                "train.precision=fp32",  # the paths agree to 1e-5 in fp32; bf16 (a GPU) rounds them apart
+                f"share_prompt_prefix={str(share).lower()}", f"train.logprob_chunk={chunk}",
+            ])
+            stage.run(cfg)
+            rows[share, chunk] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+            name = "_grouped_hidden" if chunk else "grouped_response_logits"
+            # reference + update, plus the old log-probs when the KL is in the reward
+            assert calls == ([(name, 6)] * (3 if cfg.kl_in == "reward" else 2) if share else [])
             calls.clear()
-    assert calls == []
     for key in ("reward", "kl", "kl_k3", "loss", "entropy", "approx_kl", "grad_norm", "response_length"):
-        assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-5, abs=1e-6), key
-    assert rows[True]["grad_norm"] > 0 and rows[True]["entropy"] > 0
+        for run in rows:
+            assert rows[run][key] == pytest.approx(rows[True, 0][key], rel=1e-5, abs=1e-6), (key, run)
+    assert rows[True, 7]["grad_norm"] > 0 and rows[True, 7]["entropy"] > 0
 
 
 def test_group_size_one_is_a_config_error(tiny_dirs):

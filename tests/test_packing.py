@@ -1,5 +1,7 @@
-"""Padding-free packing equals the padded batch: SFT loss, its gradients, per-sequence log-probs."""
+"""Padding-free packing equals the padded batch: SFT loss, its gradients, per-sequence log-probs;
+the DPO-family step (policy and reference passes) and its training loop."""
 
+import pytest
 import torch
 
 from alignkit.data.batching import collate_sft
@@ -69,3 +71,141 @@ def test_sft_stage_packed_training_equals_padded(tmp_path):
         finals.append(model.state_dict())
     for k in finals[0]:
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-5)
+
+
+# -- the preference stages -----------------------------------------------------------------------
+
+
+def _pairs():
+    from alignkit.data.tokenize import TokenizedPair
+
+    g = torch.Generator().manual_seed(6)
+
+    def ids(n):
+        return torch.randint(3, V, (n,), generator=g).tolist()
+
+    return [TokenizedPair(ids(4), ids(6), ids(2), soft_label=0.9), TokenizedPair(ids(9), ids(1), ids(5)),
+            TokenizedPair(ids(2), ids(3), ids(7), soft_label=0.7)]
+
+
+def _perturbed(model, seed=1, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def test_pack_preference_layout():
+    from alignkit.data.packing import pack_preference
+    from alignkit.data.tokenize import TokenizedPair
+
+    b = pack_preference([TokenizedPair([5], [6, 7], [8]), TokenizedPair([9, 9], [4], [3, 2])])
+    assert b.packed.input_ids.tolist() == [[5, 6, 7, 9, 9, 4, 5, 8, 9, 9, 3, 2]]  # chosen 0, 1; rejected 0, 1
+    assert b.packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert b.packed.seq_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert b.num_pairs == 2 and b.soft_label is None
+    assert [x.tolist() for x in b.split(torch.arange(4))] == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("loss, mode", [("sigmoid", "copy"), ("ipo", "lora"), ("simpo", "none")])
+def test_packed_preference_step_equals_padded(loss, mode):
+    """The DPO-family step on the packed [chosen; rejected] sequences (policy pass and in-step
+    reference pass, chunked head and full logits) gives the padded step's loss, metrics and
+    gradients, fp32, 1e-5: sigmoid DPO against a frozen copy, IPO (averaged log-probs) against
+    the LoRA policy's adapter-free base, SimPO with no reference."""
+    from alignkit.config import TrainConfig
+    from alignkit.data.batching import collate_preference
+    from alignkit.data.packing import pack_preference
+    from alignkit.train import dpo
+    from alignkit.train.reference import CopyReference, LoraReference, NoReference
+
+    model = _llama()
+    if mode == "lora":
+        peft = pytest.importorskip("peft", reason="peft is not installed: the LoRA reference needs it")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    items = _pairs()
+    padded, packed = dpo.DPOBatch(collate_preference(items, PAD)), dpo.DPOBatch(pack_preference(items))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for chunk in (CHUNK, 0):
+        cfg = dpo.Config(loss=loss, beta=0.5, train=TrainConfig(logprob_chunk=chunk))  # the step takes `reference`
+        if mode == "copy":
+            reference = CopyReference(_perturbed(_llama()), cfg.average_logps, chunk)
+        else:
+            reference = LoraReference(cfg.average_logps, chunk) if mode == "lora" else NoReference()
+        step = dpo.make_preference_step(cfg, reference)
+        a, b = step(model, packed), step(model, padded)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+        assert a.weight == b.weight == 3
+        for k in ("rewards/margins", "logps/chosen", "logps/rejected"):
+            assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-5, abs=1e-5), k
+        assert a.metrics["ntokens"] == b.metrics["ntokens"] == sum(2 * len(x.prompt_ids) + len(x.chosen_ids)
+                                                                   + len(x.rejected_ids) for x in items)
+        ga, gb = torch.autograd.grad(a.loss, params), torch.autograd.grad(b.loss, params)
+        assert max(g.abs().max().item() for g in gb) > 1e-4
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_dpo_stage_packed_training_equals_padded(tmp_path):
+    """Two optimizer steps of the one loop with the DPO step (sigmoid, frozen-copy reference) on
+    packed and on padded micro-batches reach the same weights (lr 1e-3, see the SFT test)."""
+    from alignkit.config import TrainConfig
+    from alignkit.train import dpo
+    from alignkit.train.loop import train
+    from alignkit.train.reference import CopyReference
+
+    items = dpo.Indexed(_pairs() * 2)
+    tcfg = TrainConfig(lr=1e-3, batch_size=3, max_steps=2, precision="fp32", progress=False, tensorboard=False,
+                       log_every=0, overwrite=True, logprob_chunk=CHUNK)
+    cfg = dpo.Config(loss="sigmoid", beta=0.5, reference="copy", train=tcfg)
+    plan = lambda epoch: [[0, 1, 2], [3, 4, 5]]  # noqa: E731
+    finals = []
+    for packing in (True, False):
+        reference = CopyReference(_perturbed(_llama()), logprob_chunk=CHUNK)
+        model = _llama()
+        train(model, dpo.make_preference_step(cfg, reference), items,
+              dpo.make_preference_collate(PAD, reference, packing), plan, tcfg, tmp_path / str(packing),
+              weight_fn=lambda b: float(b.pairs.num_pairs))
+        finals.append(model.state_dict())
+    for k in finals[0]:
+        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_kto_step_equals_padded():
+    """KTO on packed examples and packed mismatched pairs (the z0 pass), frozen-copy reference,
+    chunked head and full logits: the padded step's loss, z0 and gradients, fp32, 1e-5."""
+    from alignkit.config import TrainConfig
+    from alignkit.data.tokenize import TokenizedUnpaired
+    from alignkit.train import dpo
+    from alignkit.train.reference import CopyReference
+
+    pairs = _pairs()
+    examples = [TokenizedUnpaired(p.prompt_ids, p.chosen_ids if i % 2 else p.rejected_ids, bool(i % 2))
+                for i, p in enumerate(pairs + pairs[:1])]
+    items = dpo.Indexed(dpo.make_kto_items(examples, None, seed=0))
+    model = _llama()
+    params = list(model.parameters())
+    for chunk in (CHUNK, 0):
+        cfg = dpo.Config(loss="kto", beta=0.5, train=TrainConfig(logprob_chunk=chunk))
+        reference = CopyReference(_perturbed(_llama()), False, chunk)
+        step = dpo.make_kto_step(cfg, reference)
+        batch = [items[j] for j in range(len(items))]
+        a = step(model, dpo.make_kto_collate(PAD, reference, packing=True)(batch))
+        b = step(model, dpo.make_kto_collate(PAD, reference, packing=False)(batch))
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+        assert a.metrics["kl"] == pytest.approx(b.metrics["kl"], rel=1e-5, abs=1e-6) and b.metrics["kl"] > 0
+        assert a.metrics["ntokens"] == b.metrics["ntokens"] and a.weight == b.weight == 4
+        for x, y in zip(torch.autograd.grad(a.loss, params), torch.autograd.grad(b.loss, params)):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_config_for_dpo():
+    from alignkit.config import load_config
+    from alignkit.train import dpo
+
+    assert load_config(dpo.Config, None, ["train.packing=true"]).train.packing
+    assert load_config(dpo.Config, None, ["train.packing=true", "loss=kto"]).train.packing

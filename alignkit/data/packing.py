@@ -1,6 +1,6 @@
 """Padding-free packing: a micro-batch's sequences concatenated into one row.
 
-Legend: S sequences, N packed tokens (the sum of their lengths). Each sequence keeps its own
+Legend: S sequences, B preference pairs, N packed tokens (the sum of their lengths). Each sequence keeps its own
 positions 0..len-1; with `attention_mask=None` and such position ids, transformers' mask builder
 (`find_packed_sequence_indices`) makes attention block-diagonal, so no token sees another
 sequence and the result equals the padded batch's within float32 rounding, with no pad tokens
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.data.batching import IGNORE_INDEX
+from alignkit.data.batching import IGNORE_INDEX, _optional_floats
+from alignkit.data.tokenize import TokenizedPair
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,50 @@ def per_sequence_sums(token_values: torch.Tensor, keep: torch.Tensor, batch: Pac
     seq = batch.seq_index[keep[0]]  # (N_scored,)
     out = torch.zeros(batch.num_sequences, dtype=token_values.dtype, device=token_values.device)
     return out.index_add(0, seq, token_values)
+
+
+@dataclass(frozen=True)
+class PackedPairs:
+    """A preference micro-batch packed: the 2B sequences prompt + chosen_0 .. chosen_{B-1},
+    then prompt + rejected_0 .. rejected_{B-1} (the order of `PreferenceBatch`'s rows) in one row.
+
+    packed: the `PackedBatch` of those S = 2B sequences.
+    margin, soft_label: (B,) float, or None, as in `PreferenceBatch`.
+    """
+
+    packed: PackedBatch
+    margin: torch.Tensor | None = None
+    soft_label: torch.Tensor | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.packed.num_sequences // 2
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split a (2B, ...) per-sequence result into its (B, ...) chosen and rejected halves."""
+        return x[: self.num_pairs], x[self.num_pairs :]
+
+
+def pack_preference(items: Sequence[TokenizedPair]) -> PackedPairs:
+    """Pack preference pairs padding-free: chosen sequences first, then rejected ones."""
+    if not items:
+        raise ValueError("pack_preference got an empty batch")
+    prompts = [x.prompt_ids for x in items] * 2
+    responses = [x.chosen_ids for x in items] + [x.rejected_ids for x in items]
+    return PackedPairs(
+        pack(prompts, responses),
+        margin=_optional_floats([x.margin for x in items], 0.0),
+        soft_label=_optional_floats([x.soft_label for x in items], 1.0),
+    )
+
+
+@dataclass(frozen=True)
+class PackedUnpaired:
+    """Unpaired (KTO) examples packed: prompt + completion of each, in order, in one row.
+
+    packed: the `PackedBatch` of the S examples.
+    desirable: (S,) bool thumbs up / down, as in `UnpairedBatch`.
+    """
+
+    packed: PackedBatch
+    desirable: torch.Tensor

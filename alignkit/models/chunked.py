@@ -3,8 +3,8 @@
 A causal LM's last step is `logits = head(hidden)`: (N, H) -> (N, V). At a 128k vocabulary and
 thousands of tokens that tensor (and its float32 log-softmax and their gradients) is most of a
 step's memory. Here the decoder runs once to the final hidden states, and the head, the optional
-logit scaling / soft-capping and the logsumexp run over `chunk` tokens at a time; each chunk is
-recomputed in the backward pass (`torch.utils.checkpoint`), so peak memory holds one
+logit scaling / soft-capping and the logsumexp run over `chunk` tokens at a time; each chunk's
+logits are recomputed once in a hand-written backward (`_HeadLogprobs`), so peak memory holds one
 (chunk, V) block instead of (N, V), and grows with the hidden size, not with the vocabulary.
 The numbers are the full path's: the same matmul, the same float32 logsumexp, per row.
 
@@ -17,6 +17,7 @@ N scored tokens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ class Head:
     """Logits are multiplied by this (Cohere `logit_scale`, 1 / Granite `logits_scaling`)."""
     softcap: float | None = None
     """Gemma-2 style `cap * tanh(logits / cap)` when set."""
+    temperature: float = 1.0
+    """Logits are divided by this last (the RL stages' sampling temperature), as the full path does."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, H) -> (n, V) exactly as the model's own head computes them."""
@@ -53,6 +56,8 @@ class Head:
             z = z * self.scale
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
+        if self.temperature != 1.0:
+            z = z / self.temperature
         return z
 
 
@@ -133,7 +138,7 @@ def _verified(model: Any) -> bool:
 
 
 def hidden_states(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, Head] | None:
     """(B, T, H) final hidden states and the head, or None (use the full path).
 
@@ -166,28 +171,87 @@ def _identity_head(lin: nn.Linear):
         del lin.forward
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head) -> torch.Tensor:
-    logits = head.logits(hidden)  # (n, V)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (n,)
-    return picked - logits.float().logsumexp(-1)
+def _entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(n,) entropy -sum_v q_v log q_v from finite float32 logits (n, V) and their logsumexp (n,),
+    as `entropy_from_logits` (a linear head never gives the -inf logits it guards against)."""
+    logq = z - lse.unsqueeze(-1)  # (n, V)
+    return -(logq.exp() * logq).sum(-1)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Chunked log-probs (and, as a metric, entropies) with a hand-written backward.
+
+    Forward: per chunk, logits z = post(h W^T + b) (`Head.logits`), lse = logsumexp(z) in
+    float32, lp = z[y] - lse; only h, y and lse (N floats) are kept. Backward: per chunk the
+    logits are recomputed once (one matmul) and
+
+        dlp/dz = onehot(y) - softmax(z),   dz/da = scale / temperature * (1 - (v / cap)^2)
+
+    (v = z * temperature, the capped value; the last factor only with soft-capping), then
+    grad_h = g_a W and grad_W = g_a^T h: three head matmuls a step, as the full path does, where
+    `torch.utils.checkpoint` would run four. The matmuls run in the dtype the forward's logits
+    had (bf16 under autocast), so the recomputed logits are the forward's.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, head: Head, chunk: int, want_entropy: bool):
+        lps, lses, ents = [], [], []
+        for h, y in zip(hidden.split(chunk), targets.split(chunk)):
+            logits = head.logits(h)  # (n, V)
+            z = logits.float()
+            lse = z.logsumexp(-1)  # (n,)
+            lps.append(logits.gather(-1, y.unsqueeze(-1)).squeeze(-1).float() - lse)
+            lses.append(lse)
+            if want_entropy:
+                ents.append(_entropy(z, lse))
+            ctx.mm_dtype = logits.dtype
+        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses))
+        ctx.head, ctx.chunk = head, chunk
+        ent = torch.cat(ents) if want_entropy else hidden.new_zeros(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(ent)
+        return torch.cat(lps), ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        head, chunk, dt = ctx.head, ctx.chunk, ctx.mm_dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(dt)
+        b = bias.to(dt) if bias is not None else None
+        low = Head(w, b, head.scale, head.softcap, head.temperature)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for i in range(0, len(hidden), chunk):
+            h, y, g = hidden[i : i + chunk].to(dt), targets[i : i + chunk], g_lp[i : i + chunk].float()
+            z = low.logits(h).float()  # (n, V)
+            ga = -(z - lse[i : i + chunk].unsqueeze(-1)).exp_() * g.unsqueeze(-1)  # -g * softmax
+            ga.scatter_add_(-1, y.unsqueeze(-1), g.unsqueeze(-1))  # + g * onehot
+            factor = head.scale / head.temperature
+            if head.softcap:
+                ga.mul_(1 - (z * (head.temperature / head.softcap)).square_())
+            if factor != 1.0:
+                ga.mul_(factor)
+            if need_b:
+                grad_b += ga.sum(0)
+            ga = ga.to(dt)
+            if need_h:
+                grad_h[i : i + chunk] = (ga @ w).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(ga.t().float() if dt != torch.float32 else ga.t(), h.float())
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def chunked_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """(N,) float32 log softmax(head(hidden[i]))[targets[i]], `chunk` rows at a time.
 
-    hidden: (N, H), targets: (N,). With gradients on, each chunk is recomputed in the backward
-    (so only one (chunk, V) block lives at a time); the head weight's gradient sums over chunks.
+    hidden: (N, H), targets: (N,). Only one (chunk, V) block lives at a time, forward and
+    backward (`_HeadLogprobs`); the head weight's gradient sums over chunks.
     """
     if len(hidden) == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-    parts = []
-    for h, y in zip(hidden.split(chunk), targets.split(chunk)):
-        if grad:
-            parts.append(checkpoint(_chunk_logprobs, h, y, head, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(h, y, head))
-    return torch.cat(parts)
+    return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, head, chunk, False)[0]
 
 
 def chunked_entropy(hidden: torch.Tensor, head: Head, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -236,3 +300,169 @@ def sft_loss_of_model(
         return sft_loss(logits, labels)
     lp, _ = got
     return -lp.sum(), response_mask(labels).sum()
+
+
+# ---------------------------------------------------------------------------------- RL passes
+def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, head: Head):
+    """(n,) log-probs of `targets` and (n,) entropies of one chunk, both differentiable."""
+    logits = head.logits(hidden)  # (n, V)
+    z = logits.float()
+    lse = z.logsumexp(-1)  # (n,)
+    lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - lse
+    return lp, _entropy(z, lse)
+
+
+def chunked_stats(
+    hidden: torch.Tensor, targets: torch.Tensor, head: Head, chunk: int = DEFAULT_CHUNK, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) float32 log-probs of `targets` and (N,) entropies of softmax(head(hidden)), `chunk`
+    rows at a time. The entropy is that of `losses.policy.entropy_from_logits`; it carries a
+    gradient only with `entropy_grad` (then each chunk goes through `torch.utils.checkpoint`,
+    otherwise through `_HeadLogprobs`, which returns the entropy as a metric)."""
+    if len(hidden) == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    if not entropy_grad:
+        return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, head, chunk, True)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    lps, ents = [], []
+    for h, y in zip(hidden.split(chunk), targets.split(chunk)):
+        if grad:
+            lp, ent = checkpoint(_chunk_stats, h, y, head, use_reentrant=False)
+        else:
+            lp, ent = _chunk_stats(h, y, head)
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps), torch.cat(ents)
+
+
+@dataclass(frozen=True)
+class ResponseStats:
+    """Per-token numbers of the response tokens of [prompt; response] rows (see `response_stats`).
+
+    Legend: B rows, T response columns (right-padded), H hidden size.
+    """
+
+    logprobs: torch.Tensor
+    """(B, T) float32 log-probs of the response tokens (divided logits by the temperature); 0 on padding."""
+    entropy: torch.Tensor | None
+    """(B, T) float32 entropy of the next-token distribution, 0 on padding; None when not asked."""
+    hidden: torch.Tensor
+    """(B, T, H) final hidden state at the position predicting each response token (value heads read it)."""
+
+
+def _grouped_hidden(
+    model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> tuple[torch.Tensor, Head] | None:
+    """(B, T, H) hidden states predicting the response tokens with each distinct prompt run once
+    (its KV cache gathered back to its rows), as `train.rollout.grouped_response_logits` does
+    for logits; None when the model cannot be split (or is DDP-wrapped: the RL stages are not)."""
+    from alignkit.models.generate import cache_kwarg, distinct_prompts, new_kv_cache
+
+    P, T = prompt_ids.shape[1], response_ids.shape[1]
+    full_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)  # (B, L)
+    distinct = distinct_prompts(prompt_ids, prompt_mask) if P else None
+    if distinct is None:
+        got = hidden_states(model, torch.cat([prompt_ids, response_ids], dim=1), full_mask)
+        return None if got is None else (got[0][:, P - 1 : P - 1 + T], got[1])
+    parts = split_head(model)
+    if parts is None or _is_ddp(model) or not _verified(model):
+        return None
+    decoder, head = parts
+    u_ids, u_mask, inverse = distinct  # (U, P), (U, P), (B,)
+    kw, cache = cache_kwarg(decoder), new_kv_cache(model)  # filled in place by the prefill
+    pre = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids_from_mask(u_mask),
+                  use_cache=True, **{kw: cache}).last_hidden_state
+    hidden = pre[:, -1:].index_select(0, inverse)  # (B, 1, H): column P-1 predicts token 0
+    if T > 1:
+        cache.reorder_cache(inverse)  # (U, ...) -> (B, ...) per layer, differentiable
+        mask = full_mask[:, : P + T - 1]  # the last response token predicts nothing
+        out = decoder(input_ids=response_ids[:, :-1], attention_mask=mask,
+                      position_ids=position_ids_from_mask(mask)[:, P:], use_cache=True, **{kw: cache})
+        hidden = torch.cat([hidden, out.last_hidden_state], dim=1)  # (B, T, H)
+    return hidden, head
+
+
+def response_stats(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor, *,
+    temperature: float = 1.0, chunk: int = DEFAULT_CHUNK, entropy: bool = False, entropy_grad: bool = False,
+    share_prompt_prefix: bool = False,
+) -> ResponseStats | None:
+    """Log-probs (and entropies) of the response tokens through the chunked head, or None when
+    `chunk` is 0 or the model cannot be split (the caller takes its full-logits path).
+
+    input_ids, attention_mask: (B, L) = [left-padded prompt (P); right-padded response (T)];
+    response_ids: (B, T), the last T columns of `input_ids`. Only the response tokens (mask 1)
+    go through the head. `share_prompt_prefix` runs each distinct prompt once (`_grouped_hidden`).
+    """
+    if chunk <= 0:
+        return None
+    T = response_ids.shape[1]
+    P = input_ids.shape[1] - T
+    r_mask = attention_mask[:, P:]  # (B, T)
+    if share_prompt_prefix:
+        got = _grouped_hidden(model, input_ids[:, :P], attention_mask[:, :P], response_ids, r_mask)
+    else:
+        got = hidden_states(model, input_ids, attention_mask)
+        got = None if got is None else (got[0][:, P - 1 : P - 1 + T], got[1])
+    if got is None:
+        return None
+    hidden, head = got  # (B, T, H)
+    if temperature != 1.0:
+        head = dataclasses.replace(head, temperature=temperature)
+    keep = r_mask.bool()  # (B, T)
+    lp, ent = chunked_stats(hidden[keep], response_ids[keep], head, chunk, entropy_grad)
+    zeros = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device)
+    return ResponseStats(
+        logprobs=zeros.index_put((keep,), lp),
+        entropy=zeros.index_put((keep,), ent) if entropy else None,
+        hidden=hidden,
+    )
+
+
+# ---------------------------------------------------------------------------------- scoring
+def sums_by_sequence(
+    token_values: torch.Tensor, keep: torch.Tensor, seq_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) sums of per-token values (N,) and (S,) token counts per sequence.
+
+    keep: (R, T) bool, True at the positions whose values `token_values` holds (row-major).
+    seq_index: (R * T,) the sequence of each position of a packed batch (R = 1); None: a
+    sequence is a row (S = R).
+    """
+    if seq_index is None:
+        slot, n = keep.nonzero()[:, 0], keep.shape[0]  # (N,) row of each scored token
+    else:
+        slot, n = seq_index[keep.reshape(-1)], (int(seq_index[-1]) + 1 if len(seq_index) else 0)
+    sums = torch.zeros(n, dtype=token_values.dtype, device=token_values.device).index_add(0, slot, token_values)
+    return sums, torch.bincount(slot, minlength=n)
+
+
+def sequence_sums(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK, position_ids: torch.Tensor | None = None, seq_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(S,) summed log-probs of each sequence's label tokens and (S,) their counts through the
+    chunked head (a sequence is a row, or with `seq_index` a packed sequence, `sums_by_sequence`);
+    None when `chunk` is 0 or the model cannot be split (the caller's full path)."""
+    got = scored_logprobs(model, input_ids, attention_mask, labels, chunk, position_ids)
+    if got is None:
+        return None
+    token_lp, keep = got  # (N,), (R, T)
+    return sums_by_sequence(token_lp, keep, seq_index)
+
+
+def last_token_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor | None:
+    """(B, V) float32 log-softmax of the next-token distribution after the last column of
+    left-padded rows, the head run on that column only, `chunk` rows at a time; None when
+    `chunk` is 0 or the model cannot be split."""
+    if chunk <= 0:
+        return None
+    got = hidden_states(model, input_ids, attention_mask)
+    if got is None:
+        return None
+    hidden, head = got
+    return torch.cat([head.logits(h).float().log_softmax(-1) for h in hidden[:, -1].split(chunk)])

@@ -54,6 +54,7 @@ from alignkit.data.batching import (
     collate_unpaired,
     padding_fraction,
 )
+from alignkit.data.packing import PackedBatch, PackedPairs, PackedUnpaired, pack, pack_preference
 from alignkit.data.tokenize import TokenizedPair, TokenizedSFT, TokenizedUnpaired
 from alignkit.losses.preference import (
     PREFERENCE_LOSSES,
@@ -179,12 +180,30 @@ class Config:
 class DPOBatch:
     """A preference micro-batch plus, in precomputed mode, its reference log-probs.
 
-    pairs: rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected (see PreferenceBatch).
-    ref_logps: (2B,) reference log-probs aligned with the rows, or None (computed in the step).
+    pairs: rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected (see PreferenceBatch),
+        or with `train.packing` the same 2B sequences packed into one row (PackedPairs).
+    ref_logps: (2B,) reference log-probs aligned with the sequences, or None (computed in the step).
     """
 
-    pairs: PreferenceBatch
+    pairs: PreferenceBatch | PackedPairs
     ref_logps: torch.Tensor | None = None
+
+
+def model_inputs(b: Any) -> dict[str, torch.Tensor | None]:
+    """Keyword arguments of `response_logps` / `Reference.logps` for the sequences of a padded
+    batch (input_ids, attention_mask, labels) or a packed one (PackedBatch, or a container whose
+    `packed` is one: position ids and sequence index instead of a mask)."""
+    p = b if isinstance(b, PackedBatch) else getattr(b, "packed", None)
+    if p is not None:
+        return dict(input_ids=p.input_ids, attention_mask=None, labels=p.labels, position_ids=p.position_ids,
+                    seq_index=p.seq_index)
+    return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+
+
+def num_tokens(b: Any) -> int:
+    """Real (non-pad) tokens of a padded or packed batch."""
+    p = b if isinstance(b, PackedBatch) else getattr(b, "packed", None)
+    return p.input_ids.numel() if p is not None else int(b.attention_mask.sum())
 
 
 @dataclass(frozen=True)
@@ -202,13 +221,13 @@ class KTOItem:
 class KTOBatch:
     """A KTO micro-batch.
 
-    examples: (N, T) prompt + own completion, with `desirable` (N,).
-    mismatched: (N, T') prompt j + partner completion; labels on the completion only.
+    examples: (N, T) prompt + own completion, with `desirable` (N,) (packed: PackedUnpaired).
+    mismatched: (N, T') prompt j + partner completion; labels on the completion only (packed: PackedBatch).
     ref_logps, ref_kl_logps: (N,) cached reference log-probs of both, or None.
     """
 
-    examples: UnpairedBatch
-    mismatched: SFTBatch
+    examples: UnpairedBatch | PackedUnpaired
+    mismatched: SFTBatch | PackedBatch
     ref_logps: torch.Tensor | None = None
     ref_kl_logps: torch.Tensor | None = None
 
@@ -241,12 +260,14 @@ def kto_columns(items: Sequence[KTOItem]) -> dict[str, list[tuple[list[int], lis
     }
 
 
-def make_preference_collate(pad_id: int, reference: Reference):
-    """Collate (index, pair) items into a DPOBatch, attaching cached reference log-probs."""
+def make_preference_collate(pad_id: int, reference: Reference, packing: bool = False):
+    """Collate (index, pair) items into a DPOBatch, attaching cached reference log-probs; with
+    `packing` the 2B sequences go into one row with no padding (`pack_preference`)."""
 
     def collate(indexed: list[tuple[int, TokenizedPair]]) -> DPOBatch:
         idx = [j for j, _ in indexed]
-        pairs = collate_preference([x for _, x in indexed], pad_id)
+        items = [x for _, x in indexed]
+        pairs = pack_preference(items) if packing else collate_preference(items, pad_id)
         ref = None
         if isinstance(reference, PrecomputedReference):
             ref = torch.cat([reference.lookup("chosen", idx), reference.lookup("rejected", idx)])
@@ -276,12 +297,20 @@ def make_kto_items(examples: Sequence[TokenizedUnpaired], max_len: int | None, s
     return items
 
 
-def make_kto_collate(pad_id: int, reference: Reference):
+def make_kto_collate(pad_id: int, reference: Reference, packing: bool = False):
+    """Collate (index, KTOItem) items into a KTOBatch (padded, or packed with `packing`)."""
+
     def collate(indexed: list[tuple[int, KTOItem]]) -> KTOBatch:
         idx = [j for j, _ in indexed]
         items = [x for _, x in indexed]
-        examples = collate_unpaired([x.example for x in items], pad_id)
-        mismatched = collate_sft([TokenizedSFT(x.example.prompt_ids, x.kl_completion_ids) for x in items], pad_id)
+        prompts = [x.example.prompt_ids for x in items]
+        if packing:
+            desirable = torch.tensor([bool(x.example.desirable) for x in items], dtype=torch.bool)
+            examples: Any = PackedUnpaired(pack(prompts, [x.example.completion_ids for x in items]), desirable)
+            mismatched: Any = pack(prompts, [x.kl_completion_ids for x in items])
+        else:
+            examples = collate_unpaired([x.example for x in items], pad_id)
+            mismatched = collate_sft([TokenizedSFT(p, x.kl_completion_ids) for p, x in zip(prompts, items)], pad_id)
         ref = ref_kl = None
         if isinstance(reference, PrecomputedReference):
             ref, ref_kl = reference.lookup("completion", idx), reference.lookup("kl", idx)
@@ -301,11 +330,12 @@ def make_preference_step(cfg: Config, reference: Reference):
     average = cfg.average_logps
     wants_nll = "chosen_nll" in inspect.signature(loss_fn).parameters
     beta = cfg.beta
+    chunk = cfg.train.logprob_chunk
 
     def step(model: nn.Module, batch: DPOBatch) -> StepOutput:
-        b = batch.pairs
-        ref = reference.logps(model, b.input_ids, b.attention_mask, b.labels, batch.ref_logps)  # (2B,) | None
-        sums, counts = response_logps(model, b.input_ids, b.attention_mask, b.labels)  # (2B,)
+        b, rows = batch.pairs, model_inputs(batch.pairs)
+        ref = reference.logps(model, cached=batch.ref_logps, **rows)  # (2B,) | None
+        sums, counts = response_logps(model, **rows, logprob_chunk=chunk)  # (2B,)
         policy_chosen, policy_rejected = b.split(normalise(sums, counts, average))
         ref_chosen, ref_rejected = b.split(ref) if ref is not None else (None, None)
         extra = {}
@@ -316,19 +346,19 @@ def make_preference_step(cfg: Config, reference: Reference):
             beta=beta, soft_label=b.soft_label, **params, **extra,
         )
         metrics = preference_metrics(out, policy_chosen, policy_rejected)
-        metrics["ntokens"] = float(b.attention_mask.sum())
+        metrics["ntokens"] = float(num_tokens(b))
         return StepOutput(loss=out.losses.sum(), weight=b.num_pairs, metrics=metrics)
 
     return step
 
 
-def kto_kl_sums(model: nn.Module, reference: Reference, batch: KTOBatch) -> torch.Tensor:
+def kto_kl_sums(model: nn.Module, reference: Reference, batch: KTOBatch, chunk: int = 0) -> torch.Tensor:
     """(sum over the batch's mismatched pairs of log pi - log pi_ref, number of pairs), float64,
     without gradient (z0 is detached: skip DDP and keep no activations)."""
-    mm = batch.mismatched
+    mm_in = model_inputs(batch.mismatched)
     with torch.no_grad():
-        ref_kl = reference.logps(model, mm.input_ids, mm.attention_mask, mm.labels, batch.ref_kl_logps)  # (N,)
-        policy_kl, _ = response_logps(getattr(model, "module", model), mm.input_ids, mm.attention_mask, mm.labels)
+        ref_kl = reference.logps(model, cached=batch.ref_kl_logps, **mm_in)  # (N,)
+        policy_kl, _ = response_logps(getattr(model, "module", model), **mm_in, logprob_chunk=chunk)
     diff = (policy_kl.detach() - ref_kl.detach()).to(torch.float64)
     return torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=torch.float64, device=diff.device)])
 
@@ -340,27 +370,29 @@ def make_kto_step(cfg: Config, reference: Reference):
     ranks or on grad_accum; a step called without it estimates z0 from its own micro-batch."""
     params = dict(cfg.loss_params)
     beta = cfg.beta
+    chunk = cfg.train.logprob_chunk
     global_z0: dict[str, torch.Tensor | None] = {"z0": None}
 
     def before_step(model: nn.Module, batches: list[tuple[KTOBatch, bool]]) -> None:
         sums = torch.zeros(2, dtype=torch.float64)
         for b, real in batches:  # a zero-weight copy still runs its forward: ZeRO-3/FSDP2 gather weights
-            part = kto_kl_sums(model, reference, b).cpu()
+            part = kto_kl_sums(model, reference, b, chunk).cpu()
             sums += part if real else 0.0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            dev = batches[0][0].mismatched.input_ids.device if batches else torch.device("cpu")
+            dev = model_inputs(batches[0][0].examples)["input_ids"].device if batches else torch.device("cpu")
             t = sums.to(dev)
             torch.distributed.all_reduce(t)
             sums = t.cpu()
         global_z0["z0"] = torch.clamp(sums[0] / sums[1], min=0.0).to(torch.float32) if sums[1] > 0 else None
 
     def step(model: nn.Module, batch: KTOBatch) -> StepOutput:
+        ex_in = model_inputs(batch.examples)
         ex = batch.examples
-        ref = reference.logps(model, ex.input_ids, ex.attention_mask, ex.labels, batch.ref_logps)  # (N,)
-        policy, _ = response_logps(model, ex.input_ids, ex.attention_mask, ex.labels)  # (N,)
+        ref = reference.logps(model, cached=batch.ref_logps, **ex_in)  # (N,)
+        policy, _ = response_logps(model, **ex_in, logprob_chunk=chunk)  # (N,)
         z0 = global_z0["z0"]
         if z0 is None:  # called outside the loop: this micro-batch's own estimate
-            s, n = kto_kl_sums(model, reference, batch).tolist()
+            s, n = kto_kl_sums(model, reference, batch, chunk).tolist()
             z0 = torch.tensor(max(0.0, s / n))
         z0 = z0.to(policy.device)
         out = kto_loss(policy, ref, ex.desirable, z0, beta=beta, **params)
@@ -378,7 +410,7 @@ def make_kto_step(cfg: Config, reference: Reference):
             "logps/chosen": mean_where(policy.detach(), d),
             "logps/rejected": mean_where(policy.detach(), ~d),
             "desirable_frac": float(d.float().mean()),
-            "ntokens": float(ex.attention_mask.sum()),
+            "ntokens": float(num_tokens(ex)),
         }
         return StepOutput(loss=out.losses.sum(), weight=len(d), metrics=metrics)
 
@@ -493,9 +525,10 @@ def run(cfg: Config) -> dict:
         ref_model = load_model(ref_path)
         if cfg.disable_dropout:
             disable_dropout(ref_model)
-        reference = CopyReference(ref_model.to(acc.device), average=cfg.average_logps)
+        reference = CopyReference(ref_model.to(acc.device), average=cfg.average_logps,
+                                  logprob_chunk=cfg.train.logprob_chunk)
     elif cfg.reference == "lora":
-        reference = LoraReference(average=cfg.average_logps)
+        reference = LoraReference(average=cfg.average_logps, logprob_chunk=cfg.train.logprob_chunk)
     else:
         key = ref_lib.cache_key(
             ref_lib.fingerprint_files(ref_path),
@@ -515,6 +548,7 @@ def run(cfg: Config) -> dict:
             return ref_lib.precompute_logps(
                 m, columns, pad_id, cfg.average_logps, cfg.reference_batch_size,
                 device=acc.device, autocast=acc.autocast, progress=cfg.train.progress,
+                logprob_chunk=cfg.train.logprob_chunk,
             )
 
         sizes = {name: len(seqs) for name, seqs in columns.items()}
@@ -528,9 +562,10 @@ def run(cfg: Config) -> dict:
         cache = {"path": str(ref_lib.cache_path(cache_dir, key)), "hit": hit, "key": key}
 
     if cfg.is_unpaired:
-        collate, step = make_kto_collate(pad_id, reference), make_kto_step(cfg, reference)
+        collate, step = make_kto_collate(pad_id, reference, cfg.train.packing), make_kto_step(cfg, reference)
     else:
-        collate, step = make_preference_collate(pad_id, reference), make_preference_step(cfg, reference)
+        collate = make_preference_collate(pad_id, reference, cfg.train.packing)
+        step = make_preference_step(cfg, reference)
     lengths = [len(x) for x in items]
 
     def plan(epoch: int) -> list[list[int]]:

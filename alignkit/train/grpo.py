@@ -26,7 +26,7 @@ from alignkit.atomic import read_jsonl, write_json_atomic
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
 from alignkit.losses.advantages import group_advantages, masked_mean, rloo_advantages
 from alignkit.losses.kl import get_kl_estimator
-from alignkit.losses.policy import entropy_from_logits, grpo_loss
+from alignkit.losses.policy import grpo_loss
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.distributed import (
     SINGLE,
@@ -44,9 +44,7 @@ from alignkit.train.rollout import (
     Rollout,
     RolloutConfig,
     autocast_for,
-    gather_logprobs,
-    grouped_response_logits,
-    response_logits,
+    response_token_stats,
 )
 
 ADVANTAGES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
@@ -121,21 +119,6 @@ def needs_old_logprobs(cfg: Config) -> bool:
     return cfg.kl_in == "reward" or cfg.updates_per_rollout > 1 or cfg.train.batch_size < batch
 
 
-def response_logits_for(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
-    temperature: float, share_prompt_prefix: bool,
-) -> torch.Tensor:
-    """(B, T, V) logits / temperature predicting the response tokens (the last T columns of the
-    (B, L) `input_ids`); with `share_prompt_prefix` each distinct prompt goes through the model
-    once (rollout.grouped_response_logits), else every full row (rollout.response_logits)."""
-    T = response_ids.shape[1]
-    if not share_prompt_prefix:
-        return response_logits(model, input_ids, attention_mask, T, temperature)
-    P = input_ids.shape[1] - T
-    return grouped_response_logits(model, input_ids[:, :P], attention_mask[:, :P], response_ids,
-                                   attention_mask[:, P:], temperature)
-
-
 def sequence_rewards(ro: Rollout, cfg: Config) -> torch.Tensor:
     """(B,) the reward the baseline sees: the score, minus beta * sum_t kl_t when kl_in is 'reward'."""
     if cfg.kl_in != "reward" or cfg.kl_coef == 0:
@@ -185,9 +168,9 @@ def grpo_update(
                 mask = ro.response_mask[rows]
                 r_ids = ro.response_ids[rows]
                 with autocast:
-                    logits = response_logits_for(policy, input_ids[rows], attention_mask[rows], r_ids,
-                                                 cfg.rollout.temperature, cfg.share_prompt_prefix)
-                logp = gather_logprobs(logits, r_ids)  # (b, T)
+                    logp, ent_tok = response_token_stats(
+                        policy, input_ids[rows], attention_mask[rows], r_ids, cfg.rollout.temperature,
+                        cfg.train.logprob_chunk, share_prompt_prefix=cfg.share_prompt_prefix, entropy=True)  # (b, T)
                 old = ro.logprobs[rows] if old_pass else logp.detach()
                 ref = ro.ref_logprobs[rows] if ro.ref_logprobs is not None else None
                 loss, st = grpo_loss(logp, old, ref, advantages[rows], mask, cfg.clip_eps, beta_loss, cfg.loss_agg, cfg.clip_eps_high)
@@ -195,7 +178,7 @@ def grpo_update(
                 (w * loss).backward()
                 if epoch == 0:
                     first_logp[rows] = logp.detach() * mask
-                ent = masked_mean(entropy_from_logits(logits.detach()), mask)
+                ent = masked_mean(ent_tok, mask)
                 tw = float(mask.sum() / tokens)
                 part = {"loss": w * loss.item(), "clipfrac": tw * float(st.clipfrac), "approx_kl": tw * float(st.approx_kl),
                         "kl_k3": tw * float(st.kl), "entropy": tw * float(ent)}
@@ -300,15 +283,14 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         batches = prompt_batches(len(prompt_ids), cfg.prompts_per_step, cfg.train.seed)
         temperature, share = cfg.rollout.temperature, cfg.share_prompt_prefix
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        chunk = cfg.train.logprob_chunk
         old_fn = None
         if needs_old_logprobs(cfg):
             def old_fn(ids, mask, r_ids):
-                return gather_logprobs(response_logits_for(policy, ids, mask, r_ids, temperature, share), r_ids), None
+                return response_token_stats(policy, ids, mask, r_ids, temperature, chunk, share_prompt_prefix=share)[0], None
 
-        @torch.no_grad()
         def ref_fn(ids, mask, r_ids):
-            with reference.active() as ref_model:
-                return gather_logprobs(response_logits_for(ref_model, ids, mask, r_ids, temperature, share), r_ids)
+            return reference.logprobs(ids, mask, r_ids, temperature, chunk, share_prompt_prefix=share)
 
         done, evals = 0, []
         if resume_from is not None:

@@ -34,6 +34,7 @@ from alignkit.eval.monitor import Monitor, MonitorConfig, observe_rollout
 from alignkit.losses.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
+from alignkit.models.chunked import DEFAULT_CHUNK, response_stats
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.distributed import (
     SINGLE,
@@ -181,6 +182,27 @@ class ActorCritic(nn.Module):
         values = self.value_model(input_ids, attention_mask, per_token=True)[:, -(T + 1) : -1]  # (B, T)
         return logits, values
 
+    def token_stats(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+        chunk: int = DEFAULT_CHUNK, entropy: bool = True, entropy_grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(B, T) log-probs, values and entropies of the response tokens (entropies None unless
+        `entropy`; with a gradient only with `entropy_grad`). With `chunk` > 0 and a policy whose head splits off
+        the (B, T, V) logits are never built (`alignkit.models.chunked.response_stats`; the
+        shared value head reads the same final hidden states); otherwise from `forward`."""
+        got = response_stats(self.policy, input_ids, attention_mask, response_ids, temperature=self.temperature,
+                             chunk=chunk, entropy=entropy, entropy_grad=entropy_grad)
+        if got is None:
+            logits, values = self(input_ids, attention_mask, response_ids)
+            ent = entropy_from_logits(logits if entropy_grad else logits.detach()) if entropy else None
+            return gather_logprobs(logits, response_ids), values, ent
+        if self.head is not None:
+            values = self.head(got.hidden)  # (B, T)
+        else:
+            T = response_ids.shape[1]
+            values = self.value_model(input_ids, attention_mask, per_token=True)[:, -(T + 1) : -1]  # (B, T)
+        return got.logprobs, values, got.entropy
+
     def value_parameters(self) -> list[nn.Parameter]:
         owner = self.head if self.head is not None else self.value_model
         return [p for p in owner.parameters() if p.requires_grad]
@@ -258,11 +280,10 @@ def ppo_update(
                 token_w = float(micro.mask.sum() / tokens)
                 row_w = len(chunk) / len(idx)
                 with autocast:
-                    logits, values = ac(micro.input_ids, micro.attention_mask, micro.response_ids)
-                logp = gather_logprobs(logits, micro.response_ids)  # (b, T)
+                    logp, values, ent_tok = ac.token_stats(micro.input_ids, micro.attention_mask, micro.response_ids,
+                                                           cfg.train.logprob_chunk, entropy_grad=cfg.ent_coef != 0)
                 pl, pst = ppo_policy_loss(logp, micro.old_logprobs, micro.advantages, micro.mask, cfg.clip_eps, loss_agg=cfg.loss_agg)
                 vl, vclip = ppo_value_loss(values.float(), micro.old_values, micro.returns, micro.mask, cfg.clip_eps_value)
-                ent_tok = entropy_from_logits(logits if cfg.ent_coef else logits.detach())  # (b, T)
                 ent = masked_mean(ent_tok, micro.mask)
                 policy_w = token_w if cfg.loss_agg == "token-mean" else row_w
                 loss = policy_w * pl + token_w * (cfg.vf_coef * vl - cfg.ent_coef * ent)
@@ -409,12 +430,14 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         batches = prompt_batches(len(prompt_ids), cfg.rollout_batch, cfg.train.seed)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+        chunk = cfg.train.logprob_chunk
+
         def logprob_fn(ids, mask, r_ids):
-            logits, values = ac(ids, mask, r_ids)
-            return gather_logprobs(logits, r_ids), values.float()
+            logp, values, _ = ac.token_stats(ids, mask, r_ids, chunk, entropy=False)
+            return logp, values.float()
 
         def ref_fn(ids, mask, r_ids):
-            return reference.logprobs(ids, mask, r_ids, cfg.rollout.temperature)
+            return reference.logprobs(ids, mask, r_ids, cfg.rollout.temperature, chunk)
 
         trainable = {id(p) for p in ac.policy_parameters() + ac.value_parameters()}
         done, evals = 0, []

@@ -44,7 +44,7 @@ from torch import nn
 from alignkit.atomic import share_tree
 from alignkit.data.batching import collate_sft
 from alignkit.data.tokenize import TokenizedSFT
-from alignkit.models.chunked import DEFAULT_CHUNK, scored_logprobs
+from alignkit.models.chunked import DEFAULT_CHUNK, sequence_sums, sums_by_sequence
 from alignkit.models.logprobs import position_ids_from_mask
 
 CACHE_FORMAT = 1
@@ -75,12 +75,14 @@ def _accepts_logits_to_keep(forward_type: type) -> bool:
 def response_logps(
     model: Any,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     chunk_tokens: int = 8192,
     logprob_chunk: int = DEFAULT_CHUNK,
+    position_ids: torch.Tensor | None = None,
+    seq_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each row's label tokens, and their count: log pi(y | x) of DPO.
+    """Summed log-prob of each sequence's label tokens, and their count: log pi(y | x) of DPO.
 
         sums[r] = sum_{t: labels[r, t+1] != -100} log softmax(logits[r, t])[labels[r, t+1]]
 
@@ -95,23 +97,24 @@ def response_logps(
     Args:
         model: a causal LM (possibly wrapped in DDP / peft); called through its own forward.
         input_ids, attention_mask, labels: (R, T); labels -100 on prompt and padding.
+        position_ids, seq_index: a packed batch (`alignkit.data.packing.PackedBatch`): one row
+            (R = 1), `attention_mask` None, positions restarting at each sequence (attention is
+            then block-diagonal), and the (T,) sequence of each token; sums are per sequence.
 
     Returns:
-        sums (R,) float32 with gradient when enabled, counts (R,) int64.
+        sums (S,) float32 with gradient when enabled, counts (S,) int64; S = R, or the number of
+        packed sequences.
     """
-    chunked = scored_logprobs(model, input_ids, attention_mask, labels, logprob_chunk)
+    chunked = sequence_sums(model, input_ids, attention_mask, labels, logprob_chunk, position_ids, seq_index)
     if chunked is not None:
-        token_lp, keep = chunked  # (N,), (R, T)
-        rows = keep.nonzero()[:, 0]
-        sums = torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
-        return sums, keep.sum(-1)
+        return chunked
     keep = torch.zeros_like(labels, dtype=torch.bool)  # (R, T): position t scores token t+1
     keep[:, :-1] = labels[:, 1:] != -100
     targets = labels[:, 1:][keep[:, :-1]]  # (N,)
-    counts = keep.sum(-1)  # (R,)
     core_type = type(_core(model))
-    call = dict(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     logits = None
     if _accepts_logits_to_keep(core_type) and core_type not in _NO_MASK_KEEP:
         try:
@@ -125,10 +128,7 @@ def response_logps(
         logits = logits[keep]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (N,)
     lse = torch.cat([c.float().logsumexp(-1) for c in logits.split(chunk_tokens)]) if len(logits) else picked
-    token_lp = picked - lse  # (N,)
-    rows = keep.nonzero()[:, 0]  # (N,) row of each scored token, row-major as `logits`
-    sums = torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
-    return sums, counts
+    return sums_by_sequence(picked - lse, keep, seq_index)
 
 
 def normalise(sums: torch.Tensor, counts: torch.Tensor, average: bool) -> torch.Tensor:
@@ -168,9 +168,12 @@ class Reference(Protocol):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         cached: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        seq_index: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """(R,) detached reference log-probs of the rows (normalised as configured), or None
-        when the loss needs none. `cached` is what the batch carries (precomputed mode)."""
+        """(S,) detached reference log-probs of the sequences (normalised as configured), or None
+        when the loss needs none. `cached` is what the batch carries (precomputed mode);
+        `position_ids` / `seq_index` describe a packed batch (see `response_logps`)."""
         ...
 
 
@@ -179,7 +182,7 @@ class NoReference:
 
     mode = "none"
 
-    def logps(self, policy, input_ids, attention_mask, labels, cached) -> None:
+    def logps(self, policy, input_ids, attention_mask, labels, cached, position_ids=None, seq_index=None) -> None:
         return None
 
 
@@ -188,16 +191,18 @@ class CopyReference:
 
     mode = "copy"
 
-    def __init__(self, model: nn.Module, average: bool = False):
+    def __init__(self, model: nn.Module, average: bool = False, logprob_chunk: int = DEFAULT_CHUNK):
         self.model = freeze(model)
         self.average = average
+        self.logprob_chunk = logprob_chunk
 
-    def logps(self, policy, input_ids, attention_mask, labels, cached) -> torch.Tensor:
+    def logps(self, policy, input_ids, attention_mask, labels, cached, position_ids=None, seq_index=None) -> torch.Tensor:
         first = next(self.model.parameters())
         if first.device != input_ids.device:
             self.model.to(input_ids.device)
         with torch.no_grad():
-            sums, counts = response_logps(self.model, input_ids, attention_mask, labels)
+            sums, counts = response_logps(self.model, input_ids, attention_mask, labels, logprob_chunk=self.logprob_chunk,
+                                          position_ids=position_ids, seq_index=seq_index)
         return normalise(sums, counts, self.average)
 
 
@@ -206,15 +211,17 @@ class LoraReference:
 
     mode = "lora"
 
-    def __init__(self, average: bool = False):
+    def __init__(self, average: bool = False, logprob_chunk: int = DEFAULT_CHUNK):
         self.average = average
+        self.logprob_chunk = logprob_chunk
 
-    def logps(self, policy, input_ids, attention_mask, labels, cached) -> torch.Tensor:
+    def logps(self, policy, input_ids, attention_mask, labels, cached, position_ids=None, seq_index=None) -> torch.Tensor:
         raw = getattr(policy, "module", policy)  # around DDP: no gradient, so no sync needed
         if not hasattr(raw, "disable_adapter"):
             raise TypeError("reference mode 'lora' needs a peft model (set model.lora_r > 0)")
         with torch.no_grad(), raw.disable_adapter(), eval_mode(raw):
-            sums, counts = response_logps(raw, input_ids, attention_mask, labels)
+            sums, counts = response_logps(raw, input_ids, attention_mask, labels, logprob_chunk=self.logprob_chunk,
+                                          position_ids=position_ids, seq_index=seq_index)
         return normalise(sums, counts, self.average)
 
 
@@ -230,7 +237,7 @@ class PrecomputedReference:
         """(len(indices),) cached values of `column` at these dataset indices."""
         return self.table[column][torch.as_tensor(list(indices), dtype=torch.long)]
 
-    def logps(self, policy, input_ids, attention_mask, labels, cached) -> torch.Tensor:
+    def logps(self, policy, input_ids, attention_mask, labels, cached, position_ids=None, seq_index=None) -> torch.Tensor:
         if cached is None:
             raise ValueError(
                 "reference mode 'precomputed': the batch carries no reference log-probs "
@@ -348,6 +355,7 @@ def precompute_logps(
     device: torch.device | str | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     progress: bool = False,
+    logprob_chunk: int = DEFAULT_CHUNK,
 ) -> dict[str, torch.Tensor]:
     """One no_grad, eval-mode pass: the reference log-prob of every sequence of every column.
 
@@ -370,7 +378,8 @@ def precompute_logps(
             chunk = rows[s : s + batch_size]
             batch = collate_sft([TokenizedSFT(list(p), list(r)) for _, _, p, r in chunk], pad_id).to(device)
             with ctx():
-                sums, counts = response_logps(model, batch.input_ids, batch.attention_mask, batch.labels)
+                sums, counts = response_logps(model, batch.input_ids, batch.attention_mask, batch.labels,
+                                              logprob_chunk=logprob_chunk)
             values = normalise(sums, counts, average).float().cpu()
             for (name, i, _, _), v in zip(chunk, values):
                 table[name][i] = v

@@ -35,6 +35,8 @@ import torch
 
 from alignkit.config import ConfigError, TrainConfig
 from alignkit.data.tokenize import decode_response
+from alignkit.losses.policy import entropy_from_logits
+from alignkit.models.chunked import DEFAULT_CHUNK, response_stats
 from alignkit.models.generate import (
     Generator,
     HFGenerator,
@@ -261,13 +263,41 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
+def response_token_stats(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+    temperature: float = 1.0, chunk: int = DEFAULT_CHUNK, *, share_prompt_prefix: bool = False,
+    entropy: bool = False, entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) log-probs of `response_ids` (the last T columns of `input_ids`) and, with `entropy`,
+    (B, T) entropies of the next-token distribution (with a gradient only with `entropy_grad`).
+
+    With `chunk` > 0 and a model whose head splits off, the head runs `chunk` response tokens at
+    a time and the (B, T, V) logits are never built (`alignkit.models.chunked.response_stats`;
+    padding gets 0); otherwise from `response_logits`, or `grouped_response_logits` when
+    `share_prompt_prefix`. Both paths agree within float32 rounding on every response token.
+    """
+    got = response_stats(model, input_ids, attention_mask, response_ids, temperature=temperature, chunk=chunk,
+                         entropy=entropy, entropy_grad=entropy_grad, share_prompt_prefix=share_prompt_prefix)
+    if got is not None:
+        return got.logprobs, got.entropy
+    T = response_ids.shape[1]
+    if share_prompt_prefix:
+        P = input_ids.shape[1] - T
+        logits = grouped_response_logits(model, input_ids[:, :P], attention_mask[:, :P], response_ids,
+                                         attention_mask[:, P:], temperature)
+    else:
+        logits = response_logits(model, input_ids, attention_mask, T, temperature)
+    ent = entropy_from_logits(logits if entropy_grad else logits.detach()) if entropy else None
+    return gather_logprobs(logits, response_ids), ent
+
+
 def response_logprobs(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float = 1.0, chunk: int = 0,
 ) -> torch.Tensor:
-    """(B, T) log-probs of `response_ids` (the last T columns of `input_ids`) under `model`."""
-    logits = response_logits(model, input_ids, attention_mask, response_ids.shape[1], temperature)
-    return gather_logprobs(logits, response_ids)
+    """(B, T) log-probs of `response_ids` (the last T columns of `input_ids`) under `model`
+    (`chunk` > 0: through the chunked head, see `response_token_stats`)."""
+    return response_token_stats(model, input_ids, attention_mask, response_ids, temperature, chunk)[0]
 
 
 def in_chunks(fn: Callable[..., Any], rows: int, *tensors: torch.Tensor) -> Any:
@@ -627,11 +657,13 @@ class Reference:
 
     @torch.no_grad()
     def logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor, temperature: float = 1.0
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor, temperature: float = 1.0,
+        chunk: int = 0, share_prompt_prefix: bool = False,
     ) -> torch.Tensor:
-        """(B, T) reference log-probs of the response tokens."""
+        """(B, T) reference log-probs of the response tokens (`response_token_stats`)."""
         with self.active() as model:
-            return response_logprobs(model, input_ids, attention_mask, response_ids, temperature)
+            return response_token_stats(model, input_ids, attention_mask, response_ids, temperature, chunk,
+                                        share_prompt_prefix=share_prompt_prefix)[0]
 
 
 def build_reference(policy: Any, model_path: str, lora: bool, device: Any) -> Reference:

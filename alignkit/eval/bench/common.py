@@ -90,12 +90,18 @@ class HFLM:
     forward pass of the prompt (the next-token distribution at its last position), which makes
     letter-choice benchmarks such as MMLU one forward per question instead of four; the result
     equals the general path (tested).
+
+    With `logprob_chunk` > 0 (and a model whose head splits off) scores go through the chunked
+    LM head (`alignkit.models.chunked`): the head runs on the scored positions only, that many
+    tokens at a time, so no (B, T, V) logits are built; 0 uses the model's own forward.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8, max_length: int | None = None):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8, max_length: int | None = None,
+                 logprob_chunk: int = 1024):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.logprob_chunk = logprob_chunk
         if max_length is None:
             config = getattr(_core_model(model), "config", None)
             max_length = getattr(config, "max_position_embeddings", None) or 2048
@@ -218,6 +224,8 @@ class HFLM:
     def _score_single(self, encoded, groups: dict[tuple[int, ...], list[int]], out: list[float]) -> None:
         import torch
 
+        from alignkit.models.chunked import last_token_logprobs
+
         if not groups:
             return
         prompts = [list(p) for p in groups]
@@ -226,7 +234,9 @@ class HFLM:
         with torch.inference_mode():
             for rows in self._batches(prompts):
                 ids, mask = self._pad([prompts[r] for r in rows], device, left=True)
-                lp = self._last_logits(ids, mask).float().log_softmax(-1)  # (B, V)
+                lp = last_token_logprobs(self.model, ids, mask, self.logprob_chunk)  # (B, V)
+                if lp is None:
+                    lp = self._last_logits(ids, mask).float().log_softmax(-1)
                 for b, r in enumerate(rows):
                     for i in members[r]:
                         out[i] = float(lp[b, encoded[i][1][0]])
@@ -234,6 +244,7 @@ class HFLM:
     def _score_multi(self, encoded, idx: list[int], out: list[float]) -> None:
         import torch
 
+        from alignkit.models.chunked import sequence_sums
         from alignkit.models.logprobs import sequence_logprobs
 
         if not idx:
@@ -247,7 +258,8 @@ class HFLM:
                 for b, r in enumerate(rows):
                     p, c = encoded[idx[r]]
                     labels[b, len(p) : len(p) + len(c)] = torch.tensor(c, device=device)
-                total = sequence_logprobs(self.model, ids, mask, labels)  # (B,)
+                got = sequence_sums(self.model, ids, mask, labels, self.logprob_chunk)
+                total = got[0] if got is not None else sequence_logprobs(self.model, ids, mask, labels)  # (B,)
                 for b, r in enumerate(rows):
                     out[idx[r]] = float(total[b])
 
@@ -283,14 +295,15 @@ class HFLM:
         return [texts[i * opts.n : (i + 1) * opts.n] for i in range(len(prompts))]
 
 
-def as_lm(model: Any, tokenizer: Any = None, batch_size: int = 8) -> BenchLM:
+def as_lm(model: Any, tokenizer: Any = None, batch_size: int = 8, logprob_chunk: int = 1024) -> BenchLM:
     """`model` itself when it already speaks `BenchLM` (a test stub, another backend), otherwise
-    an `HFLM` around the transformers model and tokenizer."""
+    an `HFLM` around the transformers model and tokenizer (scoring through the chunked head
+    `logprob_chunk` tokens at a time; 0: the model's own forward)."""
     if hasattr(model, "loglikelihood") and hasattr(model, "generate_texts"):
         return model
     if tokenizer is None:
         raise ValueError("a transformers model needs its tokenizer")
-    return HFLM(model, tokenizer, batch_size=batch_size)
+    return HFLM(model, tokenizer, batch_size=batch_size, logprob_chunk=logprob_chunk)
 
 
 def truncated_count(lm: BenchLM) -> int:
