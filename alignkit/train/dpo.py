@@ -513,6 +513,7 @@ def run(cfg: Config) -> dict:
         model, step, Indexed(items), collate, plan, cfg.train, out,
         save_fn=lambda m, d: save_model(m, tokenizer, d), accelerator=acc,
         weight_fn=(lambda b: float(len(b.examples.desirable))) if cfg.is_unpaired else (lambda b: float(b.pairs.num_pairs)),
+        name=f"dpo ({cfg.loss})",
     )
     summary = {
         "model": str(result.final_dir),
