@@ -168,3 +168,16 @@ def test_header_line_of_the_supervised_loop(tmp_path, capsys):
     assert err[0] == (f"alignkit toy: 20 examples, 2 steps (0.7 epochs), batch 8 (1 process x 1 micro-batches), "
                       f"lr 0.01, fp32 on cpu -> {tmp_path}")
     assert os.path.isfile(tmp_path / "metrics.jsonl")
+
+
+def test_rl_prompt_truncation_is_warned(tiny, monkeypatch, capsys):
+    """data.max_prompt_len=4 cuts every one of the 4 prompts (each is more than 4 tokens)."""
+    monkeypatch.syspath_prepend(str(tiny))
+    cfg = load_config(grpo.Config, None, [
+        f"model.path={tiny / 'sft'}", f"data.path={tiny / 'prompts.jsonl'}", f"out={tiny / 'cut'}",
+        "reward.source=function", "reward.function=rewards_mod:count_e", "iterations=1", "prompts_per_step=2",
+        "group_size=2", "rollout.max_new_tokens=2", "train.tensorboard=false", "data.max_prompt_len=4",
+    ])
+    grpo.run(cfg)
+    assert "alignkit: warning: " in (err := capsys.readouterr().err)
+    assert f"{tiny / 'prompts.jsonl'}: data.max_prompt_len=4 cuts 4 of 4 prompts (100%)" in err
