@@ -317,10 +317,11 @@ def render_html(summary: dict, run_dir: Path) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escape text and turn markdown's **bold** into <b>."""
+    """Escape text and turn markdown's **bold** into <b> and `code` into <code>."""
     import re
 
-    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+    bold = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", bold)
 
 
 def _md_table_to_html(md: str) -> str:
