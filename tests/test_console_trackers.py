@@ -126,7 +126,10 @@ def test_wandb_offline_run_gets_every_metric(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb not installed (pip install 'alignkit[wandb]')")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
     _toy(tmp_path, max_steps=2, report_to=("wandb",))
+    wandb.teardown()  # stops W&B's writer process: under load it may still be flushing after finish()
     (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     data = run.read_bytes()  # W&B's record log: the metric names and JSON values appear verbatim
     rows = _rows(tmp_path)
