@@ -109,9 +109,12 @@ class TrainConfig:
     overwrite: bool = False
     """A fresh run where an earlier run left checkpoints replaces them (otherwise: an error)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress on stderr: a bar on a terminal, a plain line every 15 s in a log file."""
     tensorboard: bool = True
-    """Also write TensorBoard event files."""
+    """Also write the metrics as TensorBoard event files (OUT/tb)."""
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow", "trackio"], ...] = ()
+    """Experiment trackers that also get the metrics, e.g. [wandb, mlflow] (each an optional extra:
+    pip install 'alignkit[wandb]'); see alignkit/train/trackers.py."""
     strategy: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
     """How several processes share the model: ddp (replicas), fsdp2 (torch fully_shard) or deepspeed (ZeRO)."""
     zero_stage: Literal[2, 3] = 3

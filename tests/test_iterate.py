@@ -285,19 +285,19 @@ def test_a_run_killed_inside_ppo_resumes_from_the_stage_checkpoint(tiny, monkeyp
     """Killed as iteration 2 of round 1's 3-iteration PPO writes its metrics row (before its
     checkpoint; one is written every iteration): resume=true continues that PPO run from step-1,
     and the round ends as in an uninterrupted run."""
-    from alignkit.train import rollout as rollout_mod
+    from alignkit.train import trackers
 
     extra = ["ppo.iterations=3", "ppo.train.save_every=1", "rounds=1"]
     ref = iterate.run(_cfg(tiny, *extra, f"out={tiny / 'ref'}"))
-    real = rollout_mod.append_jsonl
+    real = trackers.MetricsLog.write
 
-    def append_then_die(path, row):
-        real(path, row)
-        if row.get("step") == 2 and "round_1" in str(path):
+    def write_then_die(self, row):
+        real(self, row)
+        if row.get("step") == 2 and self.path.parent == tiny / "killed" / "round_1" / "ppo":
             raise KeyboardInterrupt("killed inside round 1's PPO")
 
     with monkeypatch.context() as m:
-        m.setattr(rollout_mod, "append_jsonl", append_then_die)
+        m.setattr(trackers.MetricsLog, "write", write_then_die)
         with pytest.raises(KeyboardInterrupt):
             iterate.run(_cfg(tiny, *extra, f"out={tiny / 'killed'}"))
     capsys.readouterr()

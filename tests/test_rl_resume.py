@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from alignkit.config import ConfigError, load_config
 from alignkit.models.load import save_model, tiny_llama
 from alignkit.train import checkpoint as ckpt
-from alignkit.train import grpo, ppo, rloo
+from alignkit.train import grpo, ppo, rloo, trackers
 from alignkit.train import rollout as rollout_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,14 +107,14 @@ def _steps(out) -> list[str]:
 
 
 def _kill_after(monkeypatch, iteration: int) -> None:
-    real = rollout_mod.append_jsonl
+    real = trackers.MetricsLog.write
 
-    def append_then_die(path, row):
-        real(path, row)
+    def write_then_die(self, row):
+        real(self, row)
         if row["step"] == iteration:
             raise Killed(f"killed after iteration {iteration}")
 
-    monkeypatch.setattr(rollout_mod, "append_jsonl", append_then_die)
+    monkeypatch.setattr(trackers.MetricsLog, "write", write_then_die)
 
 
 def _count_rollouts(monkeypatch) -> list[int]:

@@ -1,4 +1,4 @@
-"""`alignkit compare`: the brief's RLHF-vs-DPO table, measured on one task from one SFT model.
+"""`alignkit compare`: the usual RLHF-vs-DPO table of claims, measured on one task from one SFT model.
 
     alignkit compare --config configs/compare.yaml demo=runs/demo out=runs/compare
 
@@ -83,7 +83,7 @@ class Config:
     sweep_steps: int = 100
     """Optimizer steps of each sweep run."""
     sweep_loss: str = "sigmoid"
-    """Loss of the sweep runs (sigmoid is the brief's DPO, where beta is the KL strength)."""
+    """Loss of the sweep runs (sigmoid is the original DPO, where beta is the KL strength)."""
     sweep_overrides: list[str] = field(default_factory=list)
     """Dotted overrides of every sweep run (after loss, beta and steps)."""
     eval_limit: int = 0
@@ -142,7 +142,7 @@ NOT_HYPERPARAMETERS = frozenset({
     "disable_dropout",
     # bookkeeping and evaluation
     "train.seed", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.resume",
-    "train.overwrite", "train.progress", "train.tensorboard",
+    "train.overwrite", "train.progress", "train.tensorboard", "train.report_to",
     "eval_world", "eval_limit", "eval_max_new_tokens", "eval_every",
 })
 """Config leaves that are not hyperparameters of the method (see `hyperparameters`)."""
@@ -424,7 +424,7 @@ def annotate_stage(summary: dict, name: str, cfg: Any, result: dict, run_dir: st
 # ------------------------------------------------------------------------------- the table
 
 CLAIMS = {
-    # aspect: (brief's RLHF cell, brief's DPO cell)
+    # aspect: (the claimed RLHF cell, the claimed DPO cell)
     "Models needed": ("3 (policy, reward, ref)", "2 (policy, ref)"),
     "Training": ("RL (PPO)", "Supervised (standard backprop)"),
     "Stability": ("Tricky (RL instability)", "Stable (classification-like)"),
@@ -437,7 +437,7 @@ CLAIMS = {
     "Win rate vs SFT": ("", ""),
     "KL to SFT": ("", ""),
 }
-"""The brief's head-to-head table, row by row, plus the rows the measurement adds."""
+"""The usual head-to-head table of claims, row by row, plus the rows the measurement adds."""
 
 
 def _num(v: Any) -> bool:
@@ -530,7 +530,7 @@ def _md_cell(text: str) -> str:
 def render_comparison(summary: dict) -> str:
     """The head-to-head table in markdown, with a line on how each figure was measured."""
     lines = [
-        "| aspect | brief: RLHF | measured: PPO | brief: DPO | measured: DPO |",
+        "| aspect | claim: RLHF | measured: PPO | claim: DPO | measured: DPO |",
         "|---|---|---|---|---|",
     ]
     for r in comparison_table(summary):

@@ -79,7 +79,7 @@ def render_markdown(summary: dict) -> str:
 
 
 def _comparison_section(summary: dict) -> list[str]:
-    """The brief's RLHF-vs-DPO table, measured, when both stages ran; the DPO beta sweep."""
+    """The usual RLHF-vs-DPO table of claims, measured, when both stages ran; the DPO beta sweep."""
     from alignkit.eval.compare import render_beta_sweep, render_comparison
 
     stages = summary["stages"]
@@ -88,7 +88,7 @@ def _comparison_section(summary: dict) -> list[str]:
         lines += [
             "## RLHF (PPO) vs DPO, measured",
             "",
-            "The brief's head-to-head table, with each claim next to what the same task and the same "
+            "The usual RLHF-vs-DPO table of claims, with each claim next to what the same task and the same "
             "SFT model measured (docs/evaluation.md, 'RLHF vs DPO, measured', defines every figure). "
             "Model states: weights, plus gradients and two AdamW moments for trained models. "
             "Reward hacking: win rate against SFT by the proxy the method optimised minus the win "
@@ -105,7 +105,7 @@ def _comparison_section(summary: dict) -> list[str]:
             "## DPO beta sweep",
             "",
             "Short DPO runs from the SFT model, one per beta, otherwise identical; gold score and KL "
-            "to SFT measured as above. The brief: too small a beta drifts far from SFT, too large "
+            "to SFT measured as above. The usual advice: too small a beta drifts far from SFT, too large "
             "barely moves.",
             "",
             sweep,
@@ -317,10 +317,11 @@ def render_html(summary: dict, run_dir: Path) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escape text and turn markdown's **bold** into <b>."""
+    """Escape text and turn markdown's **bold** into <b> and `code` into <code>."""
     import re
 
-    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+    bold = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", bold)
 
 
 def _md_table_to_html(md: str) -> str:

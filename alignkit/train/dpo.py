@@ -576,6 +576,7 @@ def run(cfg: Config) -> dict:
         save_fn=lambda m, d: save_model(m, tokenizer, d), accelerator=acc,
         weight_fn=(lambda b: float(len(b.examples.desirable))) if cfg.is_unpaired else (lambda b: float(b.pairs.num_pairs)),
         before_step=getattr(step, "before_step", None),
+        name=f"dpo ({cfg.loss})",
     )
     summary = {
         "model": str(result.final_dir),

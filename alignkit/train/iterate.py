@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import random
 import re
 import shutil
@@ -57,6 +56,7 @@ from typing import Any, Literal
 
 from alignkit.atomic import read_jsonl, write_json_atomic, write_text_atomic
 from alignkit.config import ConfigError, required
+from alignkit.console import header
 from alignkit.data.records import PreferencePair, Prompt, PromptOnly
 from alignkit.train import ppo as ppo_stage
 from alignkit.train import reward as reward_stage
@@ -69,8 +69,6 @@ from alignkit.train.distributed import (
     init_dist,
     share,
 )
-
-logger = logging.getLogger(__name__)
 
 ROUND_DIR = re.compile(r"round_\d+")
 
@@ -580,6 +578,11 @@ class _Run:
         row["wall_s"] = time.perf_counter() - t0
         return row
 
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _rm_columns(ev: dict | None) -> dict:
     if not ev:
         return {}
@@ -623,6 +626,9 @@ def run(cfg: Config) -> dict:
         if r.agree(done.is_file()):
             r.rows.append(r.agree(_read_json(done) if dist.main else None))
             continue
+        steps = "the starting reward model and policy" if k == 0 else \
+            "sample pairs, label them, train the reward model, PPO"
+        header("iterate", [f"round {k} of {cfg.rounds}: {steps}"], out=r.dir(k))
         row = r.agree(r.round_zero() if k == 0 else r.round(k, r.rows[-1]))
         if row is None:
             if dist.main:
@@ -635,8 +641,9 @@ def run(cfg: Config) -> dict:
         r.rows.append(row)
         if dist.main:
             r.save_summary("running")
-        logger.info("round %d: gold %s, reward-model accuracy %s, pairs %d", k, row.get("gold_score"),
-                    row.get("rm_accuracy"), row["pairs_total"])
+        header("iterate", [f"round {k} done", *(f"{name} {_short(row.get(key))}" for key, name in (
+            ("gold_score", "gold"), ("rm_accuracy", "reward-model accuracy"), ("pairs_total", "pairs"),
+            ("kl_to_start", "KL to start")) if row.get(key) is not None)])
     if dist.main:
         r.save_summary("done")
     barrier(dist)

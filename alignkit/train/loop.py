@@ -7,7 +7,9 @@
 
 The loop owns everything else: sharding each global batch over processes and accumulation
 steps, exact loss normalisation, AdamW + schedule, clipping, precision, accelerate/DDP,
-atomic checkpoints with exact resume, the NaN guard, metrics.jsonl / TensorBoard / tqdm.
+atomic checkpoints with exact resume, the NaN guard, and what the run says while it runs (a
+header line and progress on the console, metrics.jsonl / TensorBoard / trackers: alignkit.console,
+alignkit.train.trackers, shared with the RL stages).
 See docs/training-loop.md.
 """
 
@@ -30,8 +32,10 @@ from torch import nn
 
 from alignkit.atomic import read_jsonl, write_text_atomic
 from alignkit.config import TrainConfig, to_dict
+from alignkit.console import Progress, header, warn
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.strategy import make_strategy
+from alignkit.train.trackers import MetricsLog
 
 
 @dataclass
@@ -226,6 +230,7 @@ def train(
     on_log: Callable[[int, dict], None] | None = None,
     weight_fn: Callable[[Any], float] | None = None,
     before_step: Callable[[nn.Module, list[tuple[Any, bool]]], None] | None = None,
+    name: str = "train",
 ) -> TrainResult:
     """Train `model` with `step` over the global batches `plan(epoch)` gives; see the module docstring.
 
@@ -239,6 +244,7 @@ def train(
     before_step(model, [(batch, real), ...]) runs once per optimizer step on every rank, before the
     first forward, with this rank's collated micro-batches (`real` False for a zero-weight copy):
     the place for a statistic of the whole global batch (KTO's z0), all-reduced inside.
+    name: the stage, for the console's header line and the trackers' run name.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -248,10 +254,16 @@ def train(
     ckpt_root = out_dir / ckpt.CHECKPOINTS
     metrics_path = out_dir / "metrics.jsonl"
 
+    per_epoch = len(plan(0))
     if cfg.max_steps > 0:
         total = cfg.max_steps
     else:
         total = sum(len(plan(e)) for e in range(cfg.epochs))
+    epochs = total / max(per_epoch, 1)
+    if cfg.max_steps > 0 and epochs > 3 and main:
+        warn(f"train.max_steps={cfg.max_steps} with train.batch_size={cfg.batch_size} is {epochs:.1f} passes over "
+             f"the {len(dataset)} examples; more than 3 usually overfits: set train.max_steps=0 and "
+             f"train.epochs (or fewer steps)")
     _seed(cfg.seed + rank)
 
     params = (
@@ -292,17 +304,12 @@ def train(
             print(f"alignkit: resumed from {last_ckpt} (step {step_n})", file=sys.stderr)
     acc.wait_for_everyone()
 
-    writer = None
-    if main and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step_n + 1 if step_n else None)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total, initial=step_n, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True,
-        mininterval=0.1 if sys.stderr.isatty() else 15.0,  # a log file gets a line every 15 s, not every step
-    )
+    header(name, [f"{len(dataset)} examples", f"{total} steps ({epochs:.1f} epochs)",
+                  f"batch {cfg.batch_size} ({world} process{'es' if world > 1 else ''} x {accum} micro-batches)",
+                  f"lr {cfg.lr:g}", f"{acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'} on "
+                  f"{acc.device.type}", *([f"resuming at step {step_n}"] if step_n else [])], out=out_dir)
+    log = MetricsLog(out_dir, cfg, name=name, resume_step=step_n, main=main, config={"train": to_dict(cfg)})
+    bar = Progress(total, initial=step_n, enabled=cfg.progress and main)
 
     def save(n: int) -> Path:
         rngs = [ckpt.rng_state()]
@@ -450,8 +457,7 @@ def train(
                 if window_tok_known
                 else {"it_s": f"{window_items / dt:.1f}"}
             )
-            bar.set_postfix(loss=f"{loss:.4f}", **rate, refresh=False)
-            bar.update(1)
+            bar.update(1, loss=f"{loss:.4f}", **rate)
 
             last = step_n == total
             if last or (cfg.log_every > 0 and step_n % cfg.log_every == 0):
@@ -467,14 +473,7 @@ def train(
                     line["tokens_per_s"] = window_tokens / dt
                 line.update({k: v / g_weight for k, v in zip(keys, extra)})
                 last_metrics = line
-                if main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(line) + "\n")
-                    if writer is not None:
-                        for k, v in line.items():
-                            if k != "step":
-                                writer.add_scalar(k, v, step_n)
-                        writer.flush()
+                log.write(line)
                 window_t, window_items, window_tokens, window_tok_known = time.perf_counter(), 0, 0, True
             if last or (cfg.save_every > 0 and step_n % cfg.save_every == 0):
                 last_ckpt = save(step_n)
@@ -494,8 +493,7 @@ def train(
         acc.wait_for_everyone()
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
+        log.close()
 
     return TrainResult(
         step=step_n,

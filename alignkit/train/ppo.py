@@ -367,7 +367,6 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
     from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
     from alignkit.train.loop import build_optimizer, build_scheduler
     from alignkit.train.rollout import (
-        append_jsonl,
         build_reference,
         build_reward_source,
         check_resume,
@@ -376,6 +375,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         gold_fn,
         load_iteration,
         load_prompts,
+        open_reports,
         pick_device,
         prompt_batches,
         save_due,
@@ -450,6 +450,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
             done, evals = state["step"], state["evals"]
             controller.load_state_dict(state["kl_controller"])
         last: dict[str, Any] = (read_jsonl(metrics_path, missing_ok=True) or [{}])[-1]
+        log, bar = open_reports("ppo", cfg, out, len(prompt_ids), f"{cfg.rollout_batch} responses x {cfg.ppo_epochs} epochs per iteration", done, dist, device)
         for it in range(done + 1, cfg.iterations + 1):
             t_it = time.perf_counter()
             idx, first = shard(next(batches), dist)  # this rank's prompts
@@ -501,8 +502,8 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
                 ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
                 row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
-            if dist.main:
-                append_jsonl(metrics_path, row)
+            log.write(row)
+            bar.update(1, reward=row["reward"], kl=row["kl"], s_per_it=f"{row['iteration_s']:.1f}")
             last = row
             if fired and cfg.monitor.stop:
                 stopped = {"iteration": it, "rules": fired, "restored": None}
@@ -516,6 +517,8 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
                     "prompt_batches": it, "kl_controller": controller.state_dict(), "evals": evals,
                     "config": to_dict(cfg),
                 }, cfg.train.keep_checkpoints)
+        bar.close()
+        log.close()
 
         if dist.main:
             save_model(policy, tokenizer, out / "final")

@@ -129,6 +129,7 @@ def run(cfg: Config) -> dict:
         out,
         save_fn=lambda m, d: save_model(m, tokenizer, d),
         weight_fn=lambda b: float(response_mask(b.labels).sum()),
+        name="pretrain",
     )
     return {
         "model": str(result.final_dir),

@@ -368,11 +368,10 @@ def precompute_logps(
     if device is None:
         device = next(model.parameters()).device
     ctx = autocast or contextlib.nullcontext
-    starts = range(0, len(rows), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    from alignkit.console import Progress
 
-        starts = tqdm(starts, desc="reference log-probs", unit="batch")
+    starts = range(0, len(rows), batch_size)
+    bar = Progress(len(starts), enabled=progress, unit="reference log-prob batch")
     with torch.no_grad(), eval_mode(model):
         for s in starts:
             chunk = rows[s : s + batch_size]
@@ -383,6 +382,8 @@ def precompute_logps(
             values = normalise(sums, counts, average).float().cpu()
             for (name, i, _, _), v in zip(chunk, values):
                 table[name][i] = v
+            bar.update(1)
+    bar.close()
     return table
 
 

@@ -370,6 +370,7 @@ def run(cfg: Config) -> dict:
         save_fn=save_fn,
         trainable_params=model.trainable_parameters(),
         weight_fn=lambda b: float(b.num_pairs),
+        name="reward",
     )
     summary = {
         "model": str(result.final_dir),

@@ -33,7 +33,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from alignkit.config import ConfigError, TrainConfig
+from alignkit.config import ConfigError, TrainConfig, to_dict
+from alignkit.console import Progress, header, warn
 from alignkit.data.tokenize import decode_response
 from alignkit.losses.policy import entropy_from_logits
 from alignkit.models.chunked import DEFAULT_CHUNK, response_stats
@@ -49,6 +50,7 @@ from alignkit.models.logprobs import position_ids_from_mask
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.loop import reshape_schedule, truncate_metrics
 from alignkit.train.ray_launch import RayConfig
+from alignkit.train.trackers import MetricsLog
 
 ENSEMBLE_MODES = ("mean", "min", "uwo")
 
@@ -591,7 +593,9 @@ def load_prompts(path: str, tokenizer: Any, max_prompt_len: int, limit: int = 0,
     records = load_records(path, kind="prompt", on_error=on_error, limit=limit).records
     if not records:
         raise ValueError(f"{path}: no prompts")
-    items, _ = tokenize_prompts(tokenizer, records, TruncationLimits(max_prompt_len=max_prompt_len, max_len=None))
+    limits = TruncationLimits(max_prompt_len=max_prompt_len, max_len=None)
+    items, trunc = tokenize_prompts(tokenizer, records, limits)
+    warn(trunc.warnings(limits, path))
     texts = [render_prompt(tokenizer, r.prompt) for r in records]
     return [it.prompt_ids for it in items], texts
 
@@ -689,18 +693,23 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def append_jsonl(path: Any, row: dict) -> None:
-    """Append one JSON line (metrics are written as they come, so a killed run keeps them)."""
-    import json
-
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+def open_reports(name: str, cfg: Any, out: Path, n_prompts: int, per_iteration: str, done: int, dist: Any,
+                 device: torch.device) -> tuple[MetricsLog, Progress]:
+    """An RL stage's console header, progress display (one unit per iteration) and metrics log
+    (OUT/metrics.jsonl, TensorBoard, train.report_to): the supervised loop's design."""
+    world = dist.world
+    header(name, [f"{n_prompts} prompts", f"{cfg.iterations} iterations", per_iteration, f"lr {cfg.train.lr:g}",
+                  f"{world} process{'es' if world > 1 else ''} on {device.type}",
+                  *([f"resuming at iteration {done}"] if done else [])], out=out)
+    log = MetricsLog(out, cfg.train, name=name, resume_step=done, main=dist.main, config=to_dict(cfg))
+    return log, Progress(cfg.iterations, initial=done, enabled=cfg.train.progress and dist.main, unit="iteration")
 
 
 # ---------------------------------------------------------------------------------- checkpoints
 RESUME_MAY_CHANGE = frozenset({
     "iterations", "out", "eval_every", "eval_limit", "eval_max_new_tokens", "train.resume", "train.overwrite",
-    "train.save_every", "train.keep_checkpoints", "train.progress", "train.tensorboard", "train.log_every",
+    "train.save_every", "train.keep_checkpoints", "train.progress", "train.tensorboard", "train.report_to",
+    "train.log_every",
     # where the ranks run is not what they compute
     "launcher", *(f"ray.{f.name}" for f in dataclasses.fields(RayConfig)),
 })

@@ -83,6 +83,7 @@ def run(cfg: Config) -> dict:
         collate_packed if cfg.train.packing else (lambda b: collate_sft(b, pad_id)), plan, cfg.train, out,
         save_fn=lambda m, d: save_model(m, tokenizer, d),
         weight_fn=lambda b: float(response_mask(b.labels).sum()),
+        name="sft",
     )
     return {
         "model": str(result.final_dir),
