@@ -190,6 +190,18 @@ def chunked_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head, ch
     return torch.cat(parts)
 
 
+def segment_sums(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) sums of `values` (N,) grouped by `index` (N,) in [0, n), in the values' dtype.
+
+    Accumulated in float64 (float32 on MPS, which has no float64): `index_add` adds one value at
+    a time into its slot, so a float32 sum of 1,500 log-probs near -12 drifts by ~1e-2, ten
+    times the rounding of the result itself; a DPO margin is a difference of four such sums.
+    """
+    wide = torch.float32 if values.device.type == "mps" else torch.float64
+    out = torch.zeros(n, dtype=wide, device=values.device).index_add(0, index, values.to(wide))
+    return out.to(values.dtype)
+
+
 def chunked_entropy(hidden: torch.Tensor, head: Head, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """(N,) float32 entropy of softmax(head(hidden[i])), without gradient (a metric)."""
     out = []

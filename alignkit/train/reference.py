@@ -44,7 +44,7 @@ from torch import nn
 from alignkit.atomic import share_tree
 from alignkit.data.batching import collate_sft
 from alignkit.data.tokenize import TokenizedSFT
-from alignkit.models.chunked import DEFAULT_CHUNK, scored_logprobs
+from alignkit.models.chunked import DEFAULT_CHUNK, scored_logprobs, segment_sums
 from alignkit.models.logprobs import position_ids_from_mask
 
 CACHE_FORMAT = 1
@@ -103,8 +103,7 @@ def response_logps(
     if chunked is not None:
         token_lp, keep = chunked  # (N,), (R, T)
         rows = keep.nonzero()[:, 0]
-        sums = torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
-        return sums, keep.sum(-1)
+        return segment_sums(token_lp, rows, labels.shape[0]), keep.sum(-1)
     keep = torch.zeros_like(labels, dtype=torch.bool)  # (R, T): position t scores token t+1
     keep[:, :-1] = labels[:, 1:] != -100
     targets = labels[:, 1:][keep[:, :-1]]  # (N,)
@@ -127,8 +126,7 @@ def response_logps(
     lse = torch.cat([c.float().logsumexp(-1) for c in logits.split(chunk_tokens)]) if len(logits) else picked
     token_lp = picked - lse  # (N,)
     rows = keep.nonzero()[:, 0]  # (N,) row of each scored token, row-major as `logits`
-    sums = torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
-    return sums, counts
+    return segment_sums(token_lp, rows, labels.shape[0]), counts
 
 
 def normalise(sums: torch.Tensor, counts: torch.Tensor, average: bool) -> torch.Tensor:
