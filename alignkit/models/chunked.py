@@ -30,6 +30,10 @@ from alignkit.models.logprobs import position_ids_from_mask
 DEFAULT_CHUNK = 1024
 """Tokens per LM-head chunk; 0 turns chunking off (full logits)."""
 
+MAX_BLOCK = 2**25
+"""Most logits in one chunk (128 MiB in float32): at a large vocabulary a chunk holds fewer
+tokens than asked (256 at 128k), since the backward keeps a few (chunk, V) blocks alive at once."""
+
 log = logging.getLogger(__name__)
 
 
@@ -176,11 +180,13 @@ def chunked_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head, ch
     """(N,) float32 log softmax(head(hidden[i]))[targets[i]], `chunk` rows at a time.
 
     hidden: (N, H), targets: (N,). With gradients on, each chunk is recomputed in the backward
-    (so only one (chunk, V) block lives at a time); the head weight's gradient sums over chunks.
+    (so only one chunk's (chunk, V) blocks live at a time); the head weight's gradient sums over
+    chunks. A chunk holds at most MAX_BLOCK // V tokens.
     """
     if len(hidden) == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    chunk = max(1, min(chunk, MAX_BLOCK // head.weight.shape[0]))
     parts = []
     for h, y in zip(hidden.split(chunk), targets.split(chunk)):
         if grad:
