@@ -32,8 +32,9 @@ initialised `--preset` Llama saved to disk; every run loads those same weights.
    step function; TRL: a callback's on_step_begin), so set-up, the precomputing pass and saving
    are excluded (reported separately as setup_s). Peak memory: the process's sampled RSS from
    just before the models are loaded to the end of training, minus the RSS at that moment
-   (imports and raw data excluded on both sides). Rounds alternate which side runs first; the
-   best round of each is kept.
+   (imports and raw data excluded on both sides). Rounds alternate which side runs first
+   (alignkit, TRL, TRL, alignkit, ...); every figure is the median over rounds, and the
+   throughput ratio is the median of the per-round ratios alignkit / TRL.
 
 The last line is one JSON object: pairs_per_s_ratio and peak_mem_ratio are alignkit / TRL in
 the same reference mode ("copy"); the "precomputed" mode and alignkit's default mode
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip", type=int, default=5, help="steps left out of the throughput window")
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs per side; medians reported")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1: CPU time is meaningful)")
@@ -292,30 +294,35 @@ def main() -> None:
         print(f"  {k:20s} {par['alignkit'][k]: .7f} {par['trl'][k]: .7f}  |diff| {par['abs_diff'][k]:.1e}")
 
     modes = args.modes.split(",")
-    best: dict[tuple[str, str], dict] = {}
+    runs: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(args.rounds):
         for mode in modes:
             order = ["alignkit", "trl"] if rnd % 2 == 0 else ["trl", "alignkit"]
             for side in order:
                 r = spawn(args, side, mode)
-                key = (side, mode)
-                old = best.get(key, r)  # keep each figure's best round
-                best[key] = {**r, **{k: max(r[k], old[k]) for k in ("pairs_per_s", "pairs_per_cpu_s")},
-                             "peak_mb": min(r["peak_mb"], old["peak_mb"])}
+                runs.setdefault((side, mode), []).append(r)
                 print(f"  round {rnd} {side:8s} {mode:11s} {r['pairs_per_s']:7.1f} pairs/s "
                       f"{r['pairs_per_cpu_s']:7.1f} pairs/cpu-s  peak +{r['peak_mb']:.0f} MB  "
                       f"setup {r['setup_s']:.1f}s  steps {r['steps']}", flush=True)
+    # each figure: the median over rounds (one value per round and side)
+    best = {key: {**rs[0], **{k: statistics.median(x[k] for x in rs)
+                              for k in ("pairs_per_s", "pairs_per_cpu_s", "peak_mb", "setup_s")}}
+            for key, rs in runs.items()}
 
-    print(f"\n{'side':9s} {'mode':12s} {'pairs/s':>8s} {'pairs/cpu-s':>11s} {'peak MB':>8s} {'setup s':>8s} {'steps':>6s}")
+    print(f"\nmedian of {args.rounds} rounds")
+    print(f"{'side':9s} {'mode':12s} {'pairs/s':>8s} {'pairs/cpu-s':>11s} {'peak MB':>8s} {'setup s':>8s} {'steps':>6s}")
     for (side, mode), r in sorted(best.items()):
         print(f"{side:9s} {mode:12s} {r['pairs_per_s']:8.1f} {r['pairs_per_cpu_s']:11.1f} {r['peak_mb']:8.0f} "
               f"{r['setup_s']:8.1f} {r['steps']:6d}")
 
-    def ratios(a: dict, t: dict) -> dict:
+    def ratios(ka: tuple[str, str], kt: tuple[str, str]) -> dict:
+        """Throughput: the median over rounds of the per-round ratio; memory: ratio of medians."""
+        pairs = list(zip(runs[ka], runs[kt]))
         return {
-            "pairs_per_s_ratio": a["pairs_per_s"] / t["pairs_per_s"],
-            "pairs_per_cpu_s_ratio": a["pairs_per_cpu_s"] / t["pairs_per_cpu_s"],
-            "peak_mem_ratio": a["peak_mb"] / t["peak_mb"],
+            "pairs_per_s_ratio": statistics.median(a["pairs_per_s"] / t["pairs_per_s"] for a, t in pairs),
+            "pairs_per_cpu_s_ratio": statistics.median(a["pairs_per_cpu_s"] / t["pairs_per_cpu_s"] for a, t in pairs),
+            "peak_mem_ratio": best[ka]["peak_mb"] / best[kt]["peak_mb"],
+            "per_round_pairs_per_s_ratios": [round(a["pairs_per_s"] / t["pairs_per_s"], 3) for a, t in pairs],
         }
 
     result: dict = {"parity_max_abs_diff": par["max_abs_diff"], "loss_abs_diff": par["abs_diff"]["loss"]}
@@ -324,7 +331,7 @@ def main() -> None:
         if a["steps"] != t["steps"]:
             raise RuntimeError(f"step counts differ in mode {mode}: {a['steps']} vs {t['steps']}")
         result[mode] = {
-            **ratios(a, t),
+            **ratios(("alignkit", mode), ("trl", mode)),
             "alignkit": {k: a[k] for k in ("pairs_per_s", "pairs_per_cpu_s", "peak_mb", "setup_s", "padding_fraction")},
             "trl": {k: t[k] for k in ("pairs_per_s", "pairs_per_cpu_s", "peak_mb", "setup_s")},
             "tokens_identical": t["tokens_identical"], "steps": a["steps"],
@@ -332,7 +339,7 @@ def main() -> None:
     head = result.get("copy") or result[modes[0]]
     result.update({k: head[k] for k in ("pairs_per_s_ratio", "pairs_per_cpu_s_ratio", "peak_mem_ratio")})
     if "copy" in modes and "precomputed" in modes:
-        result["defaults"] = ratios(best[("alignkit", "precomputed")], best[("trl", "copy")])
+        result["defaults"] = ratios(("alignkit", "precomputed"), ("trl", "copy"))
     result.update(preset=args.preset, batch_size=args.batch_size, steps=args.steps, threads=args.threads,
                   rounds=args.rounds, device="cpu")
     print(json.dumps(result))

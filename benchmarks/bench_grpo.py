@@ -14,9 +14,11 @@ A step is: sample prompts x G responses, score them, reference log-probs, one up
 Both run in this process with the same torch thread count (--threads, 1 by default: with
 several threads on CPUs that other processes also use, a step sometimes takes 10x longer
 while a thread waits for a descheduled sibling, which swamps the comparison).
-The two trainers alternate for --rounds rounds so that load from other processes hits both;
-the first step of every run is a warm-up and not counted. Reported: median seconds per step,
-mean completion length (so a difference in generated tokens is visible) and the ratio.
+The two trainers alternate for --rounds rounds (alignkit, TRL, TRL, alignkit, ...) so that load
+from other processes hits both; the first step of every run is a warm-up and not counted.
+Reported: median seconds per step of each side over all rounds, mean completion length (so a
+difference in generated tokens is visible), and the ratio TRL / alignkit: the median over
+rounds of each round's ratio of median step times.
 Needs `trl` and `datasets` (benchmark-only dependencies). Last line: one JSON object.
 """
 
@@ -128,7 +130,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-words", type=int, default=12)
     ap.add_argument("--steps", type=int, default=6, help="steps per run; the first is a warm-up")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each trainer")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each trainer")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--threads", type=int, default=1,
@@ -151,13 +153,19 @@ def main() -> None:
         model_dir, prompt_file, prompts = make_assets(root, args.preset, args.vocab, args.prompts_per_step * 2, args.prompt_words)
         steps = {"alignkit": [], "trl": []}
         lengths = {"alignkit": [], "trl": []}
+        round_ratios = []
         for r in range(args.rounds):
-            t, n = run_alignkit(model_dir, prompt_file, root / f"ak{r}", args)
-            steps["alignkit"] += t[1:]
-            lengths["alignkit"].append(n)
-            t, n = run_trl(model_dir, prompts, root / f"trl{r}", args)
-            steps["trl"] += t[1:]
-            lengths["trl"].append(n)
+            per_round = {}
+            for side in ("alignkit", "trl") if r % 2 == 0 else ("trl", "alignkit"):
+                if side == "alignkit":
+                    t, n = run_alignkit(model_dir, prompt_file, root / f"ak{r}", args)
+                else:
+                    t, n = run_trl(model_dir, prompts, root / f"trl{r}", args)
+                steps[side] += t[1:]
+                lengths[side].append(n)
+                per_round[side] = statistics.median(t[1:])
+                print(f"round {r} {side:8s} {per_round[side]:.3f} s/step (median of {len(t) - 1})", flush=True)
+            round_ratios.append(per_round["trl"] / per_round["alignkit"])
 
     med = {k: statistics.median(v) for k, v in steps.items()}
     print(f"preset={args.preset} device={'cuda' if torch.cuda.is_available() else 'cpu'} threads={torch.get_num_threads()} "
@@ -166,9 +174,11 @@ def main() -> None:
     print(f"{'trainer':<9} {'s/step (median)':>16} {'min':>7} {'max':>7} {'mean completion len':>20}")
     for k in ("alignkit", "trl"):
         print(f"{k:<9} {med[k]:>16.3f} {min(steps[k]):>7.3f} {max(steps[k]):>7.3f} {statistics.mean(lengths[k]):>20.1f}")
-    ratio = med["trl"] / med["alignkit"]
+    ratio = statistics.median(round_ratios)
+    print(f"per-round ratios TRL / alignkit s/step: {', '.join(f'{x:.2f}' for x in round_ratios)}; median {ratio:.2f}")
     print(json.dumps({
         "step_time_ratio_trl_over_alignkit": round(ratio, 2),
+        "per_round_ratios": [round(x, 3) for x in round_ratios],
         "alignkit_s_per_step": round(med["alignkit"], 3),
         "trl_s_per_step": round(med["trl"], 3),
         "alignkit_mean_completion_len": round(statistics.mean(lengths["alignkit"]), 1),

@@ -159,5 +159,7 @@ def test_ppo_iteration_same_metrics_chunked_and_full(tiny_dirs, monkeypatch):
     for a, b in zip(rows[7], rows[0]):
         for key in ("reward", "kl", "entropy", "policy_loss", "value_loss", "approx_kl", "ratio_mean",
                     "explained_variance", "grad_norm", "response_length"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+            # abs 1e-5: with 2 threads (CI) the float order differs and policy_loss (~0.065)
+            # moved by 1.2e-6 between the paths after two updates; 1 thread agrees to 1e-6
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
     assert rows[0][1]["kl"] != 0.0 and rows[0][0]["entropy"] > 0  # the second rollout saw updated weights

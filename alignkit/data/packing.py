@@ -16,6 +16,7 @@ import torch
 
 from alignkit.data.batching import IGNORE_INDEX, _optional_floats
 from alignkit.data.tokenize import TokenizedPair
+from alignkit.models.chunked import segment_sums
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,7 @@ def per_sequence_sums(token_values: torch.Tensor, keep: torch.Tensor, batch: Pac
     `token_values`); position t belongs to sequence seq_index[t + 1] (same as seq_index[t]).
     """
     seq = batch.seq_index[keep[0]]  # (N_scored,)
-    out = torch.zeros(batch.num_sequences, dtype=token_values.dtype, device=token_values.device)
-    return out.index_add(0, seq, token_values)
+    return segment_sums(token_values, seq, batch.num_sequences)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,10 @@ from alignkit.models.logprobs import position_ids_from_mask
 DEFAULT_CHUNK = 1024
 """Tokens per LM-head chunk; 0 turns chunking off (full logits)."""
 
+MAX_BLOCK = 2**25
+"""Most logits in one chunk (128 MiB in float32): at a large vocabulary a chunk holds fewer
+tokens than asked (256 at 128k), since the backward keeps a few (chunk, V) blocks alive at once."""
+
 log = logging.getLogger(__name__)
 
 
@@ -247,21 +251,29 @@ def chunked_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head, ch
     """(N,) float32 log softmax(head(hidden[i]))[targets[i]], `chunk` rows at a time.
 
     hidden: (N, H), targets: (N,). Only one (chunk, V) block lives at a time, forward and
-    backward (`_HeadLogprobs`); the head weight's gradient sums over chunks.
+    backward (`_HeadLogprobs`); the head weight's gradient sums over chunks. A chunk holds at
+    most MAX_BLOCK // V tokens.
     """
     if len(hidden) == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, head, chunk, False)[0]
+    return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, head, capped(chunk, head), False)[0]
 
 
-def chunked_entropy(hidden: torch.Tensor, head: Head, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """(N,) float32 entropy of softmax(head(hidden[i])), without gradient (a metric)."""
-    out = []
-    with torch.no_grad():
-        for h in hidden.split(chunk):
-            lp = head.logits(h).float().log_softmax(-1)  # (n, V)
-            out.append(-(lp.exp() * lp).sum(-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+def capped(chunk: int, head: Head) -> int:
+    """`chunk` tokens, at most MAX_BLOCK // V of them (V: the head's vocabulary)."""
+    return max(1, min(chunk, MAX_BLOCK // head.weight.shape[0]))
+
+
+def segment_sums(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) sums of `values` (N,) grouped by `index` (N,) in [0, n), in the values' dtype.
+
+    Accumulated in float64 (float32 on MPS, which has no float64): `index_add` adds one value at
+    a time into its slot, so a float32 sum of 1,500 log-probs near -12 drifts by ~1e-2, ten
+    times the rounding of the result itself; a DPO margin is a difference of four such sums.
+    """
+    wide = torch.float32 if values.device.type == "mps" else torch.float64
+    out = torch.zeros(n, dtype=wide, device=values.device).index_add(0, index, values.to(wide))
+    return out.to(values.dtype)
 
 
 def scored_logprobs(
@@ -322,6 +334,7 @@ def chunked_stats(
     if len(hidden) == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
+    chunk = capped(chunk, head)
     if not entropy_grad:
         return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, head, chunk, True)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
@@ -435,8 +448,7 @@ def sums_by_sequence(
         slot, n = keep.nonzero()[:, 0], keep.shape[0]  # (N,) row of each scored token
     else:
         slot, n = seq_index[keep.reshape(-1)], (int(seq_index[-1]) + 1 if len(seq_index) else 0)
-    sums = torch.zeros(n, dtype=token_values.dtype, device=token_values.device).index_add(0, slot, token_values)
-    return sums, torch.bincount(slot, minlength=n)
+    return segment_sums(token_values, slot, n), torch.bincount(slot, minlength=n)
 
 
 def sequence_sums(
