@@ -221,7 +221,7 @@ def second_round(d: Demo, sft_model: str, policy: str, data_path: str | Path) ->
     model on it; PPO continues from the round-1 policy (KL still to the SFT model) against it.
     Records gold and win rate per round in summary["rounds"]."""
     from alignkit.atomic import write_text_atomic
-    from alignkit.eval.winrate import win_rate_entry
+    from alignkit.eval.winrate import pairwise_outcomes, sign_test, win_rate_entry
     from alignkit.train import ppo
     from alignkit.train.iterate import label_policy_samples
 
@@ -245,7 +245,10 @@ def second_round(d: Demo, sft_model: str, policy: str, data_path: str | Path) ->
         f"{REWARD_ENSEMBLE} reward models retrained, PPO continued from round 1")
     d.evaluate("ppo_r2", res["model"])
     st = d.summary["stages"]
-    st["ppo_r2"]["win_rate_vs_round1"] = win_rate_entry(d.scores["ppo_r2"], d.scores["ppo"])
+    outcomes = pairwise_outcomes(d.scores["ppo_r2"], d.scores["ppo"])
+    wins, losses = outcomes.count(1.0), outcomes.count(0.0)
+    st["ppo_r2"]["win_rate_vs_round1"] = {**win_rate_entry(d.scores["ppo_r2"], d.scores["ppo"]), "wins": wins,
+                                          "losses": losses, "sign_test_p": sign_test(wins, losses)}
     d.summary["rounds"] = [
         {"round": k, "stage": name, "gold_score": st[name].get("gold_score"), "per_category": st[name].get("per_category"),
          "win_rate_vs_sft": st[name].get("win_rate_vs_sft")}
