@@ -453,7 +453,7 @@ def run(cfg: Config) -> dict:
                 "iteration_s": time.perf_counter() - t_it,
             }
             members = getattr(reward, "last_member_scores", None)  # before the fresh pairs reset it
-            if mon is not None and cfg.monitor.judge_pairs > 0:
+            if mon is not None and cfg.monitor.judge_pairs > 0 and (judge is not None or cfg.reward.ensemble):
                 pick = global_idx[: cfg.monitor.judge_pairs]  # the same on every rank
                 agreement = fresh_pair_agreement(
                     policy, tokenizer, [prompt_ids[i] for i in pick], [prompt_texts[i] for i in pick], reward,
