@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests (about a minute)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round2", action="store_true", help="also run iterate round 2 (stage ppo_r2: the round-1 "
+                   "policy's answers gold-labelled, reward models retrained, PPO again); adds about as much time as "
+                   "the other RLHF stages")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: the demo once per seed on one world, "
                                    "reported as mean, spread and every seed's figure")
 
@@ -288,9 +291,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                 seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
             except ValueError:
                 raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-            summary = demo_seeds(args.out, seeds, quick=args.quick)
+            summary = demo_seeds(args.out, seeds, quick=args.quick, round2=args.round2)
         else:
-            summary = demo(args.out, quick=args.quick, seed=args.seed)
+            summary = demo(args.out, quick=args.quick, seed=args.seed, round2=args.round2)
         print(f"wrote {summary['report']}")
         return 0
     raise UserError(f"unknown command {args.command}")

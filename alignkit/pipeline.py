@@ -1,7 +1,7 @@
 """The demo pipeline on the built-in world.
 
-    world -> tokenizer + pre-training (base) -> SFT -> reward model -> DPO -> PPO -> over-optimised PPO
-    -> GRPO -> Constitutional AI (SL-CAI, RL-CAI) -> report
+    world -> tokenizer + pre-training (base) -> SFT -> reward models (+ the SFT model's own
+    gold-labelled answers) -> DPO -> PPO -> over-optimised PPO -> iterate round 2 (ppo_r2) -> GRPO -> Constitutional AI (SL-CAI, RL-CAI) -> report
 
 Each stage reads its preset from configs/, runs in this process, and adds an entry to
 OUT/summary.json (`{"stages": {"base": {...}, "sft": {...}, ...}}`); report.md and report.html
@@ -43,8 +43,16 @@ QUICK = {
 PPO_RM = ["iterations=40", "kl_coef=0.05", "train.lr=5e-5", "rollout_batch=64"]
 # Reward models trained for PPO (seeds seed, seed+1, ...): PPO scores with their mean (docs/ppo.md)
 REWARD_ENSEMBLE = 3
+# The SFT model's own answers, gold-labelled with the world's label noise (the stand-in for people,
+# as InstructGPT's labellers compared their SFT model's samples), join the reward models' data:
+# ONPOLICY_PROMPTS draws of the training prompts (three passes over the world's 733), two samples
+# each; ties and identical pairs are dropped (docs/reward.md, "The SFT model's own answers")
+ONPOLICY_PROMPTS = 2199
 # The deliberate over-optimisation run: the same reward model, a tiny KL penalty and many more
 # steps, so the proxy keeps rising while the gold score turns down (Gao et al. 2022)
+# Iterate round 2 (stage ppo_r2): PPO from the round-1 policy against reward models retrained with
+# the round-1 policy's own gold-labelled answers; fewer iterations, the KL still to the SFT model
+PPO_ROUND2 = ["iterations=20", "kl_coef=0.05", "train.lr=5e-5", "rollout_batch=64"]
 PPO_OVEROPT = ["iterations=150", "kl_coef=0.002", "train.lr=1e-4", "rollout_batch=32"]
 
 
@@ -147,7 +155,7 @@ def machine() -> str:
             + (", CUDA" if torch.cuda.is_available() else ""))
 
 
-def demo_seeds(out: str | Path, seeds: Sequence[int], quick: bool = False) -> dict:
+def demo_seeds(out: str | Path, seeds: Sequence[int], quick: bool = False, round2: bool = False) -> dict:
     """The demo once per seed on one world (written with the first seed) into OUT/seed-S, and the
     means, spreads and per-seed figures in OUT/summary.json and OUT/report.{md,html}; the summary
     is rewritten after every seed, so a stopped run still reports the seeds it finished."""
@@ -163,16 +171,98 @@ def demo_seeds(out: str | Path, seeds: Sequence[int], quick: bool = False) -> di
     runs: dict[int, dict] = {}
     summary: dict = {}
     for s in seeds:
-        runs[s] = demo(out / f"seed-{s}", quick, s, world_dir=world_dir)
+        runs[s] = demo(out / f"seed-{s}", quick, s, world_dir=world_dir, round2=round2)
         summary = {**aggregate(runs), "world_seed": seeds[0], "quick": quick, "machine": machine(),
                    "wall_s": time.perf_counter() - start, "report": str(out / "report.md")}
         write_seed_reports(out, summary)
     return summary
 
 
-def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | Path | None = None) -> dict:
+def reward_data(d: Demo, sft_model: str, n_prompts: int | None = None) -> tuple[Path, dict]:
+    """The reward models' training pairs: the world's preferences.jsonl plus pairs of the SFT
+    model's own answers labelled by the gold judge with the world's label noise
+    (`iterate.label_policy_samples`), written to OUT/reward_data.jsonl. Returns the file and the
+    labelling counts (with the new pairs per category)."""
+    from collections import Counter
+
+    from alignkit.atomic import write_text_atomic
+    from alignkit.data.load import load_records
+    from alignkit.train.iterate import label_policy_samples, pair_json
+
+    n = (64 if d.quick else ONPOLICY_PROMPTS) if n_prompts is None else n_prompts
+    rows, counts = label_policy_samples(sft_model, str(d.world_dir), n, d.seed) if n else ([], {"pairs": 0})
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected", "category") if k in r} for r in rows]
+    base = [pair_json(p) for p in load_records(d.world_dir / "preferences.jsonl", kind="preference").records]
+    path = d.out / "reward_data.jsonl"
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in base + rows))
+    return path, {**counts, "by_category": dict(Counter(r.get("category") for r in rows))}
+
+
+def train_reward_ensemble(d: Demo, init_model: str, data_path: str | Path, name: str) -> dict:
+    """REWARD_ENSEMBLE reward models of configs/reward.yaml from `init_model` on `data_path`, with
+    seeds d.seed, d.seed + 1, ... in OUT/NAME, OUT/NAME_2, ...: the first model's summary with the
+    others' under "members"."""
+    from alignkit.train import reward
+
+    w = d.world_dir
+    cfg = d.config(reward, "reward", [
+        f"model.path={init_model}", f"data.path={data_path}", f"data.eval_path={w / 'preferences_eval.jsonl'}",
+        f"world={w}", f"out={d.out / name}"])
+    first = reward.run(cfg)
+    members = [reward.run(dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, seed=d.seed + k), out=str(d.out / f"{name}_{k + 1}")))
+        for k in range(1, REWARD_ENSEMBLE)]
+    return {**first, "members": members}
+
+
+def second_round(d: Demo, sft_model: str, policy: str, data_path: str | Path) -> None:
+    """The iterate step (stage `ppo_r2`): the round-1 PPO policy's own answers, gold-labelled with
+    the world's label noise, join the reward data; a new reward ensemble is trained from the SFT
+    model on it; PPO continues from the round-1 policy (KL still to the SFT model) against it.
+    Records gold and win rate per round in summary["rounds"]."""
+    from alignkit.atomic import write_text_atomic
+    from alignkit.eval.winrate import pairwise_outcomes, sign_test, win_rate_entry
+    from alignkit.train import ppo
+    from alignkit.train.iterate import label_policy_samples
+
+    def stage() -> dict:
+        rows, counts = label_policy_samples(policy, str(d.world_dir), 64 if d.quick else ONPOLICY_PROMPTS, d.seed + 1)
+        keep = ("prompt", "chosen", "rejected", "category")
+        path = d.out / "reward_data_r2.jsonl"
+        write_text_atomic(path, Path(data_path).read_text() + "".join(
+            json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in rows))
+        rms = train_reward_ensemble(d, sft_model, path, "reward_r2")
+        cfg = d.config(ppo, "ppo", [f"model.path={policy}", f"reference={sft_model}", f"world={d.world_dir}",
+                                    f"out={d.out / 'ppo_r2'}", "reward.source=model", f"reward.model={rms['model']}",
+                                    *PPO_ROUND2])
+        cfg = dataclasses.replace(cfg, reward=dataclasses.replace(
+            cfg.reward, ensemble=tuple(m["model"] for m in rms["members"])))
+        return {**ppo.run(cfg), "pairs": counts["pairs"], "reward_heldout_accuracy": rms.get("eval", {}).get("accuracy")}
+
+    res = d.run_stage("ppo_r2", stage)
+    d.summary["stages"]["ppo_r2"]["notes"] = (
+        f"iterate round 2: {res['pairs']} gold-labelled pairs of the round-1 policy's answers added, "
+        f"{REWARD_ENSEMBLE} reward models retrained, PPO continued from round 1")
+    d.evaluate("ppo_r2", res["model"])
+    st = d.summary["stages"]
+    outcomes = pairwise_outcomes(d.scores["ppo_r2"], d.scores["ppo"])
+    wins, losses = outcomes.count(1.0), outcomes.count(0.0)
+    st["ppo_r2"]["win_rate_vs_round1"] = {**win_rate_entry(d.scores["ppo_r2"], d.scores["ppo"]), "wins": wins,
+                                          "losses": losses, "sign_test_p": sign_test(wins, losses)}
+    d.summary["rounds"] = [
+        {"round": k, "stage": name, "gold_score": st[name].get("gold_score"), "per_category": st[name].get("per_category"),
+         "win_rate_vs_sft": st[name].get("win_rate_vs_sft")}
+        for k, name in ((0, "sft"), (1, "ppo"), (2, "ppo_r2"))]
+    d.summary["rounds"][2]["win_rate_vs_round1"] = st["ppo_r2"]["win_rate_vs_round1"]
+    d.save()
+
+
+def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | Path | None = None,
+         round2: bool = False) -> dict:
     """Run the pipeline; returns the summary (also written to OUT/summary.json). world_dir: an
-    existing world to use instead of writing one with `seed` (the multi-seed demo shares one)."""
+    existing world to use instead of writing one with `seed` (the multi-seed demo shares one).
+    round2: also run iterate round 2 (stage ppo_r2; opt-in: it costs about as much as the rest of
+    the RLHF stages and did not yet beat round 1 in the runs measured, docs/ppo.md)."""
     from alignkit.train import pretrain, sft
 
     out = Path(out)
@@ -190,24 +280,16 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | P
     d.evaluate("sft", res["model"])
     sft_model = res["model"]
 
-    from alignkit.train import reward
-
-    rm_cfg = d.config(reward, "reward", [
-        f"model.path={sft_model}", f"data.path={world / 'preferences.jsonl'}",
-        f"data.eval_path={world / 'preferences_eval.jsonl'}", f"world={world}", f"out={out / 'reward'}"])
-
     def train_reward_models() -> dict:
-        """The demo's reward model, then the ensemble's other members: the same recipe, other seeds."""
-        first = reward.run(rm_cfg)
-        members = [reward.run(dataclasses.replace(
-            rm_cfg, train=dataclasses.replace(rm_cfg.train, seed=d.seed + k), out=str(out / f"reward_{k + 1}")))
-            for k in range(1, REWARD_ENSEMBLE)]
-        return {**first, "members": members}
+        rm_data, onpolicy = reward_data(d, sft_model)
+        return {**train_reward_ensemble(d, sft_model, rm_data, "reward"), "onpolicy_pairs": onpolicy,
+                "data": str(rm_data)}
 
     res = d.run_stage("reward", train_reward_models)
     ev = res.get("eval", {})
     member_acc = [m.get("eval", {}).get("accuracy") for m in res["members"]]
     d.summary["stages"]["reward"].update({
+        "onpolicy_pairs": res["onpolicy_pairs"],
         "model": res["model"],
         "heldout_accuracy": ev.get("accuracy"),
         "gold_agreement": ev.get("gold_agreement"),
@@ -221,7 +303,7 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | P
                     if member_acc else ""),
     })
     d.save()
-    reward_model = res["model"]
+    reward_model, rm_data = res["model"], res["data"]
     ensemble = tuple(m["model"] for m in res["members"])
 
     from alignkit.eval.compare import annotate_stage, rlhf_notes
@@ -248,6 +330,10 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | P
         d.summary["stages"][name]["notes"] = notes
         d.evaluate(name, res["model"])
         annotate_stage(d.summary, name, cfg, res)
+        if name == "ppo":
+            ppo_model = res["model"]
+    if round2:
+        second_round(d, sft_model, ppo_model, rm_data)
 
     res = d.run_stage("grpo", lambda: grpo.run(d.config(grpo, "grpo", [
         f"model.path={sft_model}", f"world={world}", f"out={out / 'grpo'}"])))

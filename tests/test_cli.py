@@ -71,7 +71,7 @@ def test_print_config(capsys):
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
     """world -> tokenizer + pre-training -> SFT -> gold eval, in the test's time budget."""
-    code, _, _ = run_cli(capsys, "demo", "--out", str(tmp_path / "demo"), "--quick")
+    code, _, _ = run_cli(capsys, "demo", "--out", str(tmp_path / "demo"), "--quick", "--round2")
     assert code == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     for stage in ("base", "sft"):
@@ -91,6 +91,16 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert len(members) == 2 and all(Path(m, "model.safetensors").is_file() for m in members)
     assert summary["stages"]["ppo"]["models"][-3:] == ["reward model", "reward model 2", "reward model 3"]
     assert summary["stages"]["overopt"]["models"][-1] == "reward model"
+    # the reward models also train on the SFT model's own gold-labelled pairs: 10,000 world pairs + those
+    onpolicy = summary["stages"]["reward"]["onpolicy_pairs"]
+    assert onpolicy["sampled"] == 64 and onpolicy["pairs"] == sum(onpolicy["by_category"].values())
+    lines = (tmp_path / "demo" / "reward_data.jsonl").read_text().splitlines()
+    assert len(lines) == 2000 + onpolicy["pairs"]  # --quick writes 2,000 world pairs
+    # iterate round 2: gold per round, and round 2 against round 1
+    rounds = summary["rounds"]
+    assert [r["stage"] for r in rounds] == ["sft", "ppo", "ppo_r2"]
+    assert rounds[2]["gold_score"] == summary["stages"]["ppo_r2"]["gold_score"]
+    assert 0.0 <= rounds[2]["win_rate_vs_round1"]["rate"] <= 1.0
 
 
 def test_stage_subcommand_takes_flags_and_overrides_after_it(capsys):

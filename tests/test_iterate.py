@@ -306,3 +306,20 @@ def test_a_run_killed_inside_ppo_resumes_from_the_stage_checkpoint(tiny, monkeyp
     timing = {"wall_s", "policy", "reward_model"}
     strip = [{k: v for k, v in r.items() if k not in timing} for r in done["rounds"]]
     assert strip == [{k: v for k, v in r.items() if k not in timing} for r in ref["rounds"]]
+
+
+def test_label_policy_samples_are_gold_ordered_except_the_flipped(tiny):
+    """The policy's own pairs on training prompts: with no label noise every chosen answer scores
+    strictly above its rejected one under the gold judge; with noise 1 every label is flipped."""
+    from alignkit.train.iterate import label_policy_samples, world_noise
+    from alignkit.world import load_world
+
+    world = load_world(tiny / "world")
+    rows, counts = label_policy_samples(str(tiny / "sft"), str(tiny / "world"), 24, seed=0, max_new_tokens=8,
+                                        label_noise=0.0)
+    assert counts["sampled"] == 24 and counts["pairs"] == len(rows) > 0
+    assert all(world.score(r["prompt"], r["chosen"]) > world.score(r["prompt"], r["rejected"]) for r in rows)
+    flipped, _ = label_policy_samples(str(tiny / "sft"), str(tiny / "world"), 24, seed=0, max_new_tokens=8,
+                                      label_noise=1.0)
+    assert [(r["chosen"], r["rejected"]) for r in flipped] == [(r["rejected"], r["chosen"]) for r in rows]
+    assert world_noise(tiny / "world") == 0.1

@@ -619,3 +619,13 @@ def test_run_winrate_config_errors(setup):
         run_winrate(Config(a=setup.a, b=setup.b, prompts=str(setup.world / "eval_prompts.jsonl")))
     with pytest.raises(ConfigError, match="'a' and 'b'"):
         run_winrate(Config(world=str(setup.world)))
+
+
+def test_sign_test_by_hand():
+    """8 wins, 2 losses: P(X <= 2 | n=10, 1/2) = (1 + 10 + 45) / 1024; two-sided 112 / 1024."""
+    from alignkit.eval.winrate import sign_test
+
+    assert sign_test(8, 2) == pytest.approx(112 / 1024)
+    assert sign_test(2, 8) == sign_test(8, 2)
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)

@@ -12,6 +12,7 @@ from alignkit.eval.monitor import (
     disagreement,
     growth_rate,
     length_fit,
+    member_agreement,
     pair_agreement,
     refusal_rate,
     repetition_rate,
@@ -110,3 +111,61 @@ def test_each_rule_fires_alone_after_warmup_and_patience(key, bad, rule):
 def test_nothing_fires_during_warmup():
     rows = [{"kl": 10.0 * i, "monitor/length_corr": 0.99} for i in range(3)]
     assert _run(rows)[0].first_alarm is None
+
+
+def test_member_agreement_by_hand():
+    """Three members on three pairs. Members 0 and 1 order every pair alike (1.0); member 2
+    reverses pair 0 and ties pair 2: 0 vs 2 and 1 vs 2 agree on 1 of the 2 pairs both order
+    (0.5 each). Mean over the three member pairs: (1 + 0.5 + 0.5) / 3."""
+    a = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 1.0], [0.0, 0.0, 1.0]])  # (K=3, N=3) first answers
+    b = torch.tensor([[0.0, 1.0, 1.0], [1.0, 2.0, 0.0], [1.0, 1.0, 1.0]])  # second answers
+    agree, n = member_agreement(a, b)
+    assert agree == pytest.approx(2 / 3) and n == 3
+    with pytest.raises(ValueError, match="2 members"):
+        member_agreement(a[:1], b[:1])
+    assert math.isnan(member_agreement(torch.ones(2, 2), torch.ones(2, 2))[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    from alignkit.models.bpe import train_bpe_tokenizer
+    from alignkit.models.load import tiny_llama
+
+    tok = train_bpe_tokenizer(["Human: What is 2 plus 3?\nAssistant: five . four six seven"] * 20, vocab_size=300)
+    return tiny_llama("nano", tokenizer=tok, seed=0).eval(), tok
+
+
+class _TextReward:
+    """A reward source over texts: `fn(response)` per row (the ids are ignored); members optional."""
+
+    def __init__(self, fn, members=None):
+        self.fn, self.members = fn, members
+
+    def __call__(self, prompts, responses, input_ids, attention_mask):
+        s = torch.tensor([float(self.fn(r)) for r in responses])
+        if self.members is not None:
+            self.last_member_scores = torch.stack([f(s) for f in self.members])
+        return s, s
+
+
+def test_fresh_pair_agreement_against_a_judge_and_among_members(tiny_policy):
+    """Two fresh samples per prompt from a tiny random policy; the proxy scores a response by its
+    length. A judge that also scores length agrees on every strictly ordered pair (1.0), one that
+    scores minus the length on none (0.0); members (length, length) agree fully, members (length,
+    -length) never; a single model without a judge gives None."""
+    from alignkit.train.rollout import RolloutConfig, fresh_pair_agreement
+
+    model, tok = tiny_policy
+    ids = [tok("Human: What is 2 plus 3?\nAssistant:")["input_ids"], tok("Human: Hi there\nAssistant:")["input_ids"]]
+    cfg = RolloutConfig(max_new_tokens=8, temperature=1.0)
+    seeds = list(range(2 * len(ids)))
+    args = (model, tok, ids, ["p0", "p1"])
+    up, down = _TextReward(len), _TextReward(lambda r: -len(r))
+    agree, n = fresh_pair_agreement(*args, up, up, cfg, seeds)
+    assert n > 0 and agree == 1.0
+    assert fresh_pair_agreement(*args, up, down, cfg, seeds) == (0.0, n)
+    same = _TextReward(len, members=[lambda s: s, lambda s: 2 * s])
+    assert fresh_pair_agreement(*args, same, None, cfg, seeds) == (1.0, n)
+    opposite = _TextReward(len, members=[lambda s: s, lambda s: -s])
+    assert fresh_pair_agreement(*args, opposite, None, cfg, seeds) == (0.0, n)
+    assert fresh_pair_agreement(*args, up, None, cfg, seeds) is None

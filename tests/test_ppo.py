@@ -500,3 +500,27 @@ def test_monitor_alarm_stops_ppo_and_keeps_the_checkpoint_before_it(tiny_dirs, m
     policy = {k[len("policy."):]: v for k, v in saved.items() if k.startswith("policy.")}
     assert policy and all(torch.equal(final[k], v) for k, v in policy.items() if k in final)
     assert not ckpt.step_dirs(out / "checkpoints")[-1][1].name.endswith("2")
+
+
+def test_ppo_feeds_judge_agreement_from_fresh_pairs(tiny_dirs):
+    """PPO against a reward model, with the same reward model as the monitor's judge and no
+    missing-EOS penalty: the proxy and the judge are one function, so they agree on every fresh
+    pair they both order (1.0); judge_pairs=0 leaves the statistic out."""
+    from alignkit.models.heads import RewardModel, RewardStats, write_reward_dir
+    from alignkit.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dirs / "sft"))
+    rm_dir = tiny_dirs / "rm-judge"
+    write_reward_dir(RewardModel.from_model(tiny_llama("nano", tokenizer=tok, seed=3), seed=3), tok, rm_dir,
+                     RewardStats(mean=0.5, std=2.0, n=1))
+    base = [f"model.path={tiny_dirs / 'sft'}", f"data.path={tiny_dirs / 'prompts.jsonl'}", "reward.source=model",
+            f"reward.model={rm_dir}", "reward.missing_eos_penalty=0", "iterations=1", "rollout_batch=4",
+            "train.batch_size=4", "ppo_epochs=1", "rollout.max_new_tokens=6", f"monitor.judge={rm_dir}",
+            "monitor.judge_pairs=4"]
+    out = tiny_dirs / "out-judge"
+    ppo.run(load_config(ppo.Config, None, [*base, f"out={out}"]))
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["monitor/judge_pairs"] > 0 and row["monitor/judge_agreement"] == 1.0
+    out = tiny_dirs / "out-judge-off"
+    ppo.run(load_config(ppo.Config, None, [*base, f"out={out}", "monitor.judge_pairs=0"]))
+    assert "monitor/judge_agreement" not in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

@@ -63,6 +63,11 @@ class MonitorConfig:
     """Alarm when the repeated-trigram rate rises more than this above its baseline."""
     judge_agreement_min: float = 0.55
     """Alarm when the reward agrees with the judge on fewer than this share of fresh pairs."""
+    judge: str | None = None
+    """Second judge of `monitor/judge_agreement`: 'gold' (the world's judge) or a reward model
+    directory; None: the reward ensemble's members judge each other (no statistic with one model)."""
+    judge_pairs: int = 16
+    """Prompts of each rollout batch given two fresh samples for `monitor/judge_agreement` (0: off)."""
     stop: bool = False
     """Stop the run at the first alarm and keep the last checkpoint saved before it."""
     refusal_patterns: tuple[str, ...] = field(default=REFUSAL)
@@ -134,6 +139,27 @@ def pair_agreement(
         n += 1
         agree += (pa > pb) == (ja > jb)
     return (agree / n if n else float("nan")), n
+
+
+def member_agreement(scores_a: torch.Tensor, scores_b: torch.Tensor) -> tuple[float, int]:
+    """(agreement, pairs) among a reward ensemble's members on pairs (a_i, b_i): the mean, over
+    every two members, of `pair_agreement` with one member as the proxy and the other as the
+    judge, and the number of pairs the first two members both order strictly. scores_a, scores_b:
+    (K, N) member scores of the first and second answer of each pair, K >= 2; (nan, 0) when no
+    two members order a common pair."""
+    k = scores_a.shape[0]
+    if k < 2:
+        raise ValueError(f"member_agreement needs >= 2 members, got {k}")
+    a, b = scores_a.tolist(), scores_b.tolist()
+    values, counted = [], 0
+    for i in range(k):
+        for j in range(i + 1, k):
+            agree, n = pair_agreement(a[i], b[i], a[j], b[j])
+            if n:
+                values.append(agree)
+            if (i, j) == (0, 1):
+                counted = n
+    return (sum(values) / len(values) if values else float("nan")), counted
 
 
 def rollout_stats(

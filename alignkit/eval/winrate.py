@@ -174,6 +174,17 @@ def win_rate_entry(mine: Sequence[float], theirs: Sequence[float]) -> dict:
     return {"rate": rate, "lo": lo, "hi": hi, "n": len(mine)}
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (ties left out): the probability under a fair coin of a split of
+    the wins + losses decided prompts at least as uneven as this one; 1.0 with none decided."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def tally(outcomes: Sequence[float], confidence: float = 0.95, interval: str = "wilson", **kw: Any) -> dict:
     """Wins (> 0.5), ties (= 0.5), losses (< 0.5), the win rate and its interval."""
     rate, lo, hi = win_rate(outcomes, confidence, interval, **kw)

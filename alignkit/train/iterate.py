@@ -293,6 +293,38 @@ def label_pairs(
     return rows, counts
 
 
+def label_policy_samples(
+    policy_dir: str, world_dir: str, n_prompts: int, seed: int, max_new_tokens: int = 24,
+    temperature: float = 1.0, label_noise: float | None = None, prompts: str | None = None,
+) -> tuple[list[dict], dict[str, int]]:
+    """Preference pairs on a policy's OWN answers, labelled by the world's gold judge with its label
+    noise (the world's stand-in for people comparing a model's samples, as InstructGPT's labellers
+    compared the SFT model's): `n_prompts` draws of the training prompts (`draw_prompts`, every
+    prompt several times above their number), two samples each, `label_pairs`. Returns the pair
+    rows and the counts of `label_pairs`."""
+    from alignkit.data.load import load_records
+    from alignkit.data.tokenize import TruncationLimits, tokenize_prompts
+    from alignkit.eval import winrate
+    from alignkit.models.load import load_model, load_tokenizer
+    from alignkit.world import load_world
+
+    records = load_records(prompts or str(Path(world_dir) / "train_prompts.jsonl"), kind="prompt").records
+    idx = draw_prompts(len(records), n_prompts, random.Random(seed))
+    tok = load_tokenizer(policy_dir)
+    items, _ = tokenize_prompts(tok, [records[i] for i in idx], TruncationLimits(max_prompt_len=128, max_len=None))
+    samples = sample_pairs(load_model(policy_dir), tok, [it.prompt_ids for it in items], max_new_tokens,
+                           temperature, seed)
+    world = load_world(world_dir)
+    noise = world_noise(world_dir) if label_noise is None else label_noise
+    judge = winrate.judge_factory(winrate.Config(judge="gold", world=str(world_dir)), world)()
+    return label_pairs(judge, [records[i] for i in idx], samples, noise, random.Random(f"alignkit-policy-noise:{seed}"))
+
+
+def world_noise(world_dir: str | Path) -> float:
+    """The label noise the world's preference pairs were written with (world.json)."""
+    return float(_read_json(Path(world_dir) / "world.json").get("label_noise", 0.0))
+
+
 # ---------------------------------------------------------------------------------- helpers
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -127,6 +127,10 @@ class Config:
     """Ray placement (launcher=ray only): trainer ranks and their resources, the cluster, a reward actor."""
 
 
+JUDGE_SEED = 7919
+"""Offset of the sampling seeds of the monitor's fresh pairs from train.seed (other draws than the rollout's)."""
+
+
 class ValueHead(nn.Module):
     """A scalar per position on a hidden state (B, T, H) -> (B, T); starts at exactly 0.
 
@@ -367,11 +371,13 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
     from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
     from alignkit.train.loop import build_optimizer, build_scheduler
     from alignkit.train.rollout import (
+        build_monitor_judge,
         build_reference,
         build_reward_source,
         check_resume,
         collect_rollout,
         final_gold_eval,
+        fresh_pair_agreement,
         gold_fn,
         load_iteration,
         load_prompts,
@@ -414,6 +420,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         ac.eval()
         reward = reward if reward is not None else build_reward_source(cfg.reward, world, device)
         gold = gold_fn(world) if world is not None else None
+        judge = build_monitor_judge(cfg.monitor.judge, world, device) if cfg.monitor.enabled else None
 
         n_mb = -(-cfg.rollout_batch // max(1, min(cfg.train.batch_size, cfg.rollout_batch)))
         total_steps = cfg.iterations * cfg.ppo_epochs * n_mb
@@ -453,7 +460,8 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         log, bar = open_reports("ppo", cfg, out, len(prompt_ids), f"{cfg.rollout_batch} responses x {cfg.ppo_epochs} epochs per iteration", done, dist, device)
         for it in range(done + 1, cfg.iterations + 1):
             t_it = time.perf_counter()
-            idx, first = shard(next(batches), dist)  # this rank's prompts
+            global_idx = next(batches)
+            idx, first = shard(global_idx, dist)  # this rank's prompts
             ro = collect_rollout(
                 policy, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
                 cfg.rollout, logprob_fn=logprob_fn, ref_logprob_fn=ref_fn,
@@ -493,9 +501,17 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
                 "rollout_s": t_roll,
                 "iteration_s": time.perf_counter() - t_it,
             }
+            members = getattr(reward, "last_member_scores", None)  # before the fresh pairs reset it
+            if mon is not None and cfg.monitor.judge_pairs > 0 and (judge is not None or cfg.reward.ensemble):
+                pick = global_idx[: cfg.monitor.judge_pairs]  # the same on every rank
+                agreement = fresh_pair_agreement(
+                    policy, tokenizer, [prompt_ids[i] for i in pick], [prompt_texts[i] for i in pick], reward,
+                    judge, cfg.rollout, row_seeds(cfg.train.seed + JUDGE_SEED, it, 0, 2 * len(pick)),
+                    cfg.reward.missing_eos_penalty)
+                if agreement is not None:
+                    row["monitor/judge_agreement"], row["monitor/judge_pairs"] = agreement[0], float(agreement[1])
             fired = [] if mon is None else observe_rollout(
-                mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses,
-                getattr(reward, "last_member_scores", None))
+                mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses, members)
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
             if dist.main and world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:

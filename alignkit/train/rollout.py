@@ -568,6 +568,45 @@ def collect_rollout(
     )
 
 
+def build_monitor_judge(judge: str | None, world: Any, device: Any) -> RewardSource | None:
+    """The second judge of the reward-hacking monitor's `judge_agreement` (`monitor.judge`):
+    'gold' (the world's judge), a reward model directory, or None."""
+    if judge is None:
+        return None
+    if judge == "gold":
+        if world is None:
+            raise ConfigError("config key 'monitor.judge' is 'gold' but no world is set (world=DIR)")
+        return FunctionSource(gold_fn(world), name="gold")
+    from alignkit.models.heads import load_reward_model
+
+    if not Path(judge).is_dir():
+        raise ConfigError(f"config key 'monitor.judge': {judge!r} is neither 'gold' nor a reward model directory")
+    model = load_reward_model(judge).to(device).requires_grad_(False)
+    return RewardModelSource(model, normalize=model.stats is not None, names=[f"monitor.judge ({judge})"])
+
+
+def fresh_pair_agreement(
+    policy: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], prompt_texts: Sequence[str],
+    reward: RewardSource, judge: RewardSource | None, cfg: RolloutConfig, row_seeds: Sequence[int],
+    missing_eos_penalty: float = 0.0,
+) -> tuple[float, int] | None:
+    """(agreement, pairs) of the reward with a second judge on two fresh samples per prompt:
+    `pair_agreement` of the reward the policy optimises (missing-EOS penalty included) against
+    `judge`; without a judge, `member_agreement` of the reward ensemble's members. None when
+    neither exists (one reward model, no judge). row_seeds: 2 per prompt."""
+    from alignkit.eval.monitor import member_agreement, pair_agreement
+
+    ro = collect_rollout(policy, tokenizer, prompt_ids, prompt_texts, reward, cfg, logprob_fn=None,
+                         group_size=2, missing_eos_penalty=missing_eos_penalty, row_seeds=row_seeds)
+    if judge is not None:
+        j, _ = judge(ro.prompts, ro.responses, ro.input_ids, ro.attention_mask)
+        return pair_agreement(ro.scores[0::2].tolist(), ro.scores[1::2].tolist(), j[0::2].tolist(), j[1::2].tolist())
+    members = getattr(reward, "last_member_scores", None)  # (K, 2n): the call above just set it
+    if members is None or members.shape[0] < 2:
+        return None
+    return member_agreement(members[:, 0::2], members[:, 1::2])
+
+
 # ---------------------------------------------------------------------------------- prompts
 def prompt_batches(n: int, batch: int, seed: int) -> Iterator[list[int]]:
     """Endless batches of `batch` prompt indices: a fresh seeded shuffle of range(n) per epoch,

@@ -1,0 +1,142 @@
+"""Reward models on a policy's OWN samples, per category, against the world's gold judge.
+
+Held-out pair accuracy (preferences_eval.jsonl) measures a reward model on the world's template
+answers; PPO meets the policy's samples instead. This script samples two answers per held-out
+prompt from a policy (`--passes` times, temperature 1), keeps the pairs the gold judge orders
+strictly, and reports for every reward model given (and for the mean of their normalised scores,
+the ensemble PPO uses) how often it orders them as the gold judge does, per category. With
+`--lm`, the policy's own summed log-probability is scored too: whether the backbone "knows" the
+better answer (a diagnostic, not a reward model).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_rm_onpolicy.py --policy DEMO/sft/final \
+        --world DEMO/world --rm DEMO/reward/final --rm DEMO/reward_2/final --passes 3
+
+Prints one JSON object as its last line: {"pairs": N, "by_category_pairs": {...},
+"scorers": {name: {"agreement": a, "by_category": {...}}}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def sample_gold_pairs(policy, tok, world, prompt_path: str, passes: int, seed: int, max_new_tokens: int):
+    """(prompt, a, b, category) for every sampled pair the gold judge orders strictly (a the better)."""
+    from alignkit.data.load import load_records
+    from alignkit.train.iterate import sample_pairs
+    from alignkit.train.rollout import load_prompts
+
+    ids, texts = load_prompts(prompt_path, tok, 128)
+    cats = [r.category for r in load_records(prompt_path, kind="prompt").records]
+    out = []
+    for k in range(passes):
+        for p, c, (a, b) in zip(texts, cats, sample_pairs(policy, tok, ids, max_new_tokens, 1.0, seed + k)):
+            ga, gb = world.score(p, a), world.score(p, b)
+            if ga != gb and a.strip() and b.strip():
+                out.append((p, a, b, c) if ga > gb else (p, b, a, c))
+    return out
+
+
+def rm_margins(model_dir: str, pairs, normalize: bool = True) -> torch.Tensor:
+    """(N,) r(better) - r(worse) of a reward model, on its normalised scale."""
+    from alignkit.data.records import PreferencePair
+    from alignkit.data.tokenize import TruncationLimits, tokenize_preference
+    from alignkit.models.heads import load_reward_model
+    from alignkit.models.load import load_tokenizer
+    from alignkit.train.reward import score_pairs
+
+    model, tok = load_reward_model(model_dir), load_tokenizer(model_dir)
+    limits = TruncationLimits(max_prompt_len=128, max_len=256)
+    recs = [PreferencePair(prompt=p, chosen=a, rejected=b) for p, a, b, _ in pairs]
+    items, _ = tokenize_preference(tok, recs, limits)
+    if len(items) != len(recs):
+        raise ValueError(f"{model_dir}: {len(recs) - len(items)} pairs dropped by tokenisation")
+    r_a, r_b = score_pairs(model, items, tok.pad_token_id)
+    if normalize:
+        r_a, r_b = model.normalize(r_a), model.normalize(r_b)
+    return (r_a - r_b).float()
+
+
+@torch.no_grad()
+def lm_margins(policy, tok, pairs, batch: int = 64) -> torch.Tensor:
+    """(N,) log pi(a|x) - log pi(b|x) under the policy (summed over the response tokens)."""
+    from alignkit.data.tokenize import encode_pair
+    from alignkit.models.logprobs import sequence_logprobs
+
+    def logp(texts: list[tuple[str, str]]) -> torch.Tensor:
+        out = []
+        for s in range(0, len(texts), batch):
+            enc = [encode_pair(tok, p, r) for p, r in texts[s : s + batch]]
+            width = max(len(e.input_ids) for e in enc)
+            ids = torch.full((len(enc), width), tok.pad_token_id)
+            labels = torch.full((len(enc), width), -100)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for i, e in enumerate(enc):
+                n = len(e.input_ids)
+                ids[i, :n], mask[i, :n] = torch.tensor(e.input_ids), 1
+                labels[i, len(e.prompt_ids) : n] = torch.tensor(e.response_ids)
+            out.append(sequence_logprobs(policy, ids, mask, labels))
+        return torch.cat(out)
+
+    return logp([(p, a) for p, a, _, _ in pairs]) - logp([(p, b) for p, _, b, _ in pairs])
+
+
+def agreement(margins: torch.Tensor, cats: list[str]) -> dict:
+    """Share of pairs with margin > 0 (the better answer scored higher), overall and per category."""
+    right = (margins > 0).double()
+    by = defaultdict(list)
+    for r, c in zip(right.tolist(), cats):
+        by[c].append(r)
+    return {"agreement": float(right.mean()),
+            "by_category": {c: sum(v) / len(v) for c, v in sorted(by.items())}}
+
+
+def main(argv=None) -> dict:
+    from alignkit.models.load import load_model, load_tokenizer
+    from alignkit.world import load_world
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--policy", required=True, help="the policy whose samples are paired (e.g. DEMO/sft/final)")
+    ap.add_argument("--world", required=True)
+    ap.add_argument("--rm", action="append", default=[], help="a reward model directory (repeat)")
+    ap.add_argument("--prompts", default=None, help="prompt file (default WORLD/eval_prompts.jsonl)")
+    ap.add_argument("--passes", type=int, default=3, help="pairs sampled per prompt")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--lm", action="store_true", help="also score pairs by the policy's own log-probability")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    world = load_world(args.world)
+    policy, tok = load_model(args.policy).eval(), load_tokenizer(args.policy)
+    prompts = args.prompts or str(Path(args.world) / "eval_prompts.jsonl")
+    pairs = sample_gold_pairs(policy, tok, world, prompts, args.passes, args.seed, args.max_new_tokens)
+    cats = [c for *_, c in pairs]
+    scorers: dict[str, dict] = {}
+    margins = []
+    for i, d in enumerate(args.rm):
+        m = rm_margins(d, pairs)
+        margins.append(m)
+        scorers[f"rm{i}"] = {"dir": d, **agreement(m, cats)}
+    if len(margins) > 1:
+        scorers["ensemble_mean"] = agreement(torch.stack(margins).mean(0), cats)
+    if args.lm:
+        scorers["policy_logprob"] = agreement(lm_margins(policy, tok, pairs), cats)
+    counts = defaultdict(int)
+    for c in cats:
+        counts[c] += 1
+    result = {"policy": args.policy, "pairs": len(pairs), "by_category_pairs": dict(sorted(counts.items())),
+              "scorers": scorers, "wall_s": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
