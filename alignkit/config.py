@@ -330,7 +330,7 @@ RANGES: dict[str, tuple] = {
                      "kl_target", "limit", "log_every", "logprob_chunk", "lora_r", "max_grad_norm", "mismatched_pairs",
                      "missing_eos_penalty", "n_principles", "save_every", "stats_pairs", "stop_approx_kl",
                      "vf_coef", "warmup_steps", "weight_decay", "warmup", "kl_growth_max", "num_gpus",
-                     "reward_num_cpus", "reward_num_gpus"), _NONNEG),
+                     "reward_num_cpus", "reward_num_gpus", "judge_pairs"), _NONNEG),
     **dict.fromkeys(("label_noise", "max_no_signal", "lam", "gamma", "entropy_ratio_min", "refusal_rise_max",
                      "repetition_rise_max", "judge_agreement_min"), _UNIT),
     "lora_dropout": (0, 1, True, False),

@@ -42,7 +42,7 @@ def test_aggregate_counts_intervals_above_half_and_keeps_common_stages():
 def test_demo_seeds_shares_one_world_and_writes_after_each_seed(tmp_path, monkeypatch):
     calls = []
 
-    def fake_demo(out, quick, seed, world_dir=None):
+    def fake_demo(out, quick, seed, world_dir=None, round2=False):
         calls.append((out, seed, world_dir))
         assert (world_dir / "preferences.jsonl").is_file()
         # the summary of the earlier seeds is already on disk when a later seed runs

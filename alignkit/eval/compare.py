@@ -138,6 +138,7 @@ NOT_HYPERPARAMETERS = frozenset({
     "reference", "reference_batch_size", "train.grad_accum", "train.precision", "train.logprob_chunk", "train.packing",
     "train.strategy", "train.zero_stage", "train.offload", "data.max_no_signal",
     "rollout.generation_batch_size", "rollout.forward_batch_size", "rollout.engine",
+    "launcher",  # where the ranks run (and every ray.* key: see `hyperparameters`)
     # a correctness switch nobody tunes (on: the step-0 loss is exactly the no-change value)
     "disable_dropout",
     # bookkeeping and evaluation
@@ -190,7 +191,7 @@ def hyperparameters(cfg: Any) -> dict[str, Any]:
     (LoRA details without LoRA, epochs when max_steps is set, kl_horizon without kl_target, ...)."""
     # the reward-hacking monitor watches a run; it changes no update (monitor.stop only ends it early)
     return {n: v for n, v in _leaves(cfg)
-            if n not in NOT_HYPERPARAMETERS and not n.startswith("monitor.") and not _inactive(n, cfg)}
+            if n not in NOT_HYPERPARAMETERS and not n.startswith(("monitor.", "ray.")) and not _inactive(n, cfg)}
 
 
 def count_hyperparameters(cfg: Any) -> dict:
