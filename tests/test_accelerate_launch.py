@@ -14,23 +14,10 @@ import subprocess
 import pytest
 
 from tests.test_distributed import COMMON, ROOT, STAGES, _env, assert_close, ok, run
+from tests.test_distributed import setup as world  # noqa: F401  (the tiny world and base model)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from alignkit.models.bpe import train_bpe_tokenizer
-    from alignkit.models.load import save_model, tiny_llama
-    from alignkit.world import write_world
-
-    d = tmp_path_factory.mktemp("acc")
-    write_world(d / "world", n_pairs=64, n_sft=64, n_pretrain=16, n_eval=8, n_pairs_eval=4)
-    rows = [json.loads(x) for f in ("sft.jsonl", "preferences.jsonl") for x in (d / "world" / f).read_text().splitlines()]
-    tok = train_bpe_tokenizer([r["prompt"] + r.get("response", r.get("chosen", "")) for r in rows], vocab_size=300)
-    save_model(tiny_llama("nano", tokenizer=tok, seed=0), tok, d / "base")
-    return d
 
 
 def accelerate(args: list[str]) -> subprocess.CompletedProcess:
@@ -41,7 +28,7 @@ def accelerate(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_accelerate_launch_two_ranks_equal_one_process(world, stage):
+def test_accelerate_launch_two_ranks_equal_one_process(world, stage):  # noqa: F811
     one, two = world / f"one-{stage}", world / f"acc-{stage}"
     args = [*STAGES[stage](world), *COMMON, "train.max_steps=3"]
     ok(run([*args, "train.grad_accum=2", "--out", str(one)]))
