@@ -4,8 +4,9 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_rl_dist_worker.py --root DIR --tag two
 
 DIR holds the tiny policy (DIR/sft), the prompts and the reward function module, written by the
-test. Every stage runs 2 iterations into DIR/<tag>-<stage>; with `--resume-ppo` PPO runs 1
-iteration, then resumes to 2 (rank 0 writes, every rank reads the checkpoint).
+test. Every stage runs 2 iterations into DIR/<tag>-<stage>; a stage named in `--resume` runs 1
+iteration, then resumes to 2 (every rank reads the checkpoint). `--set KEY=VALUE ...` adds
+overrides to every stage (train.strategy=fsdp2).
 """
 
 from __future__ import annotations
@@ -56,14 +57,15 @@ def main() -> None:
     ap.add_argument("--root", required=True)
     ap.add_argument("--tag", required=True)
     ap.add_argument("--stages", default="ppo,grpo,rloo")
-    ap.add_argument("--resume-ppo", action="store_true")
+    ap.add_argument("--resume", default="", help="comma-separated stages that run 1 iteration, then resume to 2")
+    ap.add_argument("--set", nargs="*", default=[], help="more overrides for every stage, e.g. train.strategy=fsdp2")
     args = ap.parse_args()
     root = Path(args.root)
     sys.path.insert(0, str(root))
     for name in args.stages.split(","):
         module, _ = STAGES[name]
-        args_ = overrides(root, name, args.tag)
-        if name == "ppo" and args.resume_ppo:
+        args_ = [*overrides(root, name, args.tag), *args.set]
+        if name in args.resume.split(","):
             module.run(load_config(module.Config, None, [*args_, "iterations=1"]))
             args_ = [*args_, "train.resume=true"]
         module.run(load_config(module.Config, None, args_))

@@ -134,10 +134,13 @@ def test_pairs_without_signal_stop_before_training():
     assert check_signal(same, "data.jsonl", 1.0) is not None  # 1: never stop, still warn
 
 
-@pytest.mark.parametrize("stage,strategy", [("ppo", "fsdp2"), ("grpo", "deepspeed"), ("rloo", "fsdp2")])
-def test_rl_stages_refuse_a_sharding_strategy_they_would_ignore(tmp_path, capsys, stage, strategy):
-    """PPO/GRPO/RLOO keep a full policy on every rank: a sharded strategy is a config error that
-    names the key, before any model is loaded (the paths need not exist)."""
-    assert main([stage, "model.path=nowhere", "data.path=nowhere.jsonl", f"train.strategy={strategy}",
-                 "--out", str(tmp_path / "o")]) == 2
-    assert f"'train.strategy' is '{strategy}', but {stage} runs data-parallel" in capsys.readouterr().err
+@pytest.mark.parametrize("stage,extra,expected", [
+    ("ppo", ["train.strategy=deepspeed"], "'train.strategy' is 'deepspeed', but ppo supports ddp and fsdp2"),
+    ("grpo", ["train.strategy=deepspeed"], "'train.strategy' is 'deepspeed', but grpo supports ddp and fsdp2"),
+    ("rloo", ["train.strategy=fsdp2", "model.lora_r=8"], "'train.strategy' is 'fsdp2' with a LoRA policy"),
+])
+def test_rl_stages_refuse_a_strategy_they_cannot_run(tmp_path, capsys, stage, extra, expected):
+    """A strategy an RL stage would not honour is a config error that names the key, before any
+    model is loaded (the paths need not exist)."""
+    assert main([stage, "model.path=nowhere", "data.path=nowhere.jsonl", *extra, "--out", str(tmp_path / "o")]) == 2
+    assert expected in capsys.readouterr().err

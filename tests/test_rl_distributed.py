@@ -1,8 +1,10 @@
 """PPO, GRPO and RLOO on 2 torchrun ranks (gloo) equal one process with the same global batch.
 
 One worker launch per side (tests/_rl_dist_worker.py runs all three stages): 2 iterations each;
-on 2 ranks PPO runs 1 iteration and resumes to 2 from rank 0's checkpoint. Metrics rows and the
-final weights must agree within 1e-5 (fp32). Also: the pieces that make it possible, by hand.
+on 2 ranks PPO runs 1 iteration and resumes to 2 from rank 0's checkpoint. The same on 2 ranks
+with the policy (and PPO's separate value model) sharded by FSDP2 (`alignkit.train.rl_shard`),
+where PPO and GRPO resume from sharded checkpoints. Metrics rows and the final weights must agree
+within 1e-5 (fp32). Also: the pieces that make it possible, by hand.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl_dist")
     write_fixture(root)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
-    for tag, launcher, extra in (("one", [], []),
-                                 ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], ["--resume-ppo"])):
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for tag, launcher, extra in (("one", [], []), ("two", torchrun, ["--resume", "ppo"]),
+                                 ("fsdp2", torchrun, ["--resume", "ppo,grpo", "--set", "train.strategy=fsdp2"])):
         done = subprocess.run([sys.executable, *launcher, str(WORKER), "--root", str(root), "--tag", tag, *extra],
                               env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -77,10 +80,11 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tag", ["two", "fsdp2"])
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo"])
-def test_two_ranks_equal_one_process(runs, stage):
+def test_two_ranks_equal_one_process(runs, stage, tag):
     one = [json.loads(x) for x in (runs / f"one-{stage}" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(x) for x in (runs / f"two-{stage}" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (runs / f"{tag}-{stage}" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in two] == [1, 2] == [r["step"] for r in one]  # rank 0 alone wrote them
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
@@ -88,9 +92,13 @@ def test_two_ranks_equal_one_process(runs, stage):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (stage, a["step"], k)
     start = load_file(runs / "sft" / "model.safetensors")
     wa = load_file(runs / f"one-{stage}" / "final" / "model.safetensors")
-    wb = load_file(runs / f"two-{stage}" / "final" / "model.safetensors")
+    wb = load_file(runs / f"{tag}-{stage}" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()  # a sharded run writes the whole model
     assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-4  # the runs did train
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{stage} {k}: {m}")
-    if stage == "ppo":  # resumed on 2 ranks from rank 0's checkpoint
-        assert "resumed from" in (runs / "two.log").read_text() and "(iteration 1)" in (runs / "two.log").read_text()
+    log = (runs / f"{tag}.log").read_text()
+    if stage == "ppo" or (tag == "fsdp2" and stage == "grpo"):  # resumed on 2 ranks from the checkpoint of iteration 1
+        assert f"resumed from {runs / f'{tag}-{stage}'}/checkpoints/step-1 (iteration 1)" in log
+    sharded = (runs / f"{tag}-{stage}" / "checkpoints" / "step-2" / "shards").is_dir()
+    assert sharded == (tag == "fsdp2")  # one file of model and optimizer states per rank

@@ -89,9 +89,14 @@ def split_head(model: Any) -> tuple[Any, Head] | None:
     lin = get_out()
     if type(lin) is not nn.Linear:  # LoRA-wrapped or custom head: its forward is more than a matmul
         return None
-    if type(lin.weight).__name__ == "DTensor" or hasattr(lin.weight, "ds_id"):
-        return None  # sharded (FSDP2, ZeRO-3): only the model's own forward gathers the head
-    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in core.parameters()):
+    emb = core.get_input_embeddings() if callable(getattr(core, "get_input_embeddings", None)) else None
+    for w in (lin.weight, getattr(emb, "weight", None)):
+        if type(w).__name__ == "DTensor" or hasattr(w, "ds_id"):
+            # sharded and not gathered (FSDP2 outside its root's forward, ZeRO-3): only the model's
+            # own forward gathers the head. Blocks sharded as their own FSDP2 units gather themselves
+            # (the RL stages call in here from inside their root's forward, `rl_shard.Entry`).
+            return None
+    if any(hasattr(p, "ds_id") for p in core.parameters()):
         return None
     try:
         decoder = get_dec()

@@ -66,16 +66,20 @@ def init_dist() -> Dist:
     return Dist(tdist.get_rank(), tdist.get_world_size(), local)
 
 
-def check_rl_strategy(strategy: str, stage: str) -> None:
-    """The RL stages replicate the policy on every rank (the scheme above); a sharded
-    `train.strategy` would be silently ignored, so it is refused instead."""
-    if strategy != "ddp":
-        from alignkit.config import ConfigError
+def check_rl_strategy(strategy: str, stage: str, lora: bool = False) -> None:
+    """The RL stages replicate the policy (ddp, the scheme above) or shard it with FSDP2
+    (`alignkit.train.rl_shard`); DeepSpeed is not wired into them, and a LoRA policy's reference
+    is the policy itself with the adapter off, which the sharded passes do not provide."""
+    from alignkit.config import ConfigError
 
+    if strategy == "deepspeed":
         raise ConfigError(
-            f"config key 'train.strategy' is {strategy!r}, but {stage} runs data-parallel with a full policy on "
-            "every rank (train.strategy=ddp); fsdp2 and deepspeed are supported by pretrain, sft, reward and dpo "
-            "(docs/distributed-rl.md)")
+            f"config key 'train.strategy' is 'deepspeed', but {stage} supports ddp and fsdp2 "
+            "(DeepSpeed serves pretrain, sft, reward and dpo; docs/distributed-rl.md)")
+    if strategy == "fsdp2" and lora:
+        raise ConfigError(
+            f"config key 'train.strategy' is 'fsdp2' with a LoRA policy (model.lora_r > 0): {stage} shards full "
+            "policies only; a LoRA policy's trainable part is small, run it with train.strategy=ddp")
 
 
 def device_for(d: Dist) -> torch.device:
@@ -169,6 +173,19 @@ def gather_rollout(ro, d: Dist, pad_id: int):
 def my_rows(idx: torch.Tensor, d: Dist) -> torch.Tensor:
     """This rank's contiguous share of a minibatch's row indices (possibly empty)."""
     return idx.tensor_split(d.world)[d.rank] if d.active else idx
+
+
+def micro_batches(rows: torch.Tensor, accum: int, d: Dist, lockstep: bool = False) -> list[tuple[torch.Tensor, float]]:
+    """This rank's share of a minibatch's `rows` (`my_rows`) in up to `accum` micro-batches, each
+    with weight 1. `lockstep` (a sharded model: every rank must run the same forward and backward
+    passes) pads the list to the most micro-batches any rank has with copies of `rows[:1]` of
+    weight 0, whose gradients and statistics count nothing."""
+    mine = my_rows(rows, d)
+    out = [(c, 1.0) for c in (mine.chunk(accum) if len(mine) else ())]
+    if lockstep and d.active:
+        most = max(len(part.chunk(accum)) if len(part) else 0 for part in rows.tensor_split(d.world))
+        out += [(rows[:1], 0.0)] * (most - len(out))
+    return out
 
 
 def all_reduce_grads(params: Sequence[torch.nn.Parameter], d: Dist) -> None:

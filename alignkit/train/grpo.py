@@ -31,13 +31,13 @@ from alignkit.train import checkpoint as ckpt
 from alignkit.train.distributed import (
     SINGLE,
     Dist,
-    all_reduce_grads,
     all_reduce_sums,
     all_reduce_tensor,
     check_rl_strategy,
-    my_rows,
+    micro_batches,
 )
 from alignkit.train.ray_launch import RayConfig
+from alignkit.train.rl_shard import Replicated, rl_engine
 from alignkit.train.rollout import (
     RewardConfig,
     RewardSource,
@@ -136,6 +136,7 @@ def grpo_update(
     scheduler: Any,
     generator: torch.Generator,
     dist: Dist = SINGLE,
+    engine: Replicated | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """`updates_per_rollout` passes over shuffled minibatches; returns mean statistics and the
     (B, T) detached log-probs of the first pass (those of the sampling policy when no separate
@@ -143,7 +144,9 @@ def grpo_update(
 
     `ro` is the global batch (the same on every rank); under `dist` each rank computes its share
     of every minibatch with the minibatch's global weights and the gradients are summed over
-    ranks, so the step is the one-process step."""
+    ranks, so the step is the one-process step. `engine`: how the policy is reached and its
+    gradients reduced (`rl_shard`; None: replicated)."""
+    engine = engine if engine is not None else Replicated(policy, policy, dist)
     n = len(ro)
     mb = max(1, min(cfg.train.batch_size, n))
     accum = max(1, cfg.train.grad_accum)
@@ -163,31 +166,30 @@ def grpo_update(
             tokens = ro.response_mask[idx].sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             stats = dict.fromkeys(("loss", "clipfrac", "approx_kl", "kl_k3", "entropy"), 0.0)
-            mine = my_rows(idx, dist)
-            for rows in (mine.chunk(accum) if len(mine) else ()):
+            for rows, keep in micro_batches(idx, accum, dist, engine.sharded):
                 mask = ro.response_mask[rows]
                 r_ids = ro.response_ids[rows]
                 with autocast:
-                    logp, ent_tok = response_token_stats(
-                        policy, input_ids[rows], attention_mask[rows], r_ids, cfg.rollout.temperature,
+                    logp, ent_tok = engine(
+                        response_token_stats, input_ids[rows], attention_mask[rows], r_ids, cfg.rollout.temperature,
                         cfg.train.logprob_chunk, share_prompt_prefix=cfg.share_prompt_prefix, entropy=True)  # (b, T)
                 old = ro.logprobs[rows] if old_pass else logp.detach()
                 ref = ro.ref_logprobs[rows] if ro.ref_logprobs is not None else None
                 loss, st = grpo_loss(logp, old, ref, advantages[rows], mask, cfg.clip_eps, beta_loss, cfg.loss_agg, cfg.clip_eps_high)
-                w = float(mask.sum() / tokens) if cfg.loss_agg == "token-mean" else len(rows) / len(idx)
+                w = keep * (float(mask.sum() / tokens) if cfg.loss_agg == "token-mean" else len(rows) / len(idx))
                 (w * loss).backward()
-                if epoch == 0:
+                if epoch == 0 and keep:
                     first_logp[rows] = logp.detach() * mask
                 ent = masked_mean(ent_tok, mask)
-                tw = float(mask.sum() / tokens)
+                tw = keep * float(mask.sum() / tokens)
                 part = {"loss": w * loss.item(), "clipfrac": tw * float(st.clipfrac), "approx_kl": tw * float(st.approx_kl),
                         "kl_k3": tw * float(st.kl), "entropy": tw * float(ent)}
                 for k, v in part.items():
                     stats[k] += v
-            all_reduce_grads(params, dist)
+            engine.reduce_grads(params)
             stats = all_reduce_sums(stats, dist)
             if cfg.train.max_grad_norm > 0:
-                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                stats["grad_norm"] = engine.clip(params, cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             for k, v in stats.items():
@@ -207,7 +209,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("iterations, prompts_per_step and updates_per_rollout must be positive")
     if cfg.advantage not in ADVANTAGES:
         raise ConfigError(f"config key 'advantage': unknown {cfg.advantage!r} (valid: {', '.join(ADVANTAGES)})")
-    check_rl_strategy(cfg.train.strategy, "rloo" if cfg.advantage == "rloo" else "grpo")
+    check_rl_strategy(cfg.train.strategy, "rloo" if cfg.advantage == "rloo" else "grpo", cfg.model.lora_r > 0)
 
 
 def run(cfg: Config) -> dict:
@@ -272,6 +274,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         reference = build_reference(policy, cfg.model.path, cfg.model.lora_r > 0, device)
         reward = reward if reward is not None else build_reward_source(cfg.reward, world, device)
         gold = gold_fn(world) if world is not None else None
+        engine = rl_engine(cfg.train, dist, policy, policy, device)  # before the optimizer: sharding swaps parameters
 
         batch = cfg.prompts_per_step * cfg.group_size
         steps_per_it = cfg.updates_per_rollout * -(-batch // max(1, min(cfg.train.batch_size, batch)))
@@ -287,7 +290,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         old_fn = None
         if needs_old_logprobs(cfg):
             def old_fn(ids, mask, r_ids):
-                return response_token_stats(policy, ids, mask, r_ids, temperature, chunk, share_prompt_prefix=share)[0], None
+                return engine(response_token_stats, ids, mask, r_ids, temperature, chunk, share_prompt_prefix=share)[0], None
 
         def ref_fn(ids, mask, r_ids):
             return reference.logprobs(ids, mask, r_ids, temperature, chunk, share_prompt_prefix=share)
@@ -296,7 +299,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         if resume_from is not None:
             state = load_iteration(
                 resume_from, policy, [optimizer], [scheduler], gen, cfg.train, total_steps, metrics_path, batches,
-                main=dist.main,
+                main=dist.main, engine=engine,
             )
             done, evals = state["step"], state["evals"]
         last: dict[str, Any] = (read_jsonl(metrics_path, missing_ok=True) or [{}])[-1]
@@ -305,18 +308,19 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
             t_it = time.perf_counter()
             idx, first = shard(next(batches), dist)  # this rank's prompts; their groups stay here
             G = cfg.group_size
-            ro = collect_rollout(
-                policy, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
-                cfg.rollout, logprob_fn=old_fn, ref_logprob_fn=ref_fn, group_size=G,
-                missing_eos_penalty=cfg.reward.missing_eos_penalty,
-                row_seeds=row_seeds(cfg.train.seed, it, first * G, len(idx) * G),
-                autocast=autocast_for(cfg.train.precision, device),
-            )
+            with engine.gathered() as sampler:
+                ro = collect_rollout(
+                    sampler, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
+                    cfg.rollout, logprob_fn=old_fn, ref_logprob_fn=ref_fn, group_size=G,
+                    missing_eos_penalty=cfg.reward.missing_eos_penalty,
+                    row_seeds=row_seeds(cfg.train.seed, it, first * G, len(idx) * G),
+                    autocast=autocast_for(cfg.train.precision, device),
+                )
             ro = gather_rollout(ro, dist, pad_id)  # the global batch, on every rank
             t_roll = time.perf_counter() - t_it
             seq_reward = sequence_rewards(ro, cfg)
             adv = advantage_fn(seq_reward, cfg.group_size)  # (B,)
-            stats, first_logp = grpo_update(policy, ro, adv, cfg, optimizer, scheduler, gen, dist)
+            stats, first_logp = grpo_update(policy, ro, adv, cfg, optimizer, scheduler, gen, dist, engine)
             logp = ro.logprobs if old_fn is not None else first_logp
             kl_seq = ((logp - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
             groups = ro.scores.view(-1, cfg.group_size)
@@ -342,30 +346,35 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
             }
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
-            if dist.main and world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-                ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
-                row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
-                evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
+            if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+                with engine.gathered() as current:
+                    if dist.main:
+                        ev = final_gold_eval(current, reference, tokenizer, world, cfg.world, cfg.eval_limit,
+                                             cfg.rollout.max_new_tokens)
+                        row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
+                        evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             log.write(row)
             bar.update(1, reward=row["reward"], kl=row["kl"], s_per_it=f"{row['iteration_s']:.1f}")
             last = row
-            if dist.main and save_due(it, cfg.iterations, cfg.train):
+            if save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, policy, {id(p) for p in params}, [optimizer], [scheduler], gen, {
                     "prompt_batches": it, "evals": evals, "config": to_dict(cfg),
-                }, cfg.train.keep_checkpoints)
+                }, cfg.train.keep_checkpoints, dist=dist, engine=engine)
         bar.close()
         log.close()
 
-        if dist.main:
-            save_model(policy, tokenizer, out / "final")
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations, "advantage": cfg.advantage,
                                   "reward_source": cfg.reward.source}
-        if world is not None and dist.main:
-            ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
-            ev["during_training"] = evals
-            write_json_atomic(out / "eval.json", ev)
-            result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
-                          win_rate_ci=ev["win_rate_ci"])
+        with engine.gathered() as trained:
+            if dist.main:
+                save_model(trained, tokenizer, out / "final")
+            if world is not None and dist.main:
+                ev = final_gold_eval(trained, reference, tokenizer, world, cfg.world, cfg.eval_limit,
+                                     cfg.rollout.max_new_tokens)
+                ev["during_training"] = evals
+                write_json_atomic(out / "eval.json", ev)
+                result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
+                              win_rate_ci=ev["win_rate_ci"])
     barrier(dist)  # the other ranks wait for rank 0's final model and evaluation
     result.update(
         reward=last.get("reward"), kl=last.get("kl"), gold_train=last.get("gold"),

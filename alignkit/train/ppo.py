@@ -39,12 +39,12 @@ from alignkit.train import checkpoint as ckpt
 from alignkit.train.distributed import (
     SINGLE,
     Dist,
-    all_reduce_grads,
     all_reduce_sums,
     check_rl_strategy,
-    my_rows,
+    micro_batches,
 )
 from alignkit.train.ray_launch import RayConfig
+from alignkit.train.rl_shard import Replicated, rl_engine
 from alignkit.train.rollout import (
     RewardConfig,
     RewardSource,
@@ -254,6 +254,7 @@ def ppo_update(
     schedulers: list[Any],
     generator: torch.Generator,
     dist: Dist = SINGLE,
+    engine: Replicated | None = None,
 ) -> dict[str, float]:
     """`cfg.ppo_epochs` passes of shuffled minibatches (train.batch_size rows, split into
     train.grad_accum micro-batches whose losses are weighted to give the exact minibatch mean).
@@ -261,7 +262,9 @@ def ppo_update(
 
     `batch` is the global batch (the same on every rank); under `dist` each rank computes its share
     of every minibatch with the minibatch's global weights and the gradients are summed over
-    ranks, so every step is the one-process step."""
+    ranks, so every step is the one-process step. `engine`: how the model is reached and its
+    gradients reduced (`rl_shard`; None: `ac` replicated)."""
+    engine = engine if engine is not None else Replicated(ac, ac.policy, dist)
     n = batch.mask.shape[0]
     mb = max(1, min(cfg.train.batch_size, n))
     accum = max(1, cfg.train.grad_accum)
@@ -278,14 +281,14 @@ def ppo_update(
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             stats = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean", "vf_clipfrac"), 0.0)
-            mine = my_rows(torch.arange(len(idx), device=idx.device), dist)
-            for chunk in (mine.chunk(accum) if len(mine) else ()):
+            for chunk, keep in micro_batches(torch.arange(len(idx), device=idx.device), accum, dist, engine.sharded):
                 micro = sub.rows(chunk)
-                token_w = float(micro.mask.sum() / tokens)
-                row_w = len(chunk) / len(idx)
+                token_w = keep * float(micro.mask.sum() / tokens)
+                row_w = keep * len(chunk) / len(idx)
                 with autocast:
-                    logp, values, ent_tok = ac.token_stats(micro.input_ids, micro.attention_mask, micro.response_ids,
-                                                           cfg.train.logprob_chunk, entropy_grad=cfg.ent_coef != 0)
+                    logp, values, ent_tok = engine(ActorCritic.token_stats, micro.input_ids, micro.attention_mask,
+                                                   micro.response_ids, cfg.train.logprob_chunk,
+                                                   entropy_grad=cfg.ent_coef != 0)
                 pl, pst = ppo_policy_loss(logp, micro.old_logprobs, micro.advantages, micro.mask, cfg.clip_eps, loss_agg=cfg.loss_agg)
                 vl, vclip = ppo_value_loss(values.float(), micro.old_values, micro.returns, micro.mask, cfg.clip_eps_value)
                 ent = masked_mean(ent_tok, micro.mask)
@@ -300,11 +303,11 @@ def ppo_update(
                 }
                 for k, v in part.items():
                     stats[k] += v
-            all_reduce_grads(policy_params + value_params, dist)
+            engine.reduce_grads(policy_params + value_params)
             stats = all_reduce_sums(stats, dist)
             if cfg.train.max_grad_norm > 0:
-                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.max_grad_norm))
-                torch.nn.utils.clip_grad_norm_(value_params, cfg.train.max_grad_norm)
+                stats["grad_norm"] = engine.clip(policy_params, cfg.train.max_grad_norm)
+                engine.clip(value_params, cfg.train.max_grad_norm)
             for o, s in zip(optimizers, schedulers):
                 o.step()
                 s.step()
@@ -331,7 +334,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("iterations, rollout_batch and ppo_epochs must be positive")
     if cfg.reference and cfg.model.lora_r > 0:
         raise ConfigError("config key 'reference' must be unset with model.lora_r > 0 (the reference is the adapter-free policy)")
-    check_rl_strategy(cfg.train.strategy, "ppo")
+    check_rl_strategy(cfg.train.strategy, "ppo", cfg.model.lora_r > 0)
 
 
 def build_value_model(cfg: Config, policy: nn.Module, device: torch.device) -> tuple[nn.Module | None, ValueHead | None]:
@@ -384,6 +387,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         open_reports,
         pick_device,
         prompt_batches,
+        restore_weights,
         save_due,
         save_iteration,
     )
@@ -418,6 +422,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         value_model, head = build_value_model(cfg, policy, device)
         ac = ActorCritic(policy, value_model, head, cfg.rollout.temperature)
         ac.eval()
+        engine = rl_engine(cfg.train, dist, ac, policy, device)  # before the optimizers: sharding swaps parameters
         reward = reward if reward is not None else build_reward_source(cfg.reward, world, device)
         gold = gold_fn(world) if world is not None else None
         judge = build_monitor_judge(cfg.monitor.judge, world, device) if cfg.monitor.enabled else None
@@ -440,7 +445,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         chunk = cfg.train.logprob_chunk
 
         def logprob_fn(ids, mask, r_ids):
-            logp, values, _ = ac.token_stats(ids, mask, r_ids, chunk, entropy=False)
+            logp, values, _ = engine(ActorCritic.token_stats, ids, mask, r_ids, chunk, entropy=False)
             return logp, values.float()
 
         def ref_fn(ids, mask, r_ids):
@@ -452,7 +457,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         if resume_from is not None:
             state = load_iteration(
                 resume_from, ac, optimizers, schedulers, gen, cfg.train, total_steps, metrics_path, batches,
-                main=dist.main,
+                main=dist.main, engine=engine,
             )
             done, evals = state["step"], state["evals"]
             controller.load_state_dict(state["kl_controller"])
@@ -462,19 +467,20 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
             t_it = time.perf_counter()
             global_idx = next(batches)
             idx, first = shard(global_idx, dist)  # this rank's prompts
-            ro = collect_rollout(
-                policy, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
-                cfg.rollout, logprob_fn=logprob_fn, ref_logprob_fn=ref_fn,
-                missing_eos_penalty=cfg.reward.missing_eos_penalty,
-                row_seeds=row_seeds(cfg.train.seed, it, first, len(idx)),
-                autocast=autocast_for(cfg.train.precision, device),
-            )
+            with engine.gathered() as sampler:
+                ro = collect_rollout(
+                    sampler, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
+                    cfg.rollout, logprob_fn=logprob_fn, ref_logprob_fn=ref_fn,
+                    missing_eos_penalty=cfg.reward.missing_eos_penalty,
+                    row_seeds=row_seeds(cfg.train.seed, it, first, len(idx)),
+                    autocast=autocast_for(cfg.train.precision, device),
+                )
             ro = gather_rollout(ro, dist, pad_id)  # the global batch, on every rank
             t_roll = time.perf_counter() - t_it
             beta = controller.beta
             batch, rewards, kl = make_batch(ro, beta, cfg)
             kl_seq = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
-            stats = ppo_update(ac, batch, cfg, optimizers, schedulers, gen, dist)
+            stats = ppo_update(ac, batch, cfg, optimizers, schedulers, gen, dist, engine)
             controller.update(float(kl.sum(-1).mean()), n_steps=len(ro))
             mask = ro.response_mask
             row: dict[str, Any] = {
@@ -504,20 +510,24 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
             members = getattr(reward, "last_member_scores", None)  # before the fresh pairs reset it
             if mon is not None and cfg.monitor.judge_pairs > 0 and (judge is not None or cfg.reward.ensemble):
                 pick = global_idx[: cfg.monitor.judge_pairs]  # the same on every rank
-                agreement = fresh_pair_agreement(
-                    policy, tokenizer, [prompt_ids[i] for i in pick], [prompt_texts[i] for i in pick], reward,
-                    judge, cfg.rollout, row_seeds(cfg.train.seed + JUDGE_SEED, it, 0, 2 * len(pick)),
-                    cfg.reward.missing_eos_penalty)
+                with engine.gathered() as sampler:
+                    agreement = fresh_pair_agreement(
+                        sampler, tokenizer, [prompt_ids[i] for i in pick], [prompt_texts[i] for i in pick], reward,
+                        judge, cfg.rollout, row_seeds(cfg.train.seed + JUDGE_SEED, it, 0, 2 * len(pick)),
+                        cfg.reward.missing_eos_penalty)
                 if agreement is not None:
                     row["monitor/judge_agreement"], row["monitor/judge_pairs"] = agreement[0], float(agreement[1])
             fired = [] if mon is None else observe_rollout(
                 mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses, members)
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
-            if dist.main and world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-                ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
-                row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
-                evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
+            if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+                with engine.gathered() as current:
+                    if dist.main:
+                        ev = final_gold_eval(current, reference, tokenizer, world, cfg.world, cfg.eval_limit,
+                                             cfg.rollout.max_new_tokens)
+                        row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
+                        evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             log.write(row)
             bar.update(1, reward=row["reward"], kl=row["kl"], s_per_it=f"{row['iteration_s']:.1f}")
             last = row
@@ -525,26 +535,28 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
                 stopped = {"iteration": it, "rules": fired, "restored": None}
                 before = ckpt.latest(out / ckpt.CHECKPOINTS)
                 if before is not None:  # the policy as it was at the last checkpoint before the alarm
-                    ckpt.read_checkpoint(before, ac)
+                    restore_weights(before, ac, optimizers, engine)
                     stopped["restored"] = str(before)
                 break
-            if dist.main and save_due(it, cfg.iterations, cfg.train):
+            if save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, ac, trainable, optimizers, schedulers, gen, {
                     "prompt_batches": it, "kl_controller": controller.state_dict(), "evals": evals,
                     "config": to_dict(cfg),
-                }, cfg.train.keep_checkpoints)
+                }, cfg.train.keep_checkpoints, dist=dist, engine=engine)
         bar.close()
         log.close()
 
-        if dist.main:
-            save_model(policy, tokenizer, out / "final")
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations}
-        if world is not None and dist.main:
-            ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
-            ev["during_training"] = evals
-            write_json_atomic(out / "eval.json", ev)
-            result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
-                          win_rate_ci=ev["win_rate_ci"])
+        with engine.gathered() as trained:
+            if dist.main:
+                save_model(trained, tokenizer, out / "final")
+            if world is not None and dist.main:
+                ev = final_gold_eval(trained, reference, tokenizer, world, cfg.world, cfg.eval_limit,
+                                     cfg.rollout.max_new_tokens)
+                ev["during_training"] = evals
+                write_json_atomic(out / "eval.json", ev)
+                result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
+                              win_rate_ci=ev["win_rate_ci"])
     barrier(dist)  # the other ranks wait for rank 0's final model and evaluation
     result.update(
         reward=last.get("reward"), kl=last.get("kl"), beta=controller.beta,

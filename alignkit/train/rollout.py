@@ -50,6 +50,7 @@ from alignkit.models.logprobs import position_ids_from_mask
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.loop import reshape_schedule, truncate_metrics
 from alignkit.train.ray_launch import RayConfig
+from alignkit.train.strategy import SHARDS
 from alignkit.train.trackers import MetricsLog
 
 ENSEMBLE_MODES = ("mean", "min", "uwo")
@@ -783,23 +784,48 @@ def check_resume(checkpoint: Path, config: dict, iterations: int) -> None:
 
 def save_iteration(
     out: Path, iteration: int, model: torch.nn.Module, trainable: set[int], optimizers: list[Any],
-    schedulers: list[Any], shuffle: torch.Generator, state: dict, keep: int,
+    schedulers: list[Any], shuffle: torch.Generator, state: dict, keep: int, *, dist: Any = None,
+    engine: Any = None,
 ) -> Path:
     """Write OUT/checkpoints/step-`iteration` atomically and keep the `keep` newest (0: all).
+    Call it on every rank: rank 0 writes; under a sharded `engine` (`rl_shard.Sharded`) every
+    rank first writes its shard of the model and optimizers, which become step-N/shards.
 
     It holds `model`'s parameters whose ids are in `trainable` plus its buffers, the optimizers
     and schedulers, the python / numpy / torch RNG states with the update's minibatch `shuffle`
     generator, and `state` (JSON: what else the next iteration reads) with "step": iteration.
     """
     root = out / ckpt.CHECKPOINTS
-    rng = {**ckpt.rng_state(), "shuffle": shuffle.get_state()}
-    path = ckpt.write_checkpoint(
-        root / f"step-{iteration}", model=model, optimizer=ckpt.StateDicts(optimizers),
-        scheduler=ckpt.StateDicts(schedulers), rng_states=[rng], trainer_state={**state, "step": iteration},
-        trainable=trainable,
-    )
-    ckpt.prune(root, keep)
+    path = root / f"step-{iteration}"
+    main = dist is None or dist.main
+    sharded = engine is not None and engine.sharded
+    tmp = ckpt.shard_tmp(path)
+    if sharded:
+        if main:
+            ckpt.remove_tmp(tmp)
+        engine.barrier()
+        engine.save_shards(tmp, optimizers)
+        engine.barrier()
+    if main:
+        rng = {**ckpt.rng_state(), "shuffle": shuffle.get_state()}
+        ckpt.write_checkpoint(
+            path, model=None if sharded else model, optimizer=None if sharded else ckpt.StateDicts(optimizers),
+            scheduler=ckpt.StateDicts(schedulers), rng_states=[rng], trainer_state={**state, "step": iteration},
+            trainable=trainable, shards=tmp if sharded else None,
+        )
+        ckpt.prune(root, keep)
+    if sharded:
+        engine.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
     return path
+
+
+def restore_weights(path: Path, model: torch.nn.Module, optimizers: list[Any], engine: Any = None) -> None:
+    """Load checkpoint `path`'s weights into `model` (a sharded `engine` loads its shards,
+    optimizer states included; collective)."""
+    if engine is not None and engine.sharded:
+        engine.load_shards(path, optimizers)
+    else:
+        ckpt.read_checkpoint(path, model)
 
 
 def save_due(iteration: int, iterations: int, train: TrainConfig) -> bool:
@@ -810,16 +836,25 @@ def save_due(iteration: int, iterations: int, train: TrainConfig) -> bool:
 def load_iteration(
     path: Path, model: torch.nn.Module, optimizers: list[Any], schedulers: list[Any], shuffle: torch.Generator,
     train: TrainConfig, total_steps: int, metrics_path: Path, batches: Iterator[Any], main: bool = True,
+    engine: Any = None,
 ) -> dict:
     """Restore what `save_iteration` wrote into the freshly built objects and return its `state`.
 
     The schedulers follow `train`'s schedule over `total_steps` from the saved step (the loop's
     rule), metrics rows after the saved iteration (a killed run's) are dropped, the prompt
     `batches` iterator skips the batches already used, and the global RNGs are restored: call it
-    just before the first iteration. Only `main` (rank 0) truncates the metrics.
+    just before the first iteration. Only `main` (rank 0) truncates the metrics. A sharded
+    `engine` loads the model and optimizer shards (collective).
     """
-    saved = ckpt.read_checkpoint(path, model)
-    for name, items in (("optimizer", optimizers), ("scheduler", schedulers)):
+    sharded = engine is not None and engine.sharded
+    if sharded and not (path / SHARDS).is_dir():
+        raise ConfigError(f"{path} was written by a replicated run (no {SHARDS}/): resume it with train.strategy=ddp")
+    if not sharded and (path / SHARDS).is_dir():
+        raise ConfigError(f"{path} holds sharded weights ({SHARDS}/): resume it with train.strategy=fsdp2")
+    saved = ckpt.read_checkpoint(path, None if sharded else model)
+    if sharded:
+        engine.load_shards(path, optimizers)
+    for name, items in (("optimizer", optimizers), ("scheduler", schedulers))[1 if sharded else 0:]:
         try:
             ckpt.StateDicts(items).load_state_dict(saved[name])
         except ValueError as err:

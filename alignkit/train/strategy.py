@@ -60,8 +60,9 @@ class MetaTwin:
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         self.module = copy.deepcopy(model).to("meta")
 
-    def materialise(self, full_state: dict[str, torch.Tensor]) -> nn.Module:
-        m = self.module.to_empty(device="cpu")
+    def materialise(self, full_state: dict[str, torch.Tensor], device: Any = "cpu") -> nn.Module:
+        """The module with `full_state`'s weights on `device` (the same module object every time)."""
+        m = self.module.to_empty(device=device)
         with torch.no_grad():
             for name, b in self.buffers.items():
                 m.get_buffer(name).copy_(b)
@@ -70,6 +71,10 @@ class MetaTwin:
         if callable(tie):
             tie()
         return m
+
+    def release(self) -> None:
+        """Back to the meta device: the memory `materialise` took is freed."""
+        self.module.to("meta")
 
 
 class Strategy:

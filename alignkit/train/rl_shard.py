@@ -1,0 +1,158 @@
+"""The RL stages' trainable model on N ranks: replicated (`train.strategy=ddp`) or sharded with
+torch FSDP2 (`train.strategy=fsdp2`), behind one small interface the stages call.
+
+    engine = rl_engine(cfg.train, dist, trainable=ac, policy=policy, device=device)
+    logp, values, _ = engine(ActorCritic.token_stats, ids, mask, r_ids)    # a pass through the model
+    with engine.gathered() as sampler:                                     # a whole, plain policy
+        ro = collect_rollout(sampler, ...)
+    engine.reduce_grads(params); norm = engine.clip(params, 1.0)           # after a minibatch
+
+Replicated (`Replicated`): every call runs on the module itself; gradients are summed over ranks
+with one flat all-reduce (docs/distributed-rl.md).
+
+Sharded (`Sharded`): every block of repeated layers (of the policy and of a separate value model)
+is its own FSDP2 unit and a thin root module (`Entry`) holds the rest (embeddings, final norm,
+LM head, value head). The stages reach the model through more than its forward (the chunked
+log-prob pass calls the decoder and multiplies by the head's weight itself), so every pass goes
+through `Entry.forward(fn, ...)`, which runs `fn(module, ...)` while FSDP2 has the root's
+parameters gathered; the blocks gather their own. Parameters, gradients and AdamW states are
+1/N per rank. Generation needs the whole policy at every step of the sampler, so `gathered()`
+all-gathers the policy's parameters once into an unsharded copy (built on the meta device, so it
+costs no memory between rollouts), as TRL gathers ZeRO-3 weights for generation and OpenRLHF /
+verl push them into their vLLM engines. FSDP2's reduce-scatter averages over ranks;
+`reduce_grads` multiplies by N so the step is the one of the summed global-batch gradient, as in
+the replicated case. Every rank must make the same passes: the update pads a rank's micro-batches
+with zero-weight copies (`distributed.micro_batches`).
+
+Checkpoints of a sharded run hold torch.distributed.checkpoint shards (one file per rank) of the
+model and the optimizers in `step-N/shards`; the final model is written whole, from `gathered()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.train.distributed import Dist, all_reduce_grads, barrier
+from alignkit.train.strategy import SHARDS, MetaTwin, _is_dtensor, repeated_blocks
+
+
+class Replicated:
+    """The whole model on every rank (and the one-process case)."""
+
+    sharded = False
+
+    def __init__(self, module: nn.Module, policy: nn.Module, dist: Dist):
+        self.module, self.policy, self.dist = module, policy, dist
+
+    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.module, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[nn.Module]:
+        yield self.policy
+
+    def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
+        all_reduce_grads(params, self.dist)
+
+    def clip(self, params: Sequence[nn.Parameter], max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+class Entry(nn.Module):
+    """FSDP2's root: `forward(fn, *args)` runs `fn(inner, *args)` with the root's parameters gathered."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.inner, *args, **kwargs)
+
+
+class Sharded(Replicated):
+    """torch FSDP2 (`fully_shard`) per block and on an `Entry` root around `module`."""
+
+    sharded = True
+
+    def __init__(self, module: nn.Module, policy: nn.Module, dist: Dist, device: torch.device, offload: bool = False):
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        super().__init__(module, policy, dist)
+        self.device = device
+        self.twin = MetaTwin(policy)  # every rank samples, so every rank keeps one
+        offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+        for block in repeated_blocks(module):
+            fully_shard(block, offload_policy=offload_policy)
+        self.entry = fully_shard(Entry(module), offload_policy=offload_policy)
+
+    def __call__(self, fn, *args, **kwargs):
+        with warnings.catch_warnings():
+            # FSDP2 warns that an in-place op on a returned view would skip its pre-backward hook;
+            # the stages only read the log-probs and values they get back
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+            out = self.entry(fn, *args, **kwargs)
+        if not torch.is_grad_enabled():  # FSDP2 keeps the root gathered after a forward, for its backward
+            self.entry.reshard()
+        return out
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The policy whole on every rank for the block (collective: every rank enters)."""
+        self.entry.reshard()
+        with torch.no_grad():
+            full = {n: (p.full_tensor() if _is_dtensor(p) else p).detach() for n, p in self.policy.named_parameters()}
+        model = self.twin.materialise(full, self.device).eval()
+        del full
+        try:
+            yield model
+        finally:
+            self.twin.release()
+
+    def reduce_grads(self, params):
+        """FSDP2 reduce-scattered the mean over ranks; the stages' losses carry global weights,
+        so the sum is wanted."""
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(self.dist.world)
+
+    def clip(self, params, max_norm):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return float(norm.full_tensor() if _is_dtensor(norm) else norm)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_shards(self, tmp: Path, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Every rank writes its shard of the model and the optimizers into `tmp` (collective)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.entry, list(optimizers))
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+
+    def load_shards(self, path: Path, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Load what `save_shards` wrote into checkpoint `path` (collective)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.entry, list(optimizers))
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / SHARDS))
+        set_state_dict(self.entry, list(optimizers), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def barrier(self) -> None:
+        barrier(self.dist)
+
+
+def rl_engine(train: Any, dist: Dist, module: nn.Module, policy: nn.Module, device: torch.device) -> Replicated:
+    """`Sharded` for train.strategy=fsdp2 on 2+ ranks, else `Replicated`. Build the optimizers
+    after this call: sharding replaces the parameters."""
+    if train.strategy == "fsdp2" and dist.active:
+        return Sharded(module, policy, dist, device, offload=train.offload)
+    return Replicated(module, policy, dist)
