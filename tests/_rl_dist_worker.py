@@ -6,7 +6,7 @@
 DIR holds the tiny policy (DIR/sft), the prompts and the reward function module, written by the
 test. Every stage runs 2 iterations into DIR/<tag>-<stage>; a stage named in `--resume` runs 1
 iteration, then resumes to 2 (every rank reads the checkpoint). `--set KEY=VALUE ...` adds
-overrides to every stage (train.strategy=fsdp2).
+overrides to every stage, `--set STAGE:KEY=VALUE` to one (grpo:train.strategy=deepspeed).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def main() -> None:
     sys.path.insert(0, str(root))
     for name in args.stages.split(","):
         module, _ = STAGES[name]
-        args_ = [*overrides(root, name, args.tag), *args.set]
+        mine = [a.split(":", 1)[1] for a in args.set if a.startswith(f"{name}:")]
+        args_ = [*overrides(root, name, args.tag), *(a for a in args.set if ":" not in a), *mine]
         if name in args.resume.split(","):
             module.run(load_config(module.Config, None, [*args_, "iterations=1"]))
             args_ = [*args_, "train.resume=true"]

@@ -1,14 +1,16 @@
 """PPO, GRPO and RLOO on 2 torchrun ranks (gloo) equal one process with the same global batch.
 
 One worker launch per side (tests/_rl_dist_worker.py runs all three stages): 2 iterations each;
-on 2 ranks PPO runs 1 iteration and resumes to 2 from rank 0's checkpoint. The same on 2 ranks
-with the policy (and PPO's separate value model) sharded by FSDP2 (`alignkit.train.rl_shard`),
-where PPO and GRPO resume from sharded checkpoints. Metrics rows and the final weights must agree
-within 1e-5 (fp32). Also: the pieces that make it possible, by hand.
+on 2 ranks PPO runs 1 iteration and resumes to 2 from rank 0's checkpoint. Then the same on 2
+ranks with a sharded policy (`alignkit.train.rl_shard`): PPO (with its separate value model) and
+RLOO under FSDP2, GRPO under DeepSpeed ZeRO-3 (FSDP2 where DeepSpeed is not installed); PPO and
+GRPO resume from sharded checkpoints. Metrics rows and the final weights must agree within 1e-5
+(fp32). Also: the pieces that make it possible, by hand.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +26,8 @@ from alignkit.models.load import tiny_llama
 from alignkit.train.distributed import SINGLE, Dist, my_rows, row_seeds, shard
 
 WORKER = Path(__file__).resolve().parent / "_rl_dist_worker.py"
+GRPO_SHARDED = "deepspeed" if importlib.util.find_spec("deepspeed") else "fsdp2"
+EXT = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/alignkit-ext"))  # DeepSpeed's compiled comm op
 TIMING = {"rollout_s", "iteration_s"}
 # a fraction of tokens at a clip boundary: on the first minibatch values == old values, and a
 # 1e-7 difference decides whether a tied token counts as clipped (the loss is the same either way)
@@ -70,17 +74,17 @@ def runs(tmp_path_factory):
     write_fixture(root)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for tag, launcher, extra in (("one", [], []), ("two", torchrun, ["--resume", "ppo"]),
-                                 ("fsdp2", torchrun, ["--resume", "ppo,grpo", "--set", "train.strategy=fsdp2"])):
+    sharded = ["--resume", "ppo,grpo", "--set", "train.strategy=fsdp2", f"grpo:train.strategy={GRPO_SHARDED}"]
+    for tag, launcher, extra in (("one", [], []), ("two", torchrun, ["--resume", "ppo"]), ("sharded", torchrun, sharded)):
         done = subprocess.run([sys.executable, *launcher, str(WORKER), "--root", str(root), "--tag", tag, *extra],
-                              env=env, capture_output=True, text=True, timeout=600)
+                              env={**env, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": EXT}, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         (root / f"{tag}.log").write_text(done.stderr)
     return root
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tag", ["two", "fsdp2"])
+@pytest.mark.parametrize("tag", ["two", "sharded"])
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo"])
 def test_two_ranks_equal_one_process(runs, stage, tag):
     one = [json.loads(x) for x in (runs / f"one-{stage}" / "metrics.jsonl").read_text().splitlines()]
@@ -98,7 +102,9 @@ def test_two_ranks_equal_one_process(runs, stage, tag):
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{stage} {k}: {m}")
     log = (runs / f"{tag}.log").read_text()
-    if stage == "ppo" or (tag == "fsdp2" and stage == "grpo"):  # resumed on 2 ranks from the checkpoint of iteration 1
+    if stage == "ppo" or (tag == "sharded" and stage == "grpo"):  # resumed on 2 ranks from the checkpoint of iteration 1
         assert f"resumed from {runs / f'{tag}-{stage}'}/checkpoints/step-1 (iteration 1)" in log
-    sharded = (runs / f"{tag}-{stage}" / "checkpoints" / "step-2" / "shards").is_dir()
-    assert sharded == (tag == "fsdp2")  # one file of model and optimizer states per rank
+    shards = runs / f"{tag}-{stage}" / "checkpoints" / "step-2" / "shards"
+    assert shards.is_dir() == (tag == "sharded")  # model and optimizer states, one file per rank
+    if tag == "sharded" and stage == "grpo" and GRPO_SHARDED == "deepspeed":
+        assert (shards / "zero").is_dir()  # DeepSpeed's own checkpoint layout

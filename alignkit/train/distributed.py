@@ -67,18 +67,20 @@ def init_dist() -> Dist:
 
 
 def check_rl_strategy(strategy: str, stage: str, lora: bool = False) -> None:
-    """The RL stages replicate the policy (ddp, the scheme above) or shard it with FSDP2
-    (`alignkit.train.rl_shard`); DeepSpeed is not wired into them, and a LoRA policy's reference
-    is the policy itself with the adapter off, which the sharded passes do not provide."""
+    """The RL stages replicate the policy (ddp, the scheme above) or shard it (fsdp2; deepspeed
+    for GRPO and RLOO, whose one optimizer a DeepSpeed engine can own): `alignkit.train.rl_shard`.
+    PPO's two optimizers (policy, critic) clip separately, which one engine does not; a LoRA
+    policy's reference is the policy itself with the adapter off, which the sharded passes do not
+    provide."""
     from alignkit.config import ConfigError
 
-    if strategy == "deepspeed":
+    if strategy == "deepspeed" and stage == "ppo":
         raise ConfigError(
-            f"config key 'train.strategy' is 'deepspeed', but {stage} supports ddp and fsdp2 "
-            "(DeepSpeed serves pretrain, sft, reward and dpo; docs/distributed-rl.md)")
-    if strategy == "fsdp2" and lora:
+            "config key 'train.strategy' is 'deepspeed', but ppo supports ddp and fsdp2 (its policy and critic "
+            "have their own optimizers and clipping; grpo and rloo run on DeepSpeed; docs/distributed-rl.md)")
+    if strategy != "ddp" and lora:
         raise ConfigError(
-            f"config key 'train.strategy' is 'fsdp2' with a LoRA policy (model.lora_r > 0): {stage} shards full "
+            f"config key 'train.strategy' is {strategy!r} with a LoRA policy (model.lora_r > 0): {stage} shards full "
             "policies only; a LoRA policy's trainable part is small, run it with train.strategy=ddp")
 
 

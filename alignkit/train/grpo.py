@@ -166,7 +166,8 @@ def grpo_update(
             tokens = ro.response_mask[idx].sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             stats = dict.fromkeys(("loss", "clipfrac", "approx_kl", "kl_k3", "entropy"), 0.0)
-            for rows, keep in micro_batches(idx, accum, dist, engine.sharded):
+            micro_list = micro_batches(idx, accum, dist, engine.sharded)
+            for i, (rows, keep) in enumerate(micro_list):
                 mask = ro.response_mask[rows]
                 r_ids = ro.response_ids[rows]
                 with autocast:
@@ -177,7 +178,7 @@ def grpo_update(
                 ref = ro.ref_logprobs[rows] if ro.ref_logprobs is not None else None
                 loss, st = grpo_loss(logp, old, ref, advantages[rows], mask, cfg.clip_eps, beta_loss, cfg.loss_agg, cfg.clip_eps_high)
                 w = keep * (float(mask.sum() / tokens) if cfg.loss_agg == "token-mean" else len(rows) / len(idx))
-                (w * loss).backward()
+                engine.backward(w * loss, last=i == len(micro_list) - 1)
                 if epoch == 0 and keep:
                     first_logp[rows] = logp.detach() * mask
                 ent = masked_mean(ent_tok, mask)
@@ -186,11 +187,10 @@ def grpo_update(
                         "kl_k3": tw * float(st.kl), "entropy": tw * float(ent)}
                 for k, v in part.items():
                     stats[k] += v
-            engine.reduce_grads(params)
+            norm = engine.step([(params, optimizer)], cfg.train.max_grad_norm)
             stats = all_reduce_sums(stats, dist)
-            if cfg.train.max_grad_norm > 0:
-                stats["grad_norm"] = engine.clip(params, cfg.train.max_grad_norm)
-            optimizer.step()
+            if norm is not None:
+                stats["grad_norm"] = norm
             scheduler.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -281,6 +281,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         params = [p for p in policy.parameters() if p.requires_grad]
         total_steps = cfg.iterations * steps_per_it
         optimizer = build_optimizer(params, cfg.train)
+        engine.attach([(policy, optimizer)])
         scheduler = build_scheduler(optimizer, cfg.train, total_steps)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         batches = prompt_batches(len(prompt_ids), cfg.prompts_per_step, cfg.train.seed)

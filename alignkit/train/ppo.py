@@ -281,7 +281,8 @@ def ppo_update(
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             stats = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean", "vf_clipfrac"), 0.0)
-            for chunk, keep in micro_batches(torch.arange(len(idx), device=idx.device), accum, dist, engine.sharded):
+            micro_list = micro_batches(torch.arange(len(idx), device=idx.device), accum, dist, engine.sharded)
+            for i, (chunk, keep) in enumerate(micro_list):
                 micro = sub.rows(chunk)
                 token_w = keep * float(micro.mask.sum() / tokens)
                 row_w = keep * len(chunk) / len(idx)
@@ -294,7 +295,7 @@ def ppo_update(
                 ent = masked_mean(ent_tok, micro.mask)
                 policy_w = token_w if cfg.loss_agg == "token-mean" else row_w
                 loss = policy_w * pl + token_w * (cfg.vf_coef * vl - cfg.ent_coef * ent)
-                loss.backward()
+                engine.backward(loss, last=i == len(micro_list) - 1)
                 part = {
                     "policy_loss": policy_w * pl.item(), "value_loss": token_w * vl.item(),
                     "entropy": token_w * ent.item(), "clipfrac": token_w * float(pst.clipfrac),
@@ -303,13 +304,11 @@ def ppo_update(
                 }
                 for k, v in part.items():
                     stats[k] += v
-            engine.reduce_grads(policy_params + value_params)
+            norm = engine.step([(policy_params, optimizers[0]), (value_params, optimizers[1])], cfg.train.max_grad_norm)
             stats = all_reduce_sums(stats, dist)
-            if cfg.train.max_grad_norm > 0:
-                stats["grad_norm"] = engine.clip(policy_params, cfg.train.max_grad_norm)
-                engine.clip(value_params, cfg.train.max_grad_norm)
-            for o, s in zip(optimizers, schedulers):
-                o.step()
+            if norm is not None:
+                stats["grad_norm"] = norm
+            for s in schedulers:
                 s.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v

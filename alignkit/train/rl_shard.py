@@ -1,11 +1,14 @@
-"""The RL stages' trainable model on N ranks: replicated (`train.strategy=ddp`) or sharded with
-torch FSDP2 (`train.strategy=fsdp2`), behind one small interface the stages call.
+"""The RL stages' trainable model on N ranks: replicated (`train.strategy=ddp`), sharded with
+torch FSDP2 (`fsdp2`) or by a DeepSpeed ZeRO engine (`deepspeed`, GRPO and RLOO), behind one
+small interface the stages call.
 
-    engine = rl_engine(cfg.train, dist, trainable=ac, policy=policy, device=device)
+    engine = rl_engine(cfg.train, dist, module=ac, policy=policy, device=device)
+    optimizer = build_optimizer(ac.parameters()); engine.attach([(ac, optimizer)])
     logp, values, _ = engine(ActorCritic.token_stats, ids, mask, r_ids)    # a pass through the model
     with engine.gathered() as sampler:                                     # a whole, plain policy
         ro = collect_rollout(sampler, ...)
-    engine.reduce_grads(params); norm = engine.clip(params, 1.0)           # after a minibatch
+    engine.backward(loss, last=...)                                        # each micro-batch
+    norm = engine.step([(params, optimizer)], max_norm)                    # after a minibatch
 
 Replicated (`Replicated`): every call runs on the module itself; gradients are summed over ranks
 with one flat all-reduce (docs/distributed-rl.md).
@@ -24,8 +27,9 @@ verl push them into their vLLM engines. FSDP2's reduce-scatter averages over ran
 the replicated case. Every rank must make the same passes: the update pads a rank's micro-batches
 with zero-weight copies (`distributed.micro_batches`).
 
-Checkpoints of a sharded run hold torch.distributed.checkpoint shards (one file per rank) of the
-model and the optimizers in `step-N/shards`; the final model is written whole, from `gathered()`.
+DeepSpeed (`ZeRO`): see the class. Checkpoints of a sharded run hold torch.distributed.checkpoint
+shards (one file per rank) of the model and the optimizers in `step-N/shards` (DeepSpeed's own
+layout under ZeRO); the final model is written whole, from `gathered()`.
 """
 
 from __future__ import annotations
@@ -58,11 +62,30 @@ class Replicated:
     def gathered(self) -> Iterator[nn.Module]:
         yield self.policy
 
+    def attach(self, pairs: Sequence[tuple[nn.Module, torch.optim.Optimizer]]) -> None:
+        """Hand over the (module, optimizer) pairs once they are built (DeepSpeed wraps them)."""
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch's loss (`last`: the minibatch's last micro-batch on this rank)."""
+        loss.backward()
+
+    def step(self, groups: Sequence[tuple[Sequence[nn.Parameter], torch.optim.Optimizer]], max_norm: float) -> float | None:
+        """End a minibatch: sum the gradients over ranks, clip each group's to `max_norm` (0: no
+        clipping) and step each optimizer. Returns the first group's pre-clip norm (None: no clipping)."""
+        self.reduce_grads([p for params, _ in groups for p in params])
+        norms = [self.clip(params, max_norm) if max_norm > 0 else None for params, _ in groups]
+        for _, optimizer in groups:
+            optimizer.step()
+        return norms[0]
+
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
         all_reduce_grads(params, self.dist)
 
     def clip(self, params: Sequence[nn.Parameter], max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def barrier(self) -> None:
+        barrier(self.dist)
 
 
 class Entry(nn.Module):
@@ -146,13 +169,76 @@ class Sharded(Replicated):
         set_state_dict(self.entry, list(optimizers), model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 
-    def barrier(self) -> None:
-        barrier(self.dist)
+
+class ZeRO(Replicated):
+    """A DeepSpeed ZeRO-2/3 engine around the module and its torch optimizer (GRPO, RLOO: one
+    optimizer). ZeRO-3 gathers each submodule's parameters in its own forward hooks; the passes
+    still go through the engine's forward (around an `Entry`), which is where DeepSpeed 0.19
+    counts micro-batches: called past it, a second micro-batch's gradients would overwrite the
+    first's instead of adding to them. The engine owns the gradient reduction, clipping
+    (`gradient_clipping` = train.max_grad_norm over the whole model) and the optimizer step."""
+
+    sharded = True
+
+    def __init__(self, module: nn.Module, policy: nn.Module, dist: Dist, device: torch.device, train: Any):
+        super().__init__(module, policy, dist)
+        self.train, self.device = train, device
+        self.twin = MetaTwin(policy) if train.zero_stage == 3 else None
+        self.ds: Any = None
+
+    def attach(self, pairs):
+        from alignkit.train.strategy import ds_config, import_deepspeed, share_fp32_master
+
+        if len(pairs) != 1 or pairs[0][0] is not self.module:
+            raise ValueError("train.strategy=deepspeed wraps one module and its one optimizer")
+        bf16 = self.train.precision == "bf16" or (
+            self.train.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self.ds, *_ = import_deepspeed().initialize(model=Entry(self.module), optimizer=pairs[0][1],
+                                                    config=ds_config(self.train, bf16), dist_init_required=False)
+        share_fp32_master(getattr(self.ds, "optimizer", None))
+
+    def __call__(self, fn, *args, **kwargs):
+        return self.ds(fn, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        if self.twin is None:  # ZeRO-2 keeps whole parameters on every rank
+            yield self.policy
+            return
+        from alignkit.train.strategy import import_deepspeed
+
+        with import_deepspeed().zero.GatheredParameters(list(self.policy.parameters())), torch.no_grad():
+            full = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
+        model = self.twin.materialise(full, self.device).eval()
+        del full
+        try:
+            yield model
+        finally:
+            self.twin.release()
+
+    def backward(self, loss, last):
+        self.ds.set_gradient_accumulation_boundary(last)
+        self.ds.backward(loss * self.dist.world, scale_wrt_gas=False)  # the engine averages over ranks
+
+    def step(self, groups, max_norm):
+        self.ds.set_gradient_accumulation_boundary(True)
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return (float(norm) if norm is not None else float("nan")) if max_norm > 0 else None
+
+    def save_shards(self, tmp, optimizers):
+        self.ds.save_checkpoint(str(tmp), tag="zero", save_latest=False)
+
+    def load_shards(self, path, optimizers):
+        self.ds.load_checkpoint(str(path / SHARDS), tag="zero", load_optimizer_states=True,
+                                load_lr_scheduler_states=False)
 
 
 def rl_engine(train: Any, dist: Dist, module: nn.Module, policy: nn.Module, device: torch.device) -> Replicated:
-    """`Sharded` for train.strategy=fsdp2 on 2+ ranks, else `Replicated`. Build the optimizers
-    after this call: sharding replaces the parameters."""
+    """`Sharded` for train.strategy=fsdp2 and `ZeRO` for deepspeed on 2+ ranks, else `Replicated`.
+    Build the optimizers after this call (sharding replaces the parameters), then `attach` them."""
     if train.strategy == "fsdp2" and dist.active:
         return Sharded(module, policy, dist, device, offload=train.offload)
+    if train.strategy == "deepspeed" and dist.active:
+        return ZeRO(module, policy, dist, device, train)
     return Replicated(module, policy, dist)

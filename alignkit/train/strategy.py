@@ -201,30 +201,10 @@ class DeepSpeed(Strategy):
     needs_weight_fn = True
 
     def ds_config(self) -> dict:
-        zero: dict[str, Any] = {"stage": self.cfg.zero_stage}
-        if self.cfg.offload:
-            zero["offload_optimizer"] = {"device": "cpu"}
-            if self.cfg.zero_stage == 3:
-                zero["offload_param"] = {"device": "cpu"}
-        return {
-            "train_micro_batch_size_per_gpu": 1,  # the loop feeds the engine; only the product matters
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else 0.0,
-            "zero_optimization": zero,
-            "bf16": {"enabled": self.acc.mixed_precision == "bf16"},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        return ds_config(self.cfg, self.acc.mixed_precision == "bf16")
 
     def prepare(self, model, params, build):
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
-        try:
-            import deepspeed
-        except ImportError:
-            raise ImportError("train.strategy=deepspeed needs DeepSpeed: pip install 'alignkit[deepspeed]'") from None
-
+        deepspeed = import_deepspeed()
         self.twin = MetaTwin(model) if self.acc.is_main_process and self.cfg.zero_stage == 3 else None
         optimizer = build(params)
         engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config(),
@@ -263,6 +243,36 @@ class DeepSpeed(Strategy):
             return self.raw() if self.acc.is_main_process else None
         full = self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0, collective
         return self.twin.materialise(full) if self.twin is not None else None
+
+
+def import_deepspeed() -> Any:
+    """deepspeed, told to use the CPU when there is no GPU (read when it is imported)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise ImportError("train.strategy=deepspeed needs DeepSpeed: pip install 'alignkit[deepspeed]'") from None
+    return deepspeed
+
+
+def ds_config(cfg: Any, bf16: bool) -> dict:
+    """The DeepSpeed config of TrainConfig `cfg`: ZeRO stage, offload, clipping, bf16."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # the loop feeds the engine; only the product matters
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
 
 
 def share_fp32_master(zero: Any) -> int:
