@@ -12,6 +12,7 @@ Ray run scored in the reward actor (the reward function logs which process calle
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -69,6 +70,65 @@ def test_reward_actor_scores_like_the_local_source(tmp_path):
     assert torch.equal(got, want) and torch.equal(got_raw, want_raw)
     assert members.shape == (2, 2) and torch.equal(members, local.last_member_scores)
     assert not torch.equal(members[0], members[1])  # two different models really were loaded
+
+
+def test_reference_holder_answers_like_the_local_reference(tmp_path):
+    """The reference actor's class, called in this process: per-token log-probs at temperature
+    0.7, through the chunked head and the plain path, with and without the shared prompt prefix,
+    and the greedy answers, exactly those of the Reference a trainer rank builds from the same
+    directory; `served` counts the rows. Rows 0 and 1 share their prompt (a GRPO group)."""
+    from alignkit.models.bpe import train_bpe_tokenizer
+    from alignkit.models.load import load_tokenizer, save_model
+    from alignkit.train.ray_launch import ReferenceHolder, driver_state
+    from alignkit.train.rollout import build_reference
+
+    tok = train_bpe_tokenizer(["Human: one two three\nAssistant: four five six"] * 10, vocab_size=280)
+    save_model(tiny_llama("nano", tokenizer=tok, seed=4), tok, tmp_path / "ref")
+    holder = ReferenceHolder(str(tmp_path / "ref"), str(tmp_path / "ref"), "fp32", driver_state())
+    local = build_reference(None, str(tmp_path / "ref"), False, "cpu")
+    ids = torch.tensor([[0, 7, 8, 9, 10, 11], [0, 7, 8, 9, 12, 0], [13, 14, 15, 16, 17, 18]])  # (B, L), P = 3
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    resp = ids[:, 3:]  # (B, T)
+    for chunk, share in ((0, False), (2, False), (0, True)):
+        want = local.logprobs(ids, mask, resp, 0.7, chunk, share_prompt_prefix=share)
+        got = holder.logprobs(ids, mask, resp, 0.7, chunk, share)
+        assert torch.equal(got, want), (chunk, share)
+    assert holder.served() == 9
+    prompts = [[7, 8, 9], [13, 14]]
+    assert holder.greedy_responses(prompts, 5) == local.greedy_responses(load_tokenizer(str(tmp_path / "ref")), prompts, 5)
+
+
+@needs_ray
+def test_remote_reference_hands_the_arguments_to_the_actor(monkeypatch):
+    """RemoteReference sends the tensors and settings in the actor method's order and returns
+    its answer on the ids' device (the actor handle is replaced by a recorder, ray.get by identity)."""
+    import ray
+
+    from alignkit.train.ray_launch import RemoteReference
+
+    calls = []
+
+    class Handle:
+        def __getattr__(self, name):
+            return type("M", (), {"remote": staticmethod(lambda *a: calls.append((name, a)) or torch.ones(1, 2))})
+
+    monkeypatch.setattr(ray, "get", lambda x: x)
+    ids, mask, resp = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 1]]), torch.tensor([[2, 3]])
+    assert torch.equal(RemoteReference(Handle()).logprobs(ids, mask, resp, 0.7, 4, True), torch.ones(1, 2))
+    assert calls[0][0] == "logprobs" and calls[0][1][3:] == (0.7, 4, True)
+    assert all(torch.equal(a, b) for a, b in zip(calls[0][1][:3], (ids, mask, resp)))
+    RemoteReference(Handle()).greedy_responses(None, [(5, 6)], 3)
+    assert calls[1] == ("greedy_responses", ([[5, 6]], 3))
+
+
+def test_reference_actor_with_lora_is_a_config_error():
+    from alignkit.train.ray_launch import check_actors
+
+    cfg = load_config(ppo.Config, None, ["model.path=x", "data.path=y", "launcher=ray", "ray.reference_actor=true",
+                                         "model.lora_r=8"])
+    with pytest.raises(ConfigError, match=r"'ray.reference_actor': not with model.lora_r > 0"):
+        check_actors(cfg)
+    check_actors(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora_r=0)))  # full fine-tuning: fine
 
 
 @pytest.fixture(scope="module")
