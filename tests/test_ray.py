@@ -162,22 +162,28 @@ def runs(tmp_path_factory):
     return root
 
 
-@needs_ray
-@pytest.mark.slow
-def test_ppo_on_ray_actors_equals_one_process(runs):
-    one = [json.loads(x) for x in (runs / "one-ppo" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(x) for x in (runs / "ray-ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in two] == [1, 2] == [r["step"] for r in one]  # rank 0 alone wrote them
-    for a, b in zip(one, two):
+def _assert_equal_runs(root: Path, one: str, two: str) -> None:
+    """Every metric (bar timings and the vf_clipfrac tie) and every final weight of run `two` within
+    1e-5 of run `one`, and both trained."""
+    a_rows = [json.loads(x) for x in (root / one / "metrics.jsonl").read_text().splitlines()]
+    b_rows = [json.loads(x) for x in (root / two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b_rows] == [1, 2] == [r["step"] for r in a_rows]  # rank 0 alone wrote them
+    for a, b in zip(a_rows, b_rows):
         assert a.keys() == b.keys()
         for k in a.keys() - TIMING - THRESHOLD_COUNTS:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (a["step"], k)
-    start = load_file(runs / "sft" / "model.safetensors")
-    wa = load_file(runs / "one-ppo" / "final" / "model.safetensors")
-    wb = load_file(runs / "ray-ppo" / "final" / "model.safetensors")
+    start = load_file(root / "sft" / "model.safetensors")
+    wa = load_file(root / one / "final" / "model.safetensors")
+    wb = load_file(root / two / "final" / "model.safetensors")
     assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-4  # the runs did train
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ppo_on_ray_actors_equals_one_process(runs):
+    _assert_equal_runs(runs, "one-ppo", "ray-ppo")
     scored = [line.split() for line in (runs / "scored_by.txt").read_text().splitlines()]
     ray_side = [(pid, int(n)) for pid, n in scored if pid != str(os.getpid())]
     assert [int(n) for pid, n in scored if pid == str(os.getpid())] == [4, 4]  # one process: 4 rows per iteration
@@ -187,3 +193,26 @@ def test_ppo_on_ray_actors_equals_one_process(runs):
     assert "launcher: ray" in (runs / "ray-ppo" / "config.yaml").read_text()  # its rerun command relaunches on Ray
     launched = json.loads((runs / "ray-ppo" / "run.json").read_text())["launch"]
     assert launched == {"world_size": 2, "nnodes": None, "launcher": "ray"}
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ppo_with_reference_and_reward_actors_equals_one_process(runs):
+    """The same PPO run with the reward function and the frozen reference in actors of their own
+    (2 trainers of 0.5 CPU, 0.5 CPU each for the two actors): equal to the one-process run within
+    1e-5, and the reference actor computed the reference log-probs of every row (2 iterations x
+    4 rows; the trainer ranks built no reference of their own)."""
+    from _rl_dist_worker import overrides
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(runs)]),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "alignkit.cli", "ppo", "--launcher", "ray", *overrides(runs, "ppo", "rayref"),
+           "ray.workers=2", "ray.num_cpus=0.5", "ray.reward_actor=true", "ray.reward_num_cpus=0.5",
+           "ray.reference_actor=true", "ray.reference_num_cpus=0.5", "ray.object_store_mb=100",
+           "ray.placement_timeout_s=60"]
+    done = subprocess.run(cmd, env=env, cwd=runs, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_equal_runs(runs, "one-ppo", "rayref-ppo")
+    result = json.loads(done.stdout[done.stdout.index("\n{") :])  # the CLI's last output: the result
+    assert result["ray"]["reference_actor_rows"] == 8 and result["ray"]["reward_actor_rows"] == 8
+    assert len(result["ray"]["peak_mem_mb_per_rank"]) == 2
