@@ -2,12 +2,15 @@
 global batch, which tests/test_rl_distributed.py holds equal to torchrun's 2 ranks.
 
 The Ray run: a local cluster on 127.0.0.1 (dashboard off, 2 CPUs, a 100 MiB object store), a
-placement group of 3 bundles: 2 trainer actors (0.5 CPU each; they form the gloo group from the
-torchrun variables the launcher sets) and 1 CPU for the reward actor, where the reward function
-scores both ranks' rows. Same tiny
-policy, prompts and settings as the torchrun test (tests/_rl_dist_worker.py), 2 iterations:
-every metric and every final weight within 1e-5 of the one-process run, and every row of the
-Ray run scored in the reward actor (the reward function logs which process called it).
+placement group of 4 bundles: 2 trainer actors (0.5 CPU each; they form the gloo group from the
+torchrun variables the launcher sets), 0.5 CPU for the reward actor, where the reward function
+scores both ranks' rows, and 0.5 CPU for the reference actor, which holds the frozen reference
+and computes both ranks' reference log-probs (the ranks load none). Same tiny policy, prompts
+and settings as the torchrun test (tests/_rl_dist_worker.py), 2 iterations: every metric and
+every final weight within 1e-5 of the one-process run, every row of the Ray run scored in the
+reward actor (the reward function logs which process called it), and every row's reference
+log-probs computed in the reference actor (it counts them). Ray with the reference on the
+trainer ranks (the default) runs in tests/test_iterate_distributed.py (iterate on Ray).
 """
 
 from __future__ import annotations
@@ -147,8 +150,9 @@ def runs(tmp_path_factory):
     reward = "reward.function=ray_rewards:count_e_logged"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(root)]),
            "RAY_USAGE_STATS_ENABLED": "0"}
-    ray_args = ["ray.workers=2", "ray.num_cpus=0.5", "ray.reward_actor=true", "ray.reward_num_cpus=1",
-                "ray.object_store_mb=100", "ray.placement_timeout_s=60"]
+    ray_args = ["ray.workers=2", "ray.num_cpus=0.5", "ray.reward_actor=true", "ray.reward_num_cpus=0.5",
+                "ray.reference_actor=true", "ray.reference_num_cpus=0.5", "ray.object_store_mb=100",
+                "ray.placement_timeout_s=60"]
     cmd = [sys.executable, "-m", "alignkit.cli", "ppo", "--launcher", "ray", *overrides(root, "ppo", "ray"), reward, *ray_args]
     ray_run = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sys.path.insert(0, str(root))  # the reward function's module
@@ -156,8 +160,9 @@ def runs(tmp_path_factory):
         ppo.run(load_config(ppo.Config, None, [*overrides(root, "ppo", "one"), reward]))
     finally:
         sys.path.remove(str(root))
-        _, err = ray_run.communicate(timeout=300)
+        out, err = ray_run.communicate(timeout=300)
     assert ray_run.returncode == 0, err[-3000:]
+    (root / "ray_result.json").write_text(out[out.index("\n{") :])  # the CLI's last output: the result
     (root / "driver_pid.txt").write_text(str(ray_run.pid))
     return root
 
@@ -193,26 +198,8 @@ def test_ppo_on_ray_actors_equals_one_process(runs):
     assert "launcher: ray" in (runs / "ray-ppo" / "config.yaml").read_text()  # its rerun command relaunches on Ray
     launched = json.loads((runs / "ray-ppo" / "run.json").read_text())["launch"]
     assert launched == {"world_size": 2, "nnodes": None, "launcher": "ray"}
+    # the reference actor computed the reference log-probs of every row: 2 iterations x 2 ranks x 2 rows
+    placed = json.loads((runs / "ray_result.json").read_text())["ray"]
+    assert placed["reference_actor_rows"] == 8 and placed["reward_actor_rows"] == 8
+    assert len(placed["peak_mem_mb_per_rank"]) == 2
 
-
-@needs_ray
-@pytest.mark.slow
-def test_ppo_with_reference_and_reward_actors_equals_one_process(runs):
-    """The same PPO run with the reward function and the frozen reference in actors of their own
-    (2 trainers of 0.5 CPU, 0.5 CPU each for the two actors): equal to the one-process run within
-    1e-5, and the reference actor computed the reference log-probs of every row (2 iterations x
-    4 rows; the trainer ranks built no reference of their own)."""
-    from _rl_dist_worker import overrides
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(runs)]),
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [sys.executable, "-m", "alignkit.cli", "ppo", "--launcher", "ray", *overrides(runs, "ppo", "rayref"),
-           "ray.workers=2", "ray.num_cpus=0.5", "ray.reward_actor=true", "ray.reward_num_cpus=0.5",
-           "ray.reference_actor=true", "ray.reference_num_cpus=0.5", "ray.object_store_mb=100",
-           "ray.placement_timeout_s=60"]
-    done = subprocess.run(cmd, env=env, cwd=runs, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    _assert_equal_runs(runs, "one-ppo", "rayref-ppo")
-    result = json.loads(done.stdout[done.stdout.index("\n{") :])  # the CLI's last output: the result
-    assert result["ray"]["reference_actor_rows"] == 8 and result["ray"]["reward_actor_rows"] == 8
-    assert len(result["ray"]["peak_mem_mb_per_rank"]) == 2

@@ -346,9 +346,10 @@ def launch(train: Callable[..., dict], cfg: Any) -> dict:
         refs = [t.run.remote(train, cfg, addresses[0], lr, reward_actor, reference_actor) for t, lr in zip(trainers, ranks)]
         results = _wait_all(ray, refs)
         result = dict(results[0])
-        result["ray"] = {"workers": rc.workers, "peak_mem_mb_per_rank": [r.get("peak_mem_mb") for r in results],
-                         "reward_actor_rows": _actor_rows(ray, reward_actor),
-                         "reference_actor_rows": _actor_rows(ray, reference_actor)}
+        placed = {"workers": rc.workers, "peak_mem_mb_per_rank": [r.get("peak_mem_mb") for r in results],
+                  "reward_actor_rows": _actor_rows(ray, reward_actor),
+                  "reference_actor_rows": _actor_rows(ray, reference_actor)}
+        result["ray"] = {k: v for k, v in placed.items() if v is not None and v != [None] * rc.workers}
         return result
     finally:
         for a in actors:
