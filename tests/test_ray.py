@@ -134,6 +134,20 @@ def test_reference_actor_with_lora_is_a_config_error():
     check_actors(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora_r=0)))  # full fine-tuning: fine
 
 
+def test_iterate_on_ray_refuses_the_actors_and_a_nested_launcher():
+    """iterate's reward model and KL anchor change every round, so neither goes to an actor; and
+    where its ranks run is iterate's own `launcher`, not its PPO's."""
+    from alignkit.train import iterate
+
+    base = ["policy=p", "world=w", "launcher=ray"]
+    assert iterate._check(load_config(iterate.Config, None, base)) is None
+    for key in ("reward_actor", "reference_actor"):
+        with pytest.raises(ConfigError, match=rf"'ray.{key}': not with iterate"):
+            iterate._check(load_config(iterate.Config, None, [*base, f"ray.{key}=true"]))
+    with pytest.raises(ConfigError, match=r"'ppo.launcher' is set by each round; set 'launcher' instead"):
+        iterate._check(load_config(iterate.Config, None, [*base, "ppo.launcher=ray"]))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from _rl_dist_worker import overrides, write_fixture
