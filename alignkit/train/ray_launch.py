@@ -64,7 +64,7 @@ class RayConfig:
     reference_num_gpus: float = 0.0
     """GPUs for the reference actor."""
     object_store_mb: int = 256
-    """Object store of a local cluster, MiB (only ids, scores and configs travel through it)."""
+    """Object store of a local cluster, MiB (only ids, scores, log-probs and configs travel through it)."""
     placement_timeout_s: float = 600.0
     """Give up when the cluster cannot hold the placement group within this many seconds."""
 
