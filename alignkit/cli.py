@@ -62,6 +62,7 @@ FLAGS = {
     "ppo": ("launcher",),
     "grpo": ("launcher",),
     "rloo": ("launcher",),
+    "iterate": ("launcher",),
 }
 
 

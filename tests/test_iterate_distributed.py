@@ -4,7 +4,8 @@ One round in a tiny world: RM_0 trained on the world's pairs, 8 prompts x 2 samp
 policy, gold labels, RM_1, 2 PPO iterations, the gold evaluation. One process runs the reward
 model's global batch of 8 as 2 micro-batches of 4 (grad_accum 2), two ranks one of 4 each: the
 same micro-batches. The sampled pairs and their labels must be identical (order included), every
-weight and every summary / metrics number within 1e-5 (fp32), and rank 0 alone writes.
+weight and every summary / metrics number within 1e-5 (fp32), and rank 0 alone writes. The same
+2 ranks placed as Ray actors (`alignkit iterate --launcher ray`) give the same equalities.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ NOT_COMPARED = {"wall_s", "rollout_s", "iteration_s", "items_per_s", "tokens_per
 
 def _run(args: list[str], procs: int) -> None:
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run([sys.executable, *launcher, "-m", "alignkit.cli", "iterate", *args],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -55,6 +56,7 @@ def runs(tmp_path_factory):
         "ppo.iterations=2", "ppo.rollout_batch=4", "ppo.ppo_epochs=1", "ppo.train.batch_size=4", "ppo.train.lr=0.001",
         "ppo.train.precision=fp32", "ppo.rollout.max_new_tokens=6", "ppo.eval_limit=2",
     ]
+    (root / "common.json").write_text(json.dumps(common))
     _run([*common, f"out={root / 'one'}", "reward.train.grad_accum=2"], procs=1)
     _run([*common, f"out={root / 'two'}"], procs=2)
     return root
@@ -77,7 +79,27 @@ def _close(a, b, where: str) -> None:
 
 
 def test_two_ranks_equal_one_process(runs):
-    one, two = runs / "one", runs / "two"
+    _assert_equal_runs(runs, runs / "one", runs / "two")
+
+
+@pytest.fixture(scope="module")
+def ray_run(runs):
+    """The 2-rank run again, its ranks as Ray actors (`--launcher ray`, a local 127.0.0.1 cluster)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'): iterate on Ray is not tested")
+    common = json.loads((runs / "common.json").read_text())
+    _run([*common, f"out={runs / 'ray'}", "--launcher", "ray", "ray.workers=2", "ray.num_cpus=0.5",
+          "ray.object_store_mb=100", "ray.placement_timeout_s=60"], procs=1)
+    return runs / "ray"
+
+
+def test_iterate_on_ray_actors_equals_one_process(runs, ray_run):
+    """`alignkit iterate --launcher ray`: the same 2 ranks as Ray actors (each runs iterate's own
+    `train`, PPO's reference on the ranks) equal the one process as torchrun's do."""
+    _assert_equal_runs(runs, runs / "one", ray_run)
+    assert "launcher: ray" in (ray_run / "config.yaml").read_text()
+
+
+def _assert_equal_runs(runs: Path, one: Path, two: Path) -> None:
     # the sampled pairs and their gold labels: identical, in the same order
     for name in ("samples.jsonl", "pairs.jsonl", "reward_data.jsonl"):
         assert (two / "round_1" / name).read_text() == (one / "round_1" / name).read_text(), name

@@ -221,9 +221,10 @@ def run(cfg: Config) -> dict:
     return train(cfg)
 
 
-def train(cfg: Config, reward: RewardSource | None = None) -> dict:
+def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None) -> dict:
     """This process's part of the run. reward: a source built elsewhere (Ray's reward actor);
-    None builds cfg.reward here."""
+    None builds cfg.reward here. reference: the KL reference built elsewhere (Ray's reference
+    actor, ray_launch.RemoteReference); None builds it here (rollout.build_reference)."""
     from alignkit.memory import PeakMemory
     from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
     from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
@@ -271,7 +272,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         prompt_ids, prompt_texts = load_prompts(prompt_path, tokenizer, cfg.data.max_prompt_len, cfg.data.limit, cfg.data.on_error)
         policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
         policy.eval()  # dropout off: the ratio must be exactly 1 before the first update
-        reference = build_reference(policy, cfg.model.path, cfg.model.lora_r > 0, device)
+        reference = reference or build_reference(policy, cfg.model.path, cfg.model.lora_r > 0, device)
         reward = reward if reward is not None else build_reward_source(cfg.reward, world, device)
         gold = gold_fn(world) if world is not None else None
         engine = rl_engine(cfg.train, dist, policy, policy, device)  # before the optimizer: sharding swaps parameters

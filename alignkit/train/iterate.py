@@ -69,6 +69,7 @@ from alignkit.train.distributed import (
     init_dist,
     share,
 )
+from alignkit.train.ray_launch import RayConfig
 
 ROUND_DIR = re.compile(r"round_\d+")
 
@@ -136,12 +137,17 @@ class Config:
     """Continue the run in `out`: finished rounds are kept, an unfinished one continues."""
     overwrite: bool = False
     """Delete an earlier run's round_* folders and summary.json in `out` and start afresh."""
+    launcher: Literal["torchrun", "ray"] = "torchrun"
+    """'torchrun': this process is the run (or one of torchrun's ranks); 'ray': place ray.workers ranks as Ray actors."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray placement (launcher=ray only): the ranks and their resources, the cluster (no reward or reference actor:
+    both models change every round)."""
 
 
 # keys of the nested stage configs that each round sets itself -> the top-level key to set instead
 PPO_SET_BY_ROUND = {
     "model.path": "policy (or ppo_init)", "data.path": "prompts", "reward.model": "reward_model", "world": "world", "out": "out",
-    "reference": "kl_reference",
+    "reference": "kl_reference", "launcher": "launcher", "ray": "ray",
 }
 REWARD_SET_BY_ROUND = {
     "model.path": "reward_base (or reward_init)", "data.path": "preferences", "data.eval_path": "eval_preferences",
@@ -185,6 +191,10 @@ def _check(cfg: Config) -> None:
                 raise ConfigError(f"config key '{section}.{key}' is set by each round; set '{instead}' instead")
     if cfg.ppo.reward.source != "model":
         raise ConfigError(f"config key 'ppo.reward.source' must be 'model' (the round's reward model), got {cfg.ppo.reward.source!r}")
+    for key in ("reward_actor", "reference_actor"):
+        if getattr(cfg.ray, key):
+            raise ConfigError(f"config key 'ray.{key}': not with iterate (each round trains a new reward model and "
+                              "moves the KL reference); the ranks hold both")
 
 
 # ---------------------------------------------------------------------------------- pairs
@@ -643,7 +653,18 @@ def run(cfg: Config) -> dict:
     """Round 0, then `cfg.rounds` rounds of sample -> label -> reward model -> PPO; returns the summary.
 
     Under torchrun every rank runs this: the sampling, the reward model's training and PPO are
-    split across the ranks (docs/distributed-rl.md); rank 0 labels, evaluates and writes."""
+    split across the ranks (docs/distributed-rl.md); rank 0 labels, evaluates and writes. With
+    launcher=ray the same ranks run as Ray actors (alignkit.train.ray_launch)."""
+    _check(cfg)
+    if cfg.launcher == "ray":
+        from alignkit.train.ray_launch import launch
+
+        return launch(train, cfg)
+    return train(cfg)
+
+
+def train(cfg: Config, reward: Any = None) -> dict:
+    """This process's part of the run (`reward` is the Ray launcher's reward actor, always None here)."""
     _check(cfg)
     dist = init_dist()
     if cfg.ppo.rollout_batch % dist.world:

@@ -365,9 +365,10 @@ def run(cfg: Config) -> dict:
     return train(cfg)
 
 
-def train(cfg: Config, reward: RewardSource | None = None) -> dict:
+def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None) -> dict:
     """This process's part of the run. reward: a source built elsewhere (Ray's reward actor);
-    None builds cfg.reward here."""
+    None builds cfg.reward here. reference: the KL reference built elsewhere (Ray's reference
+    actor, ray_launch.RemoteReference); None builds it here (rollout.build_reference)."""
     from alignkit.memory import PeakMemory
     from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
     from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
@@ -417,7 +418,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         prompt_ids, prompt_texts = load_prompts(prompt_path, tokenizer, cfg.data.max_prompt_len, cfg.data.limit, cfg.data.on_error)
         policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
         policy.eval()  # dropout off throughout: the ratio must be 1 before the first update
-        reference = build_reference(policy, cfg.reference or cfg.model.path, cfg.model.lora_r > 0, device)
+        reference = reference or build_reference(policy, cfg.reference or cfg.model.path, cfg.model.lora_r > 0, device)
         value_model, head = build_value_model(cfg, policy, device)
         ac = ActorCritic(policy, value_model, head, cfg.rollout.temperature)
         ac.eval()

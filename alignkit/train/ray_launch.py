@@ -1,5 +1,6 @@
-"""Ray placement for the RL stages (`alignkit ppo|grpo|rloo --launcher ray`): the trainer ranks as
-Ray actors in one placement group, optionally the reward source in an actor of its own.
+"""Ray placement for the RL stages (`alignkit ppo|grpo|rloo|iterate --launcher ray`): the trainer
+ranks as Ray actors in one placement group, optionally the reward source and the frozen KL
+reference model each in an actor of its own.
 
     alignkit ppo --launcher ray --config configs/ppo.yaml ray.workers=4 ray.num_gpus=1 ...
 
@@ -13,6 +14,10 @@ the processes; every collective is torch.distributed's.
 With `ray.reward_actor=true` the reward source (reward model(s) and their ensemble, the gold
 judge or a reward function) lives in one more actor: each rank sends it its share's token ids
 and texts and receives the scores, so the reward models need no memory on the trainer ranks.
+With `ray.reference_actor=true` the frozen reference model lives in one more actor: each rank
+sends it (input_ids, attention_mask, response_ids) and receives the per-token reference
+log-probs, computed by the same code, temperature and chunking as a local reference, so the
+trainer ranks never load it (not with LoRA, whose reference is the policy itself).
 
 Ray is optional (`pip install 'alignkit[ray]'`); it is imported only when a run asks for it.
 docs/distributed-rl.md has the recipes (one machine, a cluster joined with `ray.address`).
@@ -52,8 +57,14 @@ class RayConfig:
     """CPUs reserved for the reward actor."""
     reward_num_gpus: float = 0.0
     """GPUs for the reward actor."""
+    reference_actor: bool = False
+    """Compute the KL reference's log-probs in a separate actor that holds the frozen reference model (not with LoRA)."""
+    reference_num_cpus: float = 1.0
+    """CPUs reserved for the reference actor."""
+    reference_num_gpus: float = 0.0
+    """GPUs for the reference actor."""
     object_store_mb: int = 256
-    """Object store of a local cluster, MiB (only ids, scores and configs travel through it)."""
+    """Object store of a local cluster, MiB (only ids, scores, log-probs and configs travel through it)."""
     placement_timeout_s: float = 600.0
     """Give up when the cluster cannot hold the placement group within this many seconds."""
 
@@ -73,6 +84,28 @@ class RemoteReward:
             list(prompts), list(responses), input_ids.cpu(), attention_mask.cpu()))
         self.last_member_scores = None if members is None else members.to(device)
         return scores.to(device), raw.to(device)
+
+
+class RemoteReference:
+    """The frozen reference as a trainer rank sees it when it lives in the reference actor: the
+    two methods of rollout.Reference that the RL stages call, answered by the actor."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+
+    def logprobs(self, input_ids, attention_mask, response_ids, temperature=1.0, chunk=0, share_prompt_prefix=False):
+        """(B, L), (B, L), (B, T) -> (B, T) reference log-probs, on the ids' device."""
+        import ray
+
+        got = ray.get(self.actor.logprobs.remote(input_ids.cpu(), attention_mask.cpu(), response_ids.cpu(),
+                                                 temperature, chunk, share_prompt_prefix))
+        return got.to(input_ids.device)
+
+    def greedy_responses(self, tokenizer, prompt_ids, max_new_tokens: int) -> list[str]:
+        """The reference's greedy answers (the gold evaluation's other side), decoded in the actor."""
+        import ray
+
+        return ray.get(self.actor.greedy_responses.remote([list(p) for p in prompt_ids], max_new_tokens))
 
 
 @dataclass(frozen=True)
@@ -123,12 +156,55 @@ class RewardScorer:
             world = load_world(world_dir)
         self.device = pick_device()
         self.source = build_reward_source(reward_cfg, world, self.device)
+        self.rows = 0
 
     def score(self, prompts, responses, input_ids, attention_mask):
         """Texts (B,), ids and mask (B, L) -> scores (B,), raw scores (B,), member scores (K, B) or None."""
         scores, raw = self.source(prompts, responses, input_ids.to(self.device), attention_mask.to(self.device))
         members = getattr(self.source, "last_member_scores", None)
+        self.rows += len(responses)
         return scores.cpu(), raw.cpu(), None if members is None else members.cpu()
+
+    def served(self) -> int:
+        """Rows scored so far."""
+        return self.rows
+
+
+class ReferenceHolder:
+    """The reference actor: loads the frozen reference model once and answers every rank's
+    log-prob passes (and rank 0's greedy evaluation) with rollout.Reference's own code."""
+
+    def __init__(self, model_path: str, tokenizer_path: str, precision: str, driver: DriverState):
+        from alignkit.train.rollout import build_reference, pick_device
+
+        _join_driver(driver)
+        self.device = pick_device()
+        self.reference = build_reference(None, model_path, False, self.device)
+        self.tokenizer_path, self.tokenizer = tokenizer_path, None
+        self.precision = precision
+        self.rows = 0
+
+    def logprobs(self, input_ids, attention_mask, response_ids, temperature, chunk, share_prompt_prefix):
+        """(B, L), (B, L), (B, T) -> (B, T) log-probs, under the autocast the trainers' `train.precision` gives here."""
+        from alignkit.train.rollout import autocast_for
+
+        d = self.device
+        with autocast_for(self.precision, d):
+            got = self.reference.logprobs(input_ids.to(d), attention_mask.to(d), response_ids.to(d), temperature,
+                                          chunk, share_prompt_prefix=share_prompt_prefix)
+        self.rows += len(input_ids)
+        return got.cpu()
+
+    def greedy_responses(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
+        from alignkit.models.load import load_tokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_path)
+        return self.reference.greedy_responses(self.tokenizer, prompt_ids, max_new_tokens)
+
+    def served(self) -> int:
+        """Rows whose log-probs were computed so far."""
+        return self.rows
 
 
 class Trainer:
@@ -148,13 +224,14 @@ class Trainer:
         return ray.util.get_node_ip_address(), port
 
     def run(self, train: Callable[..., dict], cfg: Any, master: tuple[str, int], local_rank: int,
-            reward_actor: Any = None) -> dict:
+            reward_actor: Any = None, reference_actor: Any = None) -> dict:
         import torch.distributed as tdist
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK=str(local_rank),
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+        extra = {} if reference_actor is None else {"reference": RemoteReference(reference_actor)}
         try:
-            return train(cfg, RemoteReward(reward_actor) if reward_actor is not None else None)
+            return train(cfg, RemoteReward(reward_actor) if reward_actor is not None else None, **extra)
         finally:
             if tdist.is_initialized():
                 tdist.destroy_process_group()
@@ -182,7 +259,8 @@ def _connect(ray: Any, rc: RayConfig) -> bool:
                 "running there, and does this shell set RAY_AUTH_MODE=token when the cluster uses token authentication?"
             ) from None
         return True
-    need = rc.workers * rc.num_cpus + (rc.reward_num_cpus if rc.reward_actor else 0.0)
+    need = (rc.workers * rc.num_cpus + (rc.reward_num_cpus if rc.reward_actor else 0.0)
+            + (rc.reference_num_cpus if rc.reference_actor else 0.0))
     # "local": a new cluster even where RAY_ADDRESS or a previous `ray start` points at another one
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
              _node_ip_address="127.0.0.1", object_store_memory=rc.object_store_mb * 2**20)
@@ -201,21 +279,45 @@ def _bundle(cpus: float, gpus: float) -> dict[str, float]:
     return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
 
 
+def check_actors(cfg: Any) -> None:
+    """Refuse, before any cluster starts, the actors a run cannot use."""
+    rc: RayConfig = cfg.ray
+    if rc.workers < 1:
+        raise ConfigError(f"config key 'ray.workers' must be >= 1, got {rc.workers}")
+    if rc.reference_actor and cfg.model.lora_r > 0:
+        raise ConfigError(
+            "config key 'ray.reference_actor': not with model.lora_r > 0; a LoRA policy's reference is the policy "
+            "itself with the adapter switched off, so the trainer ranks hold no second model to move out "
+            "(set ray.reference_actor=false)")
+
+
+def _actor_rows(ray: Any, actor: Any) -> int | None:
+    return None if actor is None else ray.get(actor.served.remote())
+
+
 def launch(train: Callable[..., dict], cfg: Any) -> dict:
-    """Run `train(cfg, reward)` on `cfg.ray.workers` Ray actors; returns rank 0's result."""
+    """Run `train(cfg, reward[, reference=...])` on `cfg.ray.workers` Ray actors; returns rank 0's
+    result, with `ray`: every rank's peak memory and the rows the reward / reference actors served."""
     ray = _import_ray()
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     rc: RayConfig = cfg.ray
+    check_actors(cfg)
     owned = _connect(ray, rc)
     bundles = [_bundle(rc.num_cpus, rc.num_gpus) for _ in range(rc.workers)]
-    reward_bundle = _bundle(rc.reward_num_cpus, rc.reward_num_gpus) if rc.reward_actor else {}
-    if reward_bundle:  # the last bundle; a reward actor that reserves nothing needs none
-        bundles.append(reward_bundle)
+    index: dict[str, int] = {}  # reward / reference actor -> its bundle (one that reserves nothing needs none)
+    for name, on, cpus, gpus in (("reward", rc.reward_actor, rc.reward_num_cpus, rc.reward_num_gpus),
+                                 ("reference", rc.reference_actor, rc.reference_num_cpus, rc.reference_num_gpus)):
+        if on and _bundle(cpus, gpus):
+            index[name] = len(bundles)
+            bundles.append(_bundle(cpus, gpus))
     pg = placement_group(bundles, strategy=rc.strategy)
 
-    def in_bundle(i: int) -> dict:
+    def in_bundle(name_or_rank: str | int) -> dict:
+        i = index.get(name_or_rank) if isinstance(name_or_rank, str) else name_or_rank
+        if i is None:
+            return {}
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)}
 
     actors: list[Any] = []
@@ -225,19 +327,30 @@ def launch(train: Callable[..., dict], cfg: Any) -> dict:
                 f"config keys 'ray.*': the cluster cannot place the bundles {bundles} (strategy {rc.strategy}) "
                 f"within {rc.placement_timeout_s:g} s; it has {ray.cluster_resources()}")
         driver = driver_state()
-        reward_actor = None
+        reward_actor = reference_actor = None
         if rc.reward_actor:
             reward_cls = ray.remote(num_cpus=rc.reward_num_cpus, num_gpus=rc.reward_num_gpus)(RewardScorer)
-            reward_actor = reward_cls.options(**(in_bundle(rc.workers) if reward_bundle else {})).remote(
-                cfg.reward, cfg.world, driver)
+            reward_actor = reward_cls.options(**in_bundle("reward")).remote(cfg.reward, cfg.world, driver)
             actors.append(reward_actor)
+        if rc.reference_actor:
+            ref_cls = ray.remote(num_cpus=rc.reference_num_cpus, num_gpus=rc.reference_num_gpus)(ReferenceHolder)
+            reference_actor = ref_cls.options(**in_bundle("reference")).remote(
+                getattr(cfg, "reference", None) or cfg.model.path, cfg.model.tokenizer or cfg.model.path,
+                cfg.train.precision, driver)
+            actors.append(reference_actor)
         trainer_cls = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)(Trainer)
         trainers = [trainer_cls.options(**in_bundle(r)).remote(r, rc.workers, driver) for r in range(rc.workers)]
         actors += trainers
         addresses = ray.get([t.address.remote() for t in trainers])
         ranks = local_ranks([a[0] for a in addresses], rc.num_gpus)
-        refs = [t.run.remote(train, cfg, addresses[0], lr, reward_actor) for t, lr in zip(trainers, ranks)]
-        return _wait_all(ray, refs)[0]
+        refs = [t.run.remote(train, cfg, addresses[0], lr, reward_actor, reference_actor) for t, lr in zip(trainers, ranks)]
+        results = _wait_all(ray, refs)
+        result = dict(results[0])
+        placed = {"workers": rc.workers, "peak_mem_mb_per_rank": [r.get("peak_mem_mb") for r in results],
+                  "reward_actor_rows": _actor_rows(ray, reward_actor),
+                  "reference_actor_rows": _actor_rows(ray, reference_actor)}
+        result["ray"] = {k: v for k, v in placed.items() if v is not None and v != [None] * rc.workers}
+        return result
     finally:
         for a in actors:
             ray.kill(a)

@@ -709,6 +709,11 @@ class Reference:
             return response_token_stats(model, input_ids, attention_mask, response_ids, temperature, chunk,
                                         share_prompt_prefix=share_prompt_prefix)[0]
 
+    def greedy_responses(self, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+        """The reference's greedy answers (`greedy_responses`)."""
+        with self.active() as model:
+            return greedy_responses(model, tokenizer, prompt_ids, max_new_tokens)
+
 
 def build_reference(policy: Any, model_path: str, lora: bool, device: Any) -> Reference:
     """Adapter-disabled policy when `lora`, else a frozen copy loaded from `model_path`."""
@@ -884,8 +889,7 @@ def final_gold_eval(
     keep = spread(list(range(len(ids))), limit)
     ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
     mine = greedy_responses(policy, tokenizer, ids, max_new_tokens)
-    with reference.active() as ref:
-        theirs = greedy_responses(ref, tokenizer, ids, max_new_tokens)
+    theirs = reference.greedy_responses(tokenizer, ids, max_new_tokens)  # a local Reference, or Ray's actor
     out = gold_comparison(world, texts, mine, theirs)
     out["examples"] = [{"prompt": p, "policy": a, "reference": b} for p, a, b in list(zip(texts, mine, theirs))[:: max(1, len(texts) // 12)]]
     return out
