@@ -37,7 +37,7 @@ from alignkit.train.distributed import (
     micro_batches,
 )
 from alignkit.train.ray_launch import RayConfig
-from alignkit.train.rl_shard import Replicated, rl_engine
+from alignkit.train.rl_shard import Replicated, rl_engine, shard_reference, whole_reference
 from alignkit.train.rollout import (
     RewardConfig,
     RewardSource,
@@ -276,6 +276,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
         reward = reward if reward is not None else build_reward_source(cfg.reward, world, device)
         gold = gold_fn(world) if world is not None else None
         engine = rl_engine(cfg.train, dist, policy, policy, device)  # before the optimizer: sharding swaps parameters
+        reference = shard_reference(reference, engine, dist, device)  # under fsdp2, 1/N of it per rank
 
         batch = cfg.prompts_per_step * cfg.group_size
         steps_per_it = cfg.updates_per_rollout * -(-batch // max(1, min(cfg.train.batch_size, batch)))
@@ -349,9 +350,9 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
             if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-                with engine.gathered() as current:
+                with engine.gathered() as current, whole_reference(reference) as ref:
                     if dist.main:
-                        ev = final_gold_eval(current, reference, tokenizer, world, cfg.world, cfg.eval_limit,
+                        ev = final_gold_eval(current, ref, tokenizer, world, cfg.world, cfg.eval_limit,
                                              cfg.rollout.max_new_tokens)
                         row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
                         evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
@@ -367,11 +368,11 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
 
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations, "advantage": cfg.advantage,
                                   "reward_source": cfg.reward.source}
-        with engine.gathered() as trained:
+        with engine.gathered() as trained, whole_reference(reference) as ref:
             if dist.main:
                 save_model(trained, tokenizer, out / "final")
             if world is not None and dist.main:
-                ev = final_gold_eval(trained, reference, tokenizer, world, cfg.world, cfg.eval_limit,
+                ev = final_gold_eval(trained, ref, tokenizer, world, cfg.world, cfg.eval_limit,
                                      cfg.rollout.max_new_tokens)
                 ev["during_training"] = evals
                 write_json_atomic(out / "eval.json", ev)

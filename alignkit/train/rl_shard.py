@@ -242,3 +242,52 @@ def rl_engine(train: Any, dist: Dist, module: nn.Module, policy: nn.Module, devi
     if train.strategy == "deepspeed" and dist.active:
         return ZeRO(module, policy, dist, device, train)
     return Replicated(module, policy, dist)
+
+
+class ShardedReference:
+    """The frozen reference model sharded by FSDP2 like the policy (`train.strategy=fsdp2`): 1/N
+    of its weights per rank. Its log-prob passes run on every rank in step (each rank scores as
+    many rows); `whole()` gathers it for greedy answers (collective: every rank enters)."""
+
+    def __init__(self, model: nn.Module, dist: Dist, device: torch.device):
+        model.requires_grad_(False)
+        model.eval()
+        self.engine = Sharded(model, model, dist, device)
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+                 temperature: float = 1.0, chunk: int = 0, share_prompt_prefix: bool = False) -> torch.Tensor:
+        from alignkit.train.rollout import response_token_stats
+
+        def fn(model, ids, mask, r_ids):
+            return response_token_stats(model, ids, mask, r_ids, temperature, chunk, share_prompt_prefix=share_prompt_prefix)[0]
+
+        return self.engine(fn, input_ids, attention_mask, response_ids)
+
+    @contextlib.contextmanager
+    def whole(self) -> Iterator[Any]:
+        """A plain `rollout.Reference` around the gathered model, for the block."""
+        from alignkit.train.rollout import Reference
+
+        with self.engine.gathered() as model:
+            yield Reference(model, model)
+
+
+def shard_reference(reference: Any, engine: Replicated, dist: Dist, device: torch.device) -> Any:
+    """`reference` sharded like the policy when `engine` is FSDP2 and the reference is a model of
+    its own (not a LoRA policy's adapter-free self, nor a Ray actor); else `reference` itself."""
+    model = getattr(reference, "model", None)
+    if isinstance(engine, Sharded) and isinstance(model, nn.Module):
+        return ShardedReference(model, dist, device)
+    return reference
+
+
+@contextlib.contextmanager
+def whole_reference(reference: Any) -> Iterator[Any]:
+    """The reference ready for greedy answers on one rank: a sharded one gathered (collective),
+    any other as it is."""
+    if isinstance(reference, ShardedReference):
+        with reference.whole() as ref:
+            yield ref
+    else:
+        yield reference
