@@ -12,9 +12,9 @@ prompts and a reward function. After every update, each rank records:
 - `state_mb`: bytes of this rank's own policy parameters, gradients and AdamW states (a DTensor
   counts its local shard), each storage once: what sharding is meant to divide;
 - `rss_mb`: the peak process RSS minus the RSS before the policy was loaded. It includes what
-  sharding does not divide: the frozen reference model (a full copy on every rank), the whole
-  policy gathered for sampling (`Sharded.gathered`, freed after each rollout), activations and
-  allocator slack. Both sides run with glibc's `MALLOC_MMAP_THRESHOLD_=131072`, so freed large
+  sharding does not divide: the full policy and reference every rank loads before sharding, the
+  whole policy gathered for sampling (`Sharded.gathered`, freed after each rollout), activations,
+  gloo and checkpoint buffers, allocator slack. Both sides run with glibc's `MALLOC_MMAP_THRESHOLD_=131072`, so freed large
   blocks leave the RSS (without it, FSDP2's peak RSS was 1.35x DDP's: the freed gathered policies).
 
 The ratios are FSDP2 / DDP of the larger of the two ranks. Last line: one JSON object.
