@@ -272,11 +272,12 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
         prompt_ids, prompt_texts = load_prompts(prompt_path, tokenizer, cfg.data.max_prompt_len, cfg.data.limit, cfg.data.on_error)
         policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
         policy.eval()  # dropout off: the ratio must be exactly 1 before the first update
+        engine = rl_engine(cfg.train, dist, policy, policy, device)  # before the optimizer: sharding swaps parameters
+        # loaded once the policy is sharded (a smaller peak) and, under fsdp2, sharded itself
         reference = reference or build_reference(policy, cfg.model.path, cfg.model.lora_r > 0, device)
+        reference = shard_reference(reference, engine, dist, device)
         reward = reward if reward is not None else build_reward_source(cfg.reward, world, device)
         gold = gold_fn(world) if world is not None else None
-        engine = rl_engine(cfg.train, dist, policy, policy, device)  # before the optimizer: sharding swaps parameters
-        reference = shard_reference(reference, engine, dist, device)  # under fsdp2, 1/N of it per rank
 
         batch = cfg.prompts_per_step * cfg.group_size
         steps_per_it = cfg.updates_per_rollout * -(-batch // max(1, min(cfg.train.batch_size, batch)))

@@ -418,12 +418,13 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
         prompt_ids, prompt_texts = load_prompts(prompt_path, tokenizer, cfg.data.max_prompt_len, cfg.data.limit, cfg.data.on_error)
         policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
         policy.eval()  # dropout off throughout: the ratio must be 1 before the first update
-        reference = reference or build_reference(policy, cfg.reference or cfg.model.path, cfg.model.lora_r > 0, device)
         value_model, head = build_value_model(cfg, policy, device)
         ac = ActorCritic(policy, value_model, head, cfg.rollout.temperature)
         ac.eval()
         engine = rl_engine(cfg.train, dist, ac, policy, device)  # before the optimizers: sharding swaps parameters
-        reference = shard_reference(reference, engine, dist, device)  # under fsdp2, 1/N of it per rank
+        # loaded once the policy is sharded (a smaller peak) and, under fsdp2, sharded itself
+        reference = reference or build_reference(policy, cfg.reference or cfg.model.path, cfg.model.lora_r > 0, device)
+        reference = shard_reference(reference, engine, dist, device)
         reward = reward if reward is not None else build_reward_source(cfg.reward, world, device)
         gold = gold_fn(world) if world is not None else None
         judge = build_monitor_judge(cfg.monitor.judge, world, device) if cfg.monitor.enabled else None
