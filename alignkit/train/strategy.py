@@ -58,7 +58,13 @@ class MetaTwin:
 
     def __init__(self, model: nn.Module):
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        self.module = copy.deepcopy(model).to("meta")
+        # deepcopy with every parameter and buffer pre-mapped to a meta tensor of its shape: the
+        # structure is copied, the weights never are (a plain deepcopy would hold a second full
+        # model in memory for a moment); tied parameters stay tied
+        memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                                for p in model.parameters()}
+        memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+        self.module = copy.deepcopy(model, memo)
 
     def materialise(self, full_state: dict[str, torch.Tensor], device: Any = "cpu") -> nn.Module:
         """The module with `full_state`'s weights on `device` (the same module object every time)."""
