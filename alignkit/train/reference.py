@@ -44,7 +44,7 @@ from torch import nn
 from alignkit.atomic import share_tree
 from alignkit.data.batching import collate_sft
 from alignkit.data.tokenize import TokenizedSFT
-from alignkit.models.chunked import DEFAULT_CHUNK, sequence_sums, sums_by_sequence
+from alignkit.models.chunked import DEFAULT_CHUNK, custom_mask_for, sequence_sums, sums_by_sequence
 from alignkit.models.logprobs import position_ids_from_mask
 
 CACHE_FORMAT = 1
@@ -114,7 +114,8 @@ def response_logps(
     core_type = type(_core(model))
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    call = dict(input_ids=input_ids, attention_mask=custom_mask_for(model, attention_mask), position_ids=position_ids,
+                use_cache=False)
     logits = None
     if _accepts_logits_to_keep(core_type) and core_type not in _NO_MASK_KEEP:
         try:
