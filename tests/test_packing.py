@@ -165,7 +165,7 @@ def test_dpo_stage_packed_training_equals_padded(tmp_path):
     cfg = dpo.Config(loss="sigmoid", beta=0.5, reference="copy", train=tcfg)
     plan = lambda epoch: [[0, 1, 2], [3, 4, 5]]  # noqa: E731
     finals = []
-    for packing, share in ((True, False), (False, False), (False, True)):
+    for packing, share in ((True, None), (False, None), (False, (32, 64))):
         reference = CopyReference(_perturbed(_llama()), logprob_chunk=CHUNK)
         model = _llama()
         train(model, dpo.make_preference_step(cfg, reference), items,
@@ -292,10 +292,25 @@ def test_shared_prompt_needs_custom_mask_attention():
     from alignkit.train.reference import response_logps
 
     model = _llama()
-    assert dpo.sharing_prompts(dpo.Config(), model)
-    assert not dpo.sharing_prompts(dpo.Config(share_prompt=False), model)
+    assert dpo.sharing_prompts(dpo.Config(), model) == (32, 64)
+    assert dpo.sharing_prompts(dpo.Config(share_prompt=False), model) is None
     b = collate_shared_prompt(_pairs(), PAD)
     model.config._attn_implementation = "flash_attention_2"
-    assert not dpo.sharing_prompts(dpo.Config(), model)
+    assert dpo.sharing_prompts(dpo.Config(), model) is None
     with pytest.raises(ValueError, match="custom 4-D attention mask"):
         response_logps(model, **dpo.model_inputs(b))
+
+
+def test_shared_prompt_is_cheaper_by_hand():
+    """H = 256, I = 1024: (4H + 3I) / 2 = 2048 per token, 1 per attention entry. 16 pairs with a
+    14-token prompt and 10 / 8-token responses: two rows of 24 cost 2 * 16 * (24 * 2048 + 288) =
+    1,582,080, shared rows of 33 cost 16 * (33 * 2048 + 1089) = 1,098,768: shared. One pair with
+    512 + 1,536 + 1,536 tokens: 2 * (2048 * 2048 + 2048^2 / 2) = 12,582,912 against
+    3585 * 2048 + 3585^2 = 20,194,305: two rows."""
+    from alignkit.data.packing import shared_prompt_is_cheaper
+    from alignkit.data.tokenize import TokenizedPair
+
+    short = [TokenizedPair([1] * 14, [2] * 10, [3] * 8)] * 16
+    assert shared_prompt_is_cheaper(short, 256, 1024)
+    long = [TokenizedPair([1] * 512, [2] * 1536, [3] * 1536)]
+    assert not shared_prompt_is_cheaper(long, 256, 1024)

@@ -166,6 +166,25 @@ def shared_prompt_length(item: TokenizedPair) -> int:
     return p + (1 if p else 0) + len(item.chosen_ids) + len(item.rejected_ids)
 
 
+def shared_prompt_is_cheaper(items: Sequence[TokenizedPair], hidden: int, intermediate: int) -> bool:
+    """Whether the decoder does less arithmetic on the `SharedPromptPairs` rows of `items` than on
+    their two-row `PreferenceBatch`, per layer and in units of 4 H flops:
+
+        tokens * (4 H + 3 I) / 2   (q, k, v, o projections and the gated MLP, forward)
+        + attention scores          (q k and attention-weighted v, 4 H flops each)
+
+    counting every (query, key) entry of the shared rows' L x L squares (a custom mask is dense)
+    and half of the two-row T x T squares (causal kernels skip the upper half). Short rows save
+    P - 1 tokens per pair; at thousands of tokens per row the larger square costs more than that.
+    """
+    lin = (4 * hidden + 3 * intermediate) / 2
+    two_t = max(len(x.prompt_ids) + max(len(x.chosen_ids), len(x.rejected_ids)) for x in items)
+    shared_l = max(shared_prompt_length(x) for x in items)
+    two = 2 * len(items) * (two_t * lin + two_t * two_t / 2)
+    shared = len(items) * (shared_l * lin + shared_l * shared_l)
+    return shared < two
+
+
 def collate_shared_prompt(items: Sequence[TokenizedPair], pad_id: int) -> SharedPromptPairs:
     """Pairs into `SharedPromptPairs` (see there): one row per pair, the prompt prefix once."""
     if not items:

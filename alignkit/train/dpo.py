@@ -62,7 +62,7 @@ from alignkit.data.packing import (
     collate_shared_prompt,
     pack,
     pack_preference,
-    shared_prompt_length,
+    shared_prompt_is_cheaper,
 )
 from alignkit.data.tokenize import TokenizedPair, TokenizedSFT, TokenizedUnpaired
 from alignkit.losses.preference import (
@@ -130,8 +130,8 @@ class Config:
     """Sequences per forward in the precomputing pass."""
     share_prompt: bool = True
     """Paired losses: run each pair's prompt once, chosen and rejected as two branches of one row under a
-    tree attention mask (same log-probs, fewer tokens; not with train.packing, or attention other than
-    SDPA/eager)."""
+    tree attention mask, in batches where that is less arithmetic (short rows; same log-probs; not with
+    train.packing, or attention other than SDPA/eager)."""
     disable_dropout: bool = True
     """Zero every dropout of policy and reference, so the step-0 loss is exactly the no-change value."""
     eval_world: str | None = None
@@ -279,17 +279,21 @@ def kto_columns(items: Sequence[KTOItem]) -> dict[str, list[tuple[list[int], lis
     }
 
 
-def make_preference_collate(pad_id: int, reference: Reference, packing: bool = False, share_prompt: bool = False):
+def make_preference_collate(
+    pad_id: int, reference: Reference, packing: bool = False, share_prompt: tuple[int, int] | None = None,
+):
     """Collate (index, pair) items into a DPOBatch, attaching cached reference log-probs; with
-    `packing` the 2B sequences go into one row with no padding (`pack_preference`), with
-    `share_prompt` (and not `packing`) one row per pair holds its prompt once (`collate_shared_prompt`)."""
+    `packing` the 2B sequences go into one row with no padding (`pack_preference`). With
+    `share_prompt` = (hidden size, intermediate size) of the model (and not `packing`), a batch
+    whose prompt-sharing rows cost less (`shared_prompt_is_cheaper`) holds each pair's prompt
+    once in one row (`collate_shared_prompt`)."""
 
     def collate(indexed: list[tuple[int, TokenizedPair]]) -> DPOBatch:
         idx = [j for j, _ in indexed]
         items = [x for _, x in indexed]
         if packing:
             pairs: Any = pack_preference(items)
-        elif share_prompt:
+        elif share_prompt is not None and shared_prompt_is_cheaper(items, *share_prompt):
             pairs = collate_shared_prompt(items, pad_id)
         else:
             pairs = collate_preference(items, pad_id)
@@ -446,12 +450,19 @@ def make_kto_step(cfg: Config, reference: Reference):
 # --- the stage --------------------------------------------------------------------------------
 
 
-def sharing_prompts(cfg: Config, model: Any) -> bool:
-    """Whether the paired batches take the prompt-sharing layout: `share_prompt` asked, no packing,
-    and attention that takes a custom mask (the policy's; a copy reference is the same class)."""
-    from alignkit.models.chunked import supports_custom_mask
+def sharing_prompts(cfg: Config, model: Any) -> tuple[int, int] | None:
+    """(hidden, intermediate size) of the model when paired batches may take the prompt-sharing
+    layout (`share_prompt` asked, no packing, attention that takes a custom mask: the policy's; a
+    copy reference is the same class), else None."""
+    from alignkit.models.chunked import supports_custom_mask, unwrap
 
-    return cfg.share_prompt and not cfg.is_unpaired and not cfg.train.packing and supports_custom_mask(model)
+    if not cfg.share_prompt or cfg.is_unpaired or cfg.train.packing or not supports_custom_mask(model):
+        return None
+    conf = unwrap(model).config
+    hidden = int(getattr(conf, "hidden_size", 0) or 0)
+    if hidden <= 0:
+        return None
+    return hidden, int(getattr(conf, "intermediate_size", None) or 4 * hidden)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -600,7 +611,7 @@ def run(cfg: Config) -> dict:
     else:
         collate = make_preference_collate(pad_id, reference, cfg.train.packing, share)
         step = make_preference_step(cfg, reference)
-    lengths = [shared_prompt_length(x) if share else len(x) for x in items]
+    lengths = [len(x) for x in items]
 
     def plan(epoch: int) -> list[list[int]]:
         return bucketed_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch)
