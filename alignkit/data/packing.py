@@ -138,6 +138,8 @@ class SharedPromptPairs:
     labels: (B, L) response ids, IGNORE_INDEX on prompt tokens, branch starts and padding.
     seq_index: (B * L,) the sequence a position's prediction belongs to (row-major): b for the
         chosen branch, B + b for the rejected one, 2B - 1 elsewhere (never scored).
+    last_index: (2B,) row-major index into (B * L) of each sequence's last token (chosen b, then
+        rejected b: `PreferenceBatch`'s row order), where a reward model reads its score.
     tokens: real (non-pad) tokens in the batch.
     margin, soft_label: (B,) float, or None, as in `PreferenceBatch`.
     """
@@ -147,6 +149,7 @@ class SharedPromptPairs:
     position_ids: torch.Tensor
     labels: torch.Tensor
     seq_index: torch.Tensor
+    last_index: torch.Tensor
     tokens: int
     margin: torch.Tensor | None = None
     soft_label: torch.Tensor | None = None
@@ -195,6 +198,7 @@ def collate_shared_prompt(items: Sequence[TokenizedPair], pad_id: int) -> Shared
     labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
     branch = torch.full((n, length), PAD_BRANCH, dtype=torch.long)
     seq = torch.full((n, length), 2 * n - 1, dtype=torch.long)
+    last = torch.zeros(2 * n, dtype=torch.long)
     for b, x in enumerate(items):
         s = max(len(x.prompt_ids) - 1, 0)
         row, lab, pos_row = list(x.prompt_ids[:s]), [IGNORE_INDEX] * s, list(range(s))
@@ -208,6 +212,7 @@ def collate_shared_prompt(items: Sequence[TokenizedPair], pad_id: int) -> Shared
             pos_row += range(s, s + len(tail))
             br += [k + 1] * len(tail)
             sq += [b + k * n] * len(tail)
+            last[b + k * n] = b * length + max(len(row) - 1, 0)  # an empty branch: the prefix's last token
         m = len(row)
         ids[b, :m] = torch.tensor(row, dtype=torch.long)
         labels[b, :m] = torch.tensor(lab, dtype=torch.long)
@@ -219,7 +224,7 @@ def collate_shared_prompt(items: Sequence[TokenizedPair], pad_id: int) -> Shared
     mask = causal & ((k == PREFIX) | (k == q)) & (k != PAD_BRANCH)
     mask |= torch.eye(length, dtype=torch.bool)  # pad queries: themselves only
     return SharedPromptPairs(
-        ids, mask.unsqueeze(1), pos, labels, seq.reshape(-1), int((branch != PAD_BRANCH).sum()),
+        ids, mask.unsqueeze(1), pos, labels, seq.reshape(-1), last, int((branch != PAD_BRANCH).sum()),
         margin=_optional_floats([x.margin for x in items], 0.0),
         soft_label=_optional_floats([x.soft_label for x in items], 1.0),
     )
