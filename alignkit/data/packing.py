@@ -193,12 +193,8 @@ def collate_shared_prompt(items: Sequence[TokenizedPair], pad_id: int) -> Shared
     if not items:
         raise ValueError("collate_shared_prompt got an empty batch")
     n, length = len(items), max(shared_prompt_length(x) for x in items)
-    ids = torch.full((n, length), pad_id, dtype=torch.long)
-    pos = torch.zeros((n, length), dtype=torch.long)
-    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    branch = torch.full((n, length), PAD_BRANCH, dtype=torch.long)
-    seq = torch.full((n, length), 2 * n - 1, dtype=torch.long)
-    last = torch.zeros(2 * n, dtype=torch.long)
+    ids, pos, labels, branch, seq = [], [], [], [], []
+    last = [0] * (2 * n)
     for b, x in enumerate(items):
         s = max(len(x.prompt_ids) - 1, 0)
         row, lab, pos_row = list(x.prompt_ids[:s]), [IGNORE_INDEX] * s, list(range(s))
@@ -213,18 +209,20 @@ def collate_shared_prompt(items: Sequence[TokenizedPair], pad_id: int) -> Shared
             br += [k + 1] * len(tail)
             sq += [b + k * n] * len(tail)
             last[b + k * n] = b * length + max(len(row) - 1, 0)  # an empty branch: the prefix's last token
-        m = len(row)
-        ids[b, :m] = torch.tensor(row, dtype=torch.long)
-        labels[b, :m] = torch.tensor(lab, dtype=torch.long)
-        pos[b, :m] = torch.tensor(pos_row, dtype=torch.long)
-        branch[b, :m] = torch.tensor(br, dtype=torch.long)
-        seq[b, :m] = torch.tensor(sq, dtype=torch.long)
+        pad = length - len(row)
+        ids.append(row + [pad_id] * pad)
+        labels.append(lab + [IGNORE_INDEX] * pad)
+        pos.append(pos_row + [0] * pad)
+        branch.append(br + [PAD_BRANCH] * pad)
+        seq.append(sq + [2 * n - 1] * pad)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    ids, pos, labels, branch, seq = map(as_long, (ids, pos, labels, branch, seq))
     q, k = branch.unsqueeze(2), branch.unsqueeze(1)  # (B, L, 1), (B, 1, L)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     mask = causal & ((k == PREFIX) | (k == q)) & (k != PAD_BRANCH)
     mask |= torch.eye(length, dtype=torch.bool)  # pad queries: themselves only
     return SharedPromptPairs(
-        ids, mask.unsqueeze(1), pos, labels, seq.reshape(-1), last, int((branch != PAD_BRANCH).sum()),
+        ids, mask.unsqueeze(1), pos, labels, seq.reshape(-1), as_long(last), int((branch != PAD_BRANCH).sum()),
         margin=_optional_floats([x.margin for x in items], 0.0),
         soft_label=_optional_floats([x.soft_label for x in items], 1.0),
     )
