@@ -314,3 +314,27 @@ def test_shared_prompt_is_cheaper_by_hand():
     assert shared_prompt_is_cheaper(short, 256, 1024)
     long = [TokenizedPair([1] * 512, [2] * 1536, [3] * 1536)]
     assert not shared_prompt_is_cheaper(long, 256, 1024)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_precomputed_reference_pass_shares_prompts(average, monkeypatch):
+    """The one-off reference pass with `share_prompt` (pairs, prompt once, 2 pairs a forward)
+    gives the plain pass's table (every sequence alone in length-sorted padded batches), 1e-5."""
+    from alignkit.data.tokenize import TokenizedPair
+    from alignkit.train import dpo
+    from alignkit.train import reference as ref_lib
+    from alignkit.train.reference import precompute_logps
+
+    calls = []
+    real = ref_lib.collate_shared_prompt
+    monkeypatch.setattr(ref_lib, "collate_shared_prompt", lambda *a: calls.append(1) or real(*a))
+
+    model = _perturbed(_llama())
+    items = _pairs() + [TokenizedPair([], [7, 8, 9], [10, 11]), TokenizedPair([4, 5, 6], [7], [8, 9])]
+    columns = dpo.preference_columns(items)
+    plain = precompute_logps(model, columns, PAD, average, batch_size=4)
+    shared = precompute_logps(model, columns, PAD, average, batch_size=4, share_prompt=(32, 64))
+    assert set(shared) == {"chosen", "rejected"} and len(calls) == 3  # 5 pairs, 2 a forward, all shared
+    for k in plain:
+        torch.testing.assert_close(shared[k], plain[k], rtol=1e-5, atol=1e-5)
+    assert plain["chosen"].abs().min() > 0

@@ -592,7 +592,7 @@ def run(cfg: Config) -> dict:
             return ref_lib.precompute_logps(
                 m, columns, pad_id, cfg.average_logps, cfg.reference_batch_size,
                 device=acc.device, autocast=acc.autocast, progress=cfg.train.progress,
-                logprob_chunk=cfg.train.logprob_chunk,
+                logprob_chunk=cfg.train.logprob_chunk, share_prompt=sharing_prompts(cfg, m),
             )
 
         sizes = {name: len(seqs) for name, seqs in columns.items()}
