@@ -129,9 +129,7 @@ class Config:
     reference_batch_size: int = 64
     """Sequences per forward in the precomputing pass."""
     share_prompt: bool = True
-    """Paired losses: run each pair's prompt once, chosen and rejected as two branches of one row under a
-    tree attention mask, in batches where that is less arithmetic (short rows; same log-probs; not with
-    train.packing, or attention other than SDPA/eager)."""
+    """Paired losses: each pair's prompt once (one row, tree attention mask) in batches where that is less work."""
     disable_dropout: bool = True
     """Zero every dropout of policy and reference, so the step-0 loss is exactly the no-change value."""
     eval_world: str | None = None

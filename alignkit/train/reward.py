@@ -71,9 +71,7 @@ class Config:
     eval_batch_size: int = 64
     """Pairs per forward when scoring (statistics and held-out evaluation)."""
     share_prompt: bool = True
-    """Run each pair's prompt once in training: chosen and rejected as two branches of one row under a tree
-    attention mask, in batches where that is less arithmetic (short rows; same rewards; decoder backbones
-    with SDPA or eager attention)."""
+    """Train on each pair's prompt once (one row, tree attention mask) in batches where that is less work."""
     world: str | None = None
     """Optional world directory: adds agreement with the gold judge to the held-out evaluation."""
     out: str = "runs/reward"
