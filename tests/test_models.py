@@ -346,21 +346,3 @@ def test_generate_text(tok):
     )
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
     assert all("<|eos|>" not in s and "<|pad|>" not in s for s in out)
-
-
-def test_sample_rows_inverts_each_rows_cdf():
-    """Hand-worked draws (c = cumulative sums; token i when c[i-1] <= u * c[-1] < c[i]): a
-    zero-probability token is never drawn, even at u = 0 or where u * c[-1] rounds up to the
-    total; 40,000 seeded draws land within 0.01 of the probabilities."""
-    from alignkit.models.generate import sample_rows
-
-    probs = torch.tensor([[0.2, 0.0, 0.8], [0.0, 0.5, 0.5], [0.5, 0.5, 0.0]])
-    assert sample_rows(probs, torch.tensor([0.1, 0.0, 0.4999])).tolist() == [0, 1, 0]
-    assert sample_rows(probs, torch.tensor([0.2, 0.5, 0.5])).tolist() == [2, 2, 1]
-    assert sample_rows(probs, torch.tensor([1.0, 1.0, 1.0])).tolist() == [2, 2, 1]  # rounding to the total
-    p = torch.tensor([0.1, 0.25, 0.0, 0.4, 0.25])
-    u = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
-    draws = sample_rows(p.expand(len(u), -1), u)
-    freq = torch.bincount(draws, minlength=5).float() / len(u)
-    assert freq[2] == 0
-    torch.testing.assert_close(freq, p, atol=0.01, rtol=0)

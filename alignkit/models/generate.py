@@ -194,7 +194,7 @@ class HFGenerator:
             return logits.argmax(dim=-1)
         probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(dim=-1)
         if isinstance(rng, list):
-            return sample_rows(probs, torch.cat([torch.rand(1, generator=g, device=g.device) for g in rng]))
+            return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, rng)])
         return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
     def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
@@ -261,18 +261,6 @@ class HFGenerator:
         out = [row[:n] for row, n in zip(gen, lens)]
         finished = [params.stop_at_eos and n > 0 and row[-1] in self.eos_ids for row, n in zip(out, lens)]
         return out, finished
-
-
-def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """(B,) token ids drawn from (B, V) probabilities by inverting each row's CDF at its uniform
-    u[b] in [0, 1): token i when c[i-1] <= u * c[V-1] < c[i] (c the float64 cumulative sum), so
-    P(i) = p_i / sum(p) and a zero-probability token is never drawn. One vectorised pass for
-    rows that each draw from their own generator (`SamplingParams.row_seeds`), where a
-    multinomial call per row costs ~20x more at B = 32."""
-    c = probs.double().cumsum(-1)  # (B, V)
-    idx = torch.searchsorted(c, (u.double() * c[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # (B,)
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).long().argmax(-1)  # last drawable token
-    return torch.minimum(idx, last)  # u * c[V-1] rounding up to c[V-1]
 
 
 def generate_text(
