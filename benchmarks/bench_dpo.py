@@ -9,8 +9,8 @@ Setup (once): the built-in world (seed 0), a BPE tokenizer trained on its texts,
 initialised `--preset` Llama saved to disk; every run loads those same weights.
 
 1. Parity. The first `--parity-pairs` pairs, tokenised by alignkit, go through alignkit's
-   `collate_preference` + DPO step (reference mode "copy") and through TRL's
-   `DataCollatorForPreference` + `DPOTrainer._compute_loss` (its concatenated forward, fused LM
+   stage collate (each pair's prompt once, `share_prompt`) + DPO step (reference mode "copy")
+   and through TRL's `DataCollatorForPreference` + `DPOTrainer._compute_loss` (its concatenated forward, fused LM
    head, separate reference model). The policy is the initial model with seeded noise added to
    every weight (the same on both sides), so the log-ratios are not all zero. Compared: loss,
    rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
@@ -148,7 +148,6 @@ def trl_trainer(args, paths, tok, records, mode: str, out: Path, model=None, ref
 
 def parity(args, paths) -> dict:
     """Loss and metrics of one batch through both implementations."""
-    from alignkit.data.batching import collate_preference
     from alignkit.models.load import load_model
     from alignkit.train import dpo
     from alignkit.train.reference import CopyReference
@@ -162,8 +161,12 @@ def parity(args, paths) -> dict:
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     policy_trl = load_model(paths["model"])
     policy_trl.load_state_dict(policy.state_dict())
-    ours = dpo.make_preference_step(dpo.Config(beta=args.beta), CopyReference(load_model(paths["model"])))
-    out = ours(policy, dpo.DPOBatch(collate_preference(items, tok.pad_token_id)))
+    cfg = dpo.Config(beta=args.beta)
+    reference = CopyReference(load_model(paths["model"]))
+    ours = dpo.make_preference_step(cfg, reference)
+    # the stage's own collate: one row per pair with its prompt once (share_prompt) where the model allows it
+    collate = dpo.make_preference_collate(tok.pad_token_id, reference, share_prompt=dpo.sharing_prompts(cfg, policy))
+    out = ours(policy, collate(list(dpo.Indexed(items))))
     a = {"loss": float(out.loss) / out.weight, **{k: v for k, v in out.metrics.items() if "/" in k}}
 
     with tempfile.TemporaryDirectory() as d:

@@ -167,7 +167,7 @@ def ak_step(args, sh, chunk: int | None):
 
     import torch
 
-    from alignkit.data.batching import SFTBatch, collate_preference
+    from alignkit.data.batching import SFTBatch
     from alignkit.data.tokenize import TokenizedPair
 
     if args.stage == "sft":
@@ -186,12 +186,13 @@ def ak_step(args, sh, chunk: int | None):
 
         return model, loss_fn
     prompts, chosen, rejected = pair_data(args, sh)
-    batch = collate_preference([TokenizedPair(p, c, r) for p, c, r in zip(prompts, chosen, rejected)], 0)
+    pairs = [TokenizedPair(p, c, r) for p, c, r in zip(prompts, chosen, rejected)]
     if args.stage == "reward":
         from alignkit.models.heads import RewardModel
-        from alignkit.train.reward import reward_step
+        from alignkit.train.reward import make_collate, reward_step, sharing_prompts
 
         model = RewardModel.from_model(build_model(args.vocab, "cls"))
+        batch = make_collate(0, sharing_prompts(model))(pairs)  # the stage's collate (two rows at these lengths)
 
         def loss_fn():
             out = reward_step(model, batch)
@@ -202,10 +203,14 @@ def ak_step(args, sh, chunk: int | None):
 
     ref = build_model(args.vocab).eval()
     model = build_model(args.vocab, noise=0.01)
-    step = dpo.make_preference_step(dpo.Config(beta=BETA_DPO), reference.CopyReference(ref))
+    cfg = dpo.Config(beta=BETA_DPO)
+    copy_ref = reference.CopyReference(ref)
+    step = dpo.make_preference_step(cfg, copy_ref)
     if chunk is not None:  # the full-logits variant: response_logps with logprob_chunk 0
         step = _with_chunk(dpo, reference, step, chunk)
-    dbatch = dpo.DPOBatch(batch)
+    # the stage's collate: prompt sharing where it is less arithmetic (not at these lengths: two rows)
+    dbatch = dpo.make_preference_collate(0, copy_ref, share_prompt=dpo.sharing_prompts(cfg, model))(
+        list(dpo.Indexed(pairs)))
 
     def loss_fn():
         out = step(model, dbatch)

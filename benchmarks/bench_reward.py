@@ -16,10 +16,12 @@ skips its own tokenisation and both sides see the same ids. TRL's model is the s
 loaded as `AutoModelForSequenceClassification(num_labels=1)`, its `score` weight copied from
 alignkit's head (whose bias is zeroed: TRL's `score` has none).
 
-1. Parity. The first `--batch-size` pairs go through alignkit's `collate_preference` +
-   `reward_step` and through TRL's `DataCollatorForPreference` + `RewardTrainer.compute_loss`,
-   without and with the centring term (`--center-coef`, TRL's center_rewards_coefficient).
-   Compared: the padded batches (identical), the rewards, the mean loss and the accuracy.
+1. Parity. The first `--batch-size` pairs go through alignkit's stage collate
+   (`reward.make_collate`: at these lengths one row per pair with its prompt once under a tree
+   attention mask, `SharedPromptPairs`) + `reward_step` and through TRL's
+   `DataCollatorForPreference` + `RewardTrainer.compute_loss`, without and with the centring
+   term (`--center-coef`, TRL's center_rewards_coefficient). Compared: alignkit's two-row padded
+   batch against TRL's (identical), the rewards, the mean loss and the accuracy.
 
 2. Throughput and memory. `--rounds` rounds, alternating which side goes first, each in a fresh
    subprocess (so one side's allocator state cannot help the other), each training `--steps`
@@ -69,7 +71,7 @@ from alignkit.models.bpe import train_bpe_tokenizer
 from alignkit.models.heads import RewardModel
 from alignkit.models.load import PRESETS, load_tokenizer, save_model, tiny_llama
 from alignkit.train.loop import train
-from alignkit.train.reward import reward_step
+from alignkit.train.reward import make_collate, reward_step, sharing_prompts
 
 LIMITS = TruncationLimits(max_prompt_len=64, max_len=128)
 
@@ -180,9 +182,11 @@ def parity(args, model_dir: Path, prefs: Path) -> dict:
     assert torch.equal(inputs["attention_mask"], batch.attention_mask), "attention masks differ"
     hf.train()
     result = {}
+    ours_batch = make_collate(tok.pad_token_id, sharing_prompts(rm))(items)  # what alignkit trains on
+    result["layout"] = type(ours_batch).__name__
     for center in (0.0, args.center_coef):
         trainer.args.center_rewards_coefficient = center or None
-        out = reward_step(rm, batch, center_coef=center)
+        out = reward_step(rm, ours_batch, center_coef=center)
         ours = float(out.loss.detach()) / out.weight
         theirs = float(trainer.compute_loss(hf, dict(inputs)).detach())
         acc_theirs = trainer._metrics["train"]["accuracy"][-1]
@@ -190,7 +194,11 @@ def parity(args, model_dir: Path, prefs: Path) -> dict:
         result[f"loss_{key}"] = (ours, theirs)
         result[f"accuracy_{key}"] = (out.metrics["accuracy"], acc_theirs)
     with torch.no_grad():
-        r_ours = rm(batch.input_ids, batch.attention_mask)
+        if result["layout"] == "SharedPromptPairs":
+            r_ours = rm(ours_batch.input_ids, ours_batch.attention_mask, position_ids=ours_batch.position_ids,
+                        last_index=ours_batch.last_index)
+        else:
+            r_ours = rm(batch.input_ids, batch.attention_mask)
         r_theirs = hf(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.squeeze(
             -1
         )
@@ -268,7 +276,7 @@ def worker(args) -> dict:
                     rm,
                     reward_step,
                     items,
-                    lambda b: collate_preference(b, tok.pad_token_id),
+                    make_collate(tok.pad_token_id, sharing_prompts(rm)),  # the stage's collate
                     plan,
                     cfg,
                     out,
@@ -411,7 +419,7 @@ def main() -> None:
     print(f"{'':<18} {'alignkit':>12} {'trl':>12} {'abs diff':>10}")
     for k, v in pairs.items():
         print(f"{k:<18} {v[0]:>12.7f} {v[1]:>12.7f} {abs(v[0] - v[1]):>10.2e}")
-    print(f"{'rewards (max)':<18} {'':>12} {'':>12} {par['reward_abs_diff']:>10.2e}")
+    print(f"{'rewards (max)':<18} {'':>12} {'':>12} {par['reward_abs_diff']:>10.2e}  (alignkit layout: {par['layout']})")
     print(f"\nthroughput and peak memory (median of {args.rounds} rounds)")
     print(f"{'side':<9} {'wall s':>8} {'pairs/s':>9} {'best p/s':>9} {'peak MiB':>9} {'padding':>8}")
     for side, m in med.items():

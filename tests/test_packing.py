@@ -152,7 +152,8 @@ def test_packed_preference_step_equals_padded(loss, mode):
 
 def test_dpo_stage_packed_training_equals_padded(tmp_path):
     """Two optimizer steps of the one loop with the DPO step (sigmoid, frozen-copy reference) on
-    packed and on padded micro-batches reach the same weights (lr 1e-3, see the SFT test)."""
+    packed, on prompt-sharing and on padded micro-batches reach the same weights (lr 1e-3, see
+    the SFT test)."""
     from alignkit.config import TrainConfig
     from alignkit.train import dpo
     from alignkit.train.loop import train
@@ -164,15 +165,16 @@ def test_dpo_stage_packed_training_equals_padded(tmp_path):
     cfg = dpo.Config(loss="sigmoid", beta=0.5, reference="copy", train=tcfg)
     plan = lambda epoch: [[0, 1, 2], [3, 4, 5]]  # noqa: E731
     finals = []
-    for packing in (True, False):
+    for packing, share in ((True, None), (False, None), (False, (32, 64))):
         reference = CopyReference(_perturbed(_llama()), logprob_chunk=CHUNK)
         model = _llama()
         train(model, dpo.make_preference_step(cfg, reference), items,
-              dpo.make_preference_collate(PAD, reference, packing), plan, tcfg, tmp_path / str(packing),
-              weight_fn=lambda b: float(b.pairs.num_pairs))
+              dpo.make_preference_collate(PAD, reference, packing, share), plan, tcfg,
+              tmp_path / f"{packing}-{share}", weight_fn=lambda b: float(b.pairs.num_pairs))
         finals.append(model.state_dict())
     for k in finals[0]:
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(finals[2][k], finals[1][k], rtol=1e-5, atol=1e-5)
 
 
 def test_packed_kto_step_equals_padded():
@@ -209,3 +211,130 @@ def test_packing_config_for_dpo():
 
     assert load_config(dpo.Config, None, ["train.packing=true"]).train.packing
     assert load_config(dpo.Config, None, ["train.packing=true", "loss=kto"]).train.packing
+
+
+# -- shared prompts: one row per pair, the prompt once ------------------------------------------
+
+
+def test_shared_prompt_layout_by_hand():
+    from alignkit.data.packing import collate_shared_prompt, shared_prompt_length
+    from alignkit.data.tokenize import TokenizedPair
+
+    items = [TokenizedPair([5, 6, 7], [8, 9], [4]), TokenizedPair([], [3], [2, 1])]
+    b = collate_shared_prompt(items, pad_id=0)
+    # pair 0: prefix 5 6, chosen branch 7 8 9, rejected branch 7 4; pair 1 (no prompt): 3 | 2 1, padding
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 7, 4], [3, 2, 1, 0, 0, 0, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 0, 1, 0, 0, 0, 0]]
+    assert b.labels.tolist() == [[-100, -100, -100, 8, 9, -100, 4], [-100, -100, 1, -100, -100, -100, -100]]
+    assert b.seq_index.reshape(2, 7).tolist() == [[3, 3, 0, 0, 0, 2, 2], [1, 3, 3, 3, 3, 3, 3]]
+    assert [shared_prompt_length(x) for x in items] == [7, 3] and b.tokens == 10 and b.num_pairs == 2
+    m = b.attention_mask[0, 0].int().tolist()
+    assert m[2] == [1, 1, 1, 0, 0, 0, 0]  # the chosen branch's first token: prefix and itself
+    assert m[4] == [1, 1, 1, 1, 1, 0, 0]
+    assert m[5] == [1, 1, 0, 0, 0, 1, 0]  # the rejected branch's copy of token 7 never sees the chosen branch
+    assert m[6] == [1, 1, 0, 0, 0, 1, 1]
+    pad = b.attention_mask[1, 0].int().tolist()
+    assert pad[2] == [0, 1, 1, 0, 0, 0, 0] and pad[4] == [0, 0, 0, 0, 1, 0, 0]  # pads: themselves only
+
+
+@pytest.mark.parametrize("loss, mode, attn", [("sigmoid", "copy", "sdpa"), ("ipo", "lora", "sdpa"),
+                                              ("simpo", "none", "eager"), ("sigmoid", "copy", "eager")])
+def test_shared_prompt_preference_step_equals_padded(loss, mode, attn):
+    """The DPO-family step on the prompt-sharing rows (tree mask; policy and in-step reference
+    passes, chunked head and full logits, SDPA and eager attention) gives the two-row padded
+    step's loss, metrics and gradients, fp32, 1e-5, with a pair without a prompt among them."""
+    from alignkit.config import TrainConfig
+    from alignkit.data.batching import collate_preference
+    from alignkit.data.packing import collate_shared_prompt
+    from alignkit.data.tokenize import TokenizedPair
+    from alignkit.train import dpo
+    from alignkit.train.reference import CopyReference, LoraReference, NoReference
+
+    def llama():
+        m = _llama()
+        m.config._attn_implementation = attn
+        return m
+
+    model = llama()
+    if mode == "lora":
+        peft = pytest.importorskip("peft", reason="peft is not installed: the LoRA reference needs it")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    items = _pairs() + [TokenizedPair([], [7, 8, 9], [10, 11])]
+    padded = dpo.DPOBatch(collate_preference(items, PAD))
+    shared = dpo.DPOBatch(collate_shared_prompt(items, PAD))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for chunk in (CHUNK, 0):
+        cfg = dpo.Config(loss=loss, beta=0.5, train=TrainConfig(logprob_chunk=chunk))
+        if mode == "copy":
+            reference = CopyReference(_perturbed(llama()), cfg.average_logps, chunk)
+        else:
+            reference = LoraReference(cfg.average_logps, chunk) if mode == "lora" else NoReference()
+        step = dpo.make_preference_step(cfg, reference)
+        a, b = step(model, shared), step(model, padded)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+        assert a.weight == b.weight == 4
+        for k in ("rewards/margins", "logps/chosen", "logps/rejected"):
+            assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-5, abs=1e-5), k
+        assert a.metrics["ntokens"] == sum(len(x.prompt_ids) + bool(x.prompt_ids) + len(x.chosen_ids)
+                                           + len(x.rejected_ids) for x in items)
+        ga, gb = torch.autograd.grad(a.loss, params), torch.autograd.grad(b.loss, params)
+        assert max(g.abs().max().item() for g in gb) > 1e-4
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_needs_custom_mask_attention():
+    from alignkit.data.packing import collate_shared_prompt
+    from alignkit.train import dpo
+    from alignkit.train.reference import response_logps
+
+    model = _llama()
+    assert dpo.sharing_prompts(dpo.Config(), model) == (32, 64)
+    assert dpo.sharing_prompts(dpo.Config(share_prompt=False), model) is None
+    b = collate_shared_prompt(_pairs(), PAD)
+    model.config._attn_implementation = "flash_attention_2"
+    assert dpo.sharing_prompts(dpo.Config(), model) is None
+    with pytest.raises(ValueError, match="custom 4-D attention mask"):
+        response_logps(model, **dpo.model_inputs(b))
+
+
+def test_shared_prompt_is_cheaper_by_hand():
+    """H = 256, I = 1024: (4H + 3I) / 2 = 2048 per token, 1 per attention entry. 16 pairs with a
+    14-token prompt and 10 / 8-token responses: two rows of 24 cost 2 * 16 * (24 * 2048 + 288) =
+    1,582,080, shared rows of 33 cost 16 * (33 * 2048 + 1089) = 1,098,768: shared. One pair with
+    512 + 1,536 + 1,536 tokens: 2 * (2048 * 2048 + 2048^2 / 2) = 12,582,912 against
+    3585 * 2048 + 3585^2 = 20,194,305: two rows."""
+    from alignkit.data.packing import shared_prompt_is_cheaper
+    from alignkit.data.tokenize import TokenizedPair
+
+    short = [TokenizedPair([1] * 14, [2] * 10, [3] * 8)] * 16
+    assert shared_prompt_is_cheaper(short, 256, 1024)
+    long = [TokenizedPair([1] * 512, [2] * 1536, [3] * 1536)]
+    assert not shared_prompt_is_cheaper(long, 256, 1024)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_precomputed_reference_pass_shares_prompts(average, monkeypatch):
+    """The one-off reference pass with `share_prompt` (pairs, prompt once, 2 pairs a forward)
+    gives the plain pass's table (every sequence alone in length-sorted padded batches), 1e-5."""
+    from alignkit.data.tokenize import TokenizedPair
+    from alignkit.train import dpo
+    from alignkit.train import reference as ref_lib
+    from alignkit.train.reference import precompute_logps
+
+    calls = []
+    real = ref_lib.collate_shared_prompt
+    monkeypatch.setattr(ref_lib, "collate_shared_prompt", lambda *a: calls.append(1) or real(*a))
+
+    model = _perturbed(_llama())
+    items = _pairs() + [TokenizedPair([], [7, 8, 9], [10, 11]), TokenizedPair([4, 5, 6], [7], [8, 9])]
+    columns = dpo.preference_columns(items)
+    plain = precompute_logps(model, columns, PAD, average, batch_size=4)
+    shared = precompute_logps(model, columns, PAD, average, batch_size=4, share_prompt=(32, 64))
+    assert set(shared) == {"chosen", "rejected"} and len(calls) == 3  # 5 pairs, 2 a forward, all shared
+    for k in plain:
+        torch.testing.assert_close(shared[k], plain[k], rtol=1e-5, atol=1e-5)
+    assert plain["chosen"].abs().min() > 0

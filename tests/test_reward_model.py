@@ -178,6 +178,36 @@ def test_step_loss_equals_bradley_terry_of_separately_scored_rewards(tok):
     )
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_step_equals_two_row_step(tok, attn):
+    """The step on one row per pair (prompt once, tree mask: `SharedPromptPairs`) gives the two-row
+    step's loss, metrics and gradients, fp32, 1e-5 (a pair without a prompt among them), and
+    `make_collate` picks that layout for these short rows."""
+    from alignkit.data.packing import SharedPromptPairs, collate_shared_prompt
+
+    rm = _rm(tok).train()
+    rm.backbone.config._attn_implementation = attn
+    items = _pairs(tok) + [TokenizedPair([], [7, 8], [9])]
+    pad = tok.pad_token_id
+    share = reward.sharing_prompts(rm)
+    assert share == (rm.backbone.config.hidden_size, rm.backbone.config.intermediate_size)
+    assert isinstance(reward.make_collate(pad, share)(items), SharedPromptPairs)
+    a = reward.reward_step(rm, collate_shared_prompt(items, pad), center_coef=0.01)
+    b = reward.reward_step(rm, collate_preference(items, pad), center_coef=0.01)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+    assert a.weight == b.weight == len(items)
+    for k in ("accuracy", "margin", "reward/mean", "reward/min", "reward/max"):
+        assert a.metrics[k] == pytest.approx(b.metrics[k], abs=1e-5), k
+    assert a.metrics["ntokens"] == sum(len(x.prompt_ids) + bool(x.prompt_ids) + len(x.chosen_ids)
+                                       + len(x.rejected_ids) for x in items)
+    params = rm.trainable_parameters()
+    ga, gb = torch.autograd.grad(a.loss, params), torch.autograd.grad(b.loss, params)
+    assert max(g.abs().max().item() for g in gb) > 1e-4
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert reward.sharing_prompts(rm, share_prompt=False) is None
+
+
 def test_head_mode_trains_only_the_head(tok):
     rm = RewardModel.from_model(tiny_llama("nano", tokenizer=tok, seed=0)).set_mode("head")
     before = {k: v.clone() for k, v in rm.backbone.state_dict().items()}

@@ -162,6 +162,7 @@ def hidden_states(
     decoder, head = parts
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
+    attention_mask = custom_mask_for(model, attention_mask)
     call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     if not _is_ddp(model):
         return decoder(**call).last_hidden_state, head
@@ -169,6 +170,33 @@ def hidden_states(
         return None
     with _identity_head(unwrap(model).get_output_embeddings()):
         return model(**call).logits, head
+
+
+CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take a custom (B, 1, T, T) mask (`supports_custom_mask`)."""
+
+
+def supports_custom_mask(model: Any) -> bool:
+    """Whether the model's attention takes a custom 4-D mask such as `SharedPromptPairs`' (SDPA
+    and eager do; FlashAttention and flex attention do not)."""
+    impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+    return impl in CUSTOM_MASK_ATTENTION
+
+
+def custom_mask_for(model: Any, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A (B, 1, T, T) boolean mask (True: may attend) as the model's attention wants it: SDPA takes
+    it as is, eager attention adds it to the scores (0 or the float32 minimum). 2-D masks and
+    None pass through."""
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool:
+        return mask
+    if not supports_custom_mask(model):
+        raise ValueError(f"{type(unwrap(model)).__name__}: a custom 4-D attention mask needs attention "
+                         f"'sdpa' or 'eager' (attn_implementation)")
+    impl = unwrap(model).config._attn_implementation
+    if impl == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(torch.float32).min)
 
 
 @contextlib.contextmanager

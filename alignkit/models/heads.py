@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from alignkit.config import ModelConfig
+from alignkit.models.chunked import custom_mask_for
 from alignkit.models.logprobs import position_ids_from_mask
 
 MODES = ("head", "full", "lora")
@@ -228,27 +229,40 @@ class RewardModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        per_token: bool = False,
+        position_ids: torch.Tensor | None = None,
+        last_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rewards (B,) from the last real token of each row; with `per_token`, (B, T) scalars
         at every position (0 on padding): the value head PPO needs.
 
         input_ids, attention_mask: (B, T), padding on either side; every row needs a real token.
+        Several sequences per row (`alignkit.data.packing.SharedPromptPairs`): attention_mask
+        (B, 1, T, T) bool, their `position_ids` (B, T), and `last_index` (S,) row-major indices
+        of the tokens to score; returns (S,).
         """
         if self.pooling == "model":
-            if per_token:
-                raise ValueError("per_token values need a reward model with pooling 'last' (a decoder)")
+            if per_token or last_index is not None:
+                raise ValueError("per_token values and several sequences per row need pooling 'last' (a decoder)")
             ids, mask = right_align(input_ids, attention_mask)
             return self.backbone(input_ids=ids, attention_mask=mask).logits.squeeze(-1)  # (B,)
         grad = torch.is_grad_enabled() and self.mode != "head"
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
         with torch.set_grad_enabled(grad):
             hidden = self.backbone(
                 input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
+                attention_mask=custom_mask_for(self.backbone, attention_mask),
+                position_ids=position_ids,
                 use_cache=False,
             ).last_hidden_state  # (B, T, H)
         head = self.head
+        if last_index is not None:
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)  # (S, H)
+            return head(picked.to(head.weight.dtype)).squeeze(-1)
         if per_token:
             values = head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
             return values * attention_mask.to(values.dtype)

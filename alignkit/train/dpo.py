@@ -54,7 +54,16 @@ from alignkit.data.batching import (
     collate_unpaired,
     padding_fraction,
 )
-from alignkit.data.packing import PackedBatch, PackedPairs, PackedUnpaired, pack, pack_preference
+from alignkit.data.packing import (
+    PackedBatch,
+    PackedPairs,
+    PackedUnpaired,
+    SharedPromptPairs,
+    collate_shared_prompt,
+    pack,
+    pack_preference,
+    shared_prompt_is_cheaper,
+)
 from alignkit.data.tokenize import TokenizedPair, TokenizedSFT, TokenizedUnpaired
 from alignkit.losses.preference import (
     PREFERENCE_LOSSES,
@@ -119,6 +128,8 @@ class Config:
     """Cache of precomputed reference log-probs (default OUT/ref_cache); share it to reuse across runs."""
     reference_batch_size: int = 64
     """Sequences per forward in the precomputing pass."""
+    share_prompt: bool = True
+    """Paired losses: each pair's prompt once (one row, tree attention mask) in batches where that is less work."""
     disable_dropout: bool = True
     """Zero every dropout of policy and reference, so the step-0 loss is exactly the no-change value."""
     eval_world: str | None = None
@@ -181,7 +192,8 @@ class DPOBatch:
     """A preference micro-batch plus, in precomputed mode, its reference log-probs.
 
     pairs: rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected (see PreferenceBatch),
-        or with `train.packing` the same 2B sequences packed into one row (PackedPairs).
+        or with `train.packing` the same 2B sequences packed into one row (PackedPairs), or with
+        `share_prompt` one row per pair, its prompt once (SharedPromptPairs).
     ref_logps: (2B,) reference log-probs aligned with the sequences, or None (computed in the step).
     """
 
@@ -193,6 +205,9 @@ def model_inputs(b: Any) -> dict[str, torch.Tensor | None]:
     """Keyword arguments of `response_logps` / `Reference.logps` for the sequences of a padded
     batch (input_ids, attention_mask, labels) or a packed one (PackedBatch, or a container whose
     `packed` is one: position ids and sequence index instead of a mask)."""
+    if isinstance(b, SharedPromptPairs):  # a (B, 1, L, L) tree mask and the sequence of each position
+        return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
+                    position_ids=b.position_ids, seq_index=b.seq_index)
     p = b if isinstance(b, PackedBatch) else getattr(b, "packed", None)
     if p is not None:
         return dict(input_ids=p.input_ids, attention_mask=None, labels=p.labels, position_ids=p.position_ids,
@@ -201,7 +216,9 @@ def model_inputs(b: Any) -> dict[str, torch.Tensor | None]:
 
 
 def num_tokens(b: Any) -> int:
-    """Real (non-pad) tokens of a padded or packed batch."""
+    """Real (non-pad) tokens of a padded, packed or prompt-sharing batch."""
+    if isinstance(b, SharedPromptPairs):
+        return b.tokens
     p = b if isinstance(b, PackedBatch) else getattr(b, "packed", None)
     return p.input_ids.numel() if p is not None else int(b.attention_mask.sum())
 
@@ -260,14 +277,24 @@ def kto_columns(items: Sequence[KTOItem]) -> dict[str, list[tuple[list[int], lis
     }
 
 
-def make_preference_collate(pad_id: int, reference: Reference, packing: bool = False):
+def make_preference_collate(
+    pad_id: int, reference: Reference, packing: bool = False, share_prompt: tuple[int, int] | None = None,
+):
     """Collate (index, pair) items into a DPOBatch, attaching cached reference log-probs; with
-    `packing` the 2B sequences go into one row with no padding (`pack_preference`)."""
+    `packing` the 2B sequences go into one row with no padding (`pack_preference`). With
+    `share_prompt` = (hidden size, intermediate size) of the model (and not `packing`), a batch
+    whose prompt-sharing rows cost less (`shared_prompt_is_cheaper`) holds each pair's prompt
+    once in one row (`collate_shared_prompt`)."""
 
     def collate(indexed: list[tuple[int, TokenizedPair]]) -> DPOBatch:
         idx = [j for j, _ in indexed]
         items = [x for _, x in indexed]
-        pairs = pack_preference(items) if packing else collate_preference(items, pad_id)
+        if packing:
+            pairs: Any = pack_preference(items)
+        elif share_prompt is not None and shared_prompt_is_cheaper(items, *share_prompt):
+            pairs = collate_shared_prompt(items, pad_id)
+        else:
+            pairs = collate_preference(items, pad_id)
         ref = None
         if isinstance(reference, PrecomputedReference):
             ref = torch.cat([reference.lookup("chosen", idx), reference.lookup("rejected", idx)])
@@ -421,6 +448,21 @@ def make_kto_step(cfg: Config, reference: Reference):
 # --- the stage --------------------------------------------------------------------------------
 
 
+def sharing_prompts(cfg: Config, model: Any) -> tuple[int, int] | None:
+    """(hidden, intermediate size) of the model when paired batches may take the prompt-sharing
+    layout (`share_prompt` asked, no packing, attention that takes a custom mask: the policy's; a
+    copy reference is the same class), else None."""
+    from alignkit.models.chunked import supports_custom_mask, unwrap
+
+    if not cfg.share_prompt or cfg.is_unpaired or cfg.train.packing or not supports_custom_mask(model):
+        return None
+    conf = unwrap(model).config
+    hidden = int(getattr(conf, "hidden_size", 0) or 0)
+    if hidden <= 0:
+        return None
+    return hidden, int(getattr(conf, "intermediate_size", None) or 4 * hidden)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Zero every nn.Dropout and attention-dropout rate, so train-mode forwards are deterministic."""
     for m in model.modules():
@@ -548,7 +590,7 @@ def run(cfg: Config) -> dict:
             return ref_lib.precompute_logps(
                 m, columns, pad_id, cfg.average_logps, cfg.reference_batch_size,
                 device=acc.device, autocast=acc.autocast, progress=cfg.train.progress,
-                logprob_chunk=cfg.train.logprob_chunk,
+                logprob_chunk=cfg.train.logprob_chunk, share_prompt=sharing_prompts(cfg, m),
             )
 
         sizes = {name: len(seqs) for name, seqs in columns.items()}
@@ -561,10 +603,11 @@ def run(cfg: Config) -> dict:
         reference = PrecomputedReference(table)
         cache = {"path": str(ref_lib.cache_path(cache_dir, key)), "hit": hit, "key": key}
 
+    share = sharing_prompts(cfg, model)
     if cfg.is_unpaired:
         collate, step = make_kto_collate(pad_id, reference, cfg.train.packing), make_kto_step(cfg, reference)
     else:
-        collate = make_preference_collate(pad_id, reference, cfg.train.packing)
+        collate = make_preference_collate(pad_id, reference, cfg.train.packing, share)
         step = make_preference_step(cfg, reference)
     lengths = [len(x) for x in items]
 

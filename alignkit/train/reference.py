@@ -42,9 +42,10 @@ import torch
 from torch import nn
 
 from alignkit.atomic import share_tree
-from alignkit.data.batching import collate_sft
-from alignkit.data.tokenize import TokenizedSFT
-from alignkit.models.chunked import DEFAULT_CHUNK, sequence_sums, sums_by_sequence
+from alignkit.data.batching import collate_preference, collate_sft
+from alignkit.data.packing import collate_shared_prompt, shared_prompt_is_cheaper
+from alignkit.data.tokenize import TokenizedPair, TokenizedSFT
+from alignkit.models.chunked import DEFAULT_CHUNK, custom_mask_for, sequence_sums, sums_by_sequence
 from alignkit.models.logprobs import position_ids_from_mask
 
 CACHE_FORMAT = 1
@@ -114,7 +115,8 @@ def response_logps(
     core_type = type(_core(model))
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    call = dict(input_ids=input_ids, attention_mask=custom_mask_for(model, attention_mask), position_ids=position_ids,
+                use_cache=False)
     logits = None
     if _accepts_logits_to_keep(core_type) and core_type not in _NO_MASK_KEEP:
         try:
@@ -356,12 +358,19 @@ def precompute_logps(
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     progress: bool = False,
     logprob_chunk: int = DEFAULT_CHUNK,
+    share_prompt: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One no_grad, eval-mode pass: the reference log-prob of every sequence of every column.
 
     Rows of all columns are sorted by length and batched `batch_size` at a time (little padding).
     Returns column -> (n,) float32 tensor in dataset order, normalised as `average` says.
+    With `share_prompt` = (hidden, intermediate size) and the preference columns (chosen and
+    rejected of the same prompts), each pair's prompt runs once where that is less arithmetic
+    (`alignkit.data.packing.SharedPromptPairs`), `batch_size` // 2 pairs a forward.
     """
+    if share_prompt is not None and _paired(columns):
+        return _precompute_pairs(model, columns, pad_id, average, max(1, batch_size // 2), device, autocast,
+                                 progress, logprob_chunk, share_prompt)
     rows = [(name, i, p, r) for name, seqs in columns.items() for i, (p, r) in enumerate(seqs)]
     rows.sort(key=lambda x: len(x[2]) + len(x[3]))
     table = {name: torch.zeros(len(seqs), dtype=torch.float32) for name, seqs in columns.items()}
@@ -382,6 +391,49 @@ def precompute_logps(
             values = normalise(sums, counts, average).float().cpu()
             for (name, i, _, _), v in zip(chunk, values):
                 table[name][i] = v
+            bar.update(1)
+    bar.close()
+    return table
+
+
+def _paired(columns: Mapping[str, Sequences]) -> bool:
+    """True for DPO's preference columns: chosen and rejected, the same prompt at every index."""
+    if set(columns) != {"chosen", "rejected"} or len(columns["chosen"]) != len(columns["rejected"]):
+        return False
+    return all(list(c[0]) == list(r[0]) for c, r in zip(columns["chosen"], columns["rejected"]))
+
+
+def _precompute_pairs(model, columns, pad_id, average, pairs_per_batch, device, autocast, progress, logprob_chunk,
+                      share_prompt) -> dict[str, torch.Tensor]:
+    """`precompute_logps` over pairs, each batch in the prompt-sharing layout where it is cheaper."""
+    from alignkit.console import Progress
+
+    pairs = [TokenizedPair(list(c[0]), list(c[1]), list(r[1])) for c, r in zip(columns["chosen"], columns["rejected"])]
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
+                   + len(pairs[i].rejected_ids))
+    table = {name: torch.zeros(len(pairs), dtype=torch.float32) for name in columns}
+    if device is None:
+        device = next(model.parameters()).device
+    ctx = autocast or contextlib.nullcontext
+    starts = range(0, len(order), pairs_per_batch)
+    bar = Progress(len(starts), enabled=progress, unit="reference log-prob batch")
+    with torch.no_grad(), eval_mode(model):
+        for s in starts:
+            idx = order[s : s + pairs_per_batch]
+            items = [pairs[i] for i in idx]
+            if shared_prompt_is_cheaper(items, *share_prompt):
+                b = collate_shared_prompt(items, pad_id)
+                rows = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
+                            position_ids=b.position_ids, seq_index=b.seq_index)
+            else:
+                b = collate_preference(items, pad_id)
+                rows = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+            rows = {k: v.to(device) for k, v in rows.items()}
+            with ctx():
+                sums, counts = response_logps(model, **rows, logprob_chunk=logprob_chunk)
+            values = normalise(sums, counts, average).float().cpu()  # (2B,): chosen, then rejected
+            index = torch.tensor(idx)
+            table["chosen"][index], table["rejected"][index] = values[: len(idx)], values[len(idx) :]
             bar.update(1)
     bar.close()
     return table

@@ -33,6 +33,7 @@ from alignkit.console import is_main_process, warn
 from alignkit.data.batching import PreferenceBatch, bucketed_batches, collate_preference, padding_fraction
 from alignkit.data.lint import check_signal
 from alignkit.data.load import load_records
+from alignkit.data.packing import SharedPromptPairs, collate_shared_prompt, shared_prompt_is_cheaper
 from alignkit.data.records import PreferencePair
 from alignkit.data.tokenize import TokenizedPair, TruncationLimits, tokenize_preference
 from alignkit.losses.reward import bradley_terry_loss, expected_calibration_error
@@ -69,6 +70,8 @@ class Config:
     """Training pairs (both responses) scored after training for reward_stats.json (0: all)."""
     eval_batch_size: int = 64
     """Pairs per forward when scoring (statistics and held-out evaluation)."""
+    share_prompt: bool = True
+    """Train on each pair's prompt once (one row, tree attention mask) in batches where that is less work."""
     world: str | None = None
     """Optional world directory: adds agreement with the gold judge to the held-out evaluation."""
     out: str = "runs/reward"
@@ -153,8 +156,14 @@ def reward_step(
     use_soft_label: bool = True,
     center_coef: float = 0.0,
 ) -> StepOutput:
-    """Bradley-Terry loss of one [chosen; rejected] micro-batch: the per-pair SUM and the pair count."""
-    rewards = model(batch.input_ids, batch.attention_mask)  # (2B,)
+    """Bradley-Terry loss of one [chosen; rejected] micro-batch (two rows per pair, or one with its
+    prompt once: `SharedPromptPairs`): the per-pair SUM and the pair count."""
+    shared = isinstance(batch, SharedPromptPairs)
+    if shared:
+        rewards = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
+                        last_index=batch.last_index)  # (2B,)
+    else:
+        rewards = model(batch.input_ids, batch.attention_mask)  # (2B,)
     r_c, r_r = batch.split(rewards)  # (B,), (B,)
     out = bradley_terry_loss(
         r_c,
@@ -171,7 +180,7 @@ def reward_step(
             r.mean(),
             r.min(),
             r.max(),
-            batch.attention_mask.sum().float(),
+            torch.tensor(float(batch.tokens)) if shared else batch.attention_mask.sum().float(),
         ]
     ).tolist()
     metrics = {"accuracy": acc, "margin": margin, "reward/mean": mean, "reward/min": lo, "reward/max": hi}
@@ -307,6 +316,29 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def make_collate(pad_id: int, share_prompt: tuple[int, int] | None = None):
+    """Pairs -> a `PreferenceBatch`, or with `share_prompt` = (hidden, intermediate size) of the
+    backbone a `SharedPromptPairs` where that is less arithmetic (`shared_prompt_is_cheaper`)."""
+
+    def collate(items: list[TokenizedPair]) -> PreferenceBatch | SharedPromptPairs:
+        if share_prompt is not None and shared_prompt_is_cheaper(items, *share_prompt):
+            return collate_shared_prompt(items, pad_id)
+        return collate_preference(items, pad_id)
+
+    return collate
+
+
+def sharing_prompts(model: RewardModel, share_prompt: bool = True) -> tuple[int, int] | None:
+    """(hidden, intermediate size) of a decoder backbone whose attention takes a custom mask, or None."""
+    from alignkit.models.chunked import supports_custom_mask
+
+    if not share_prompt or model.pooling != "last" or not supports_custom_mask(model.backbone):
+        return None
+    conf = model.backbone.config
+    hidden = int(getattr(conf, "hidden_size", 0) or 0)
+    return (hidden, int(getattr(conf, "intermediate_size", None) or 4 * hidden)) if hidden > 0 else None
+
+
 def run(cfg: Config) -> dict:
     """Train a reward model; returns a summary (the model is at OUT/final)."""
     from alignkit.models.load import load_tokenizer
@@ -363,7 +395,7 @@ def run(cfg: Config) -> dict:
         model,
         step,
         items,
-        lambda b: collate_preference(b, pad_id),
+        make_collate(pad_id, sharing_prompts(model, cfg.share_prompt)),
         plan,
         cfg.train,
         out,
