@@ -292,7 +292,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         def ref_fn(ids, mask, r_ids):
             return reference.logprobs(ids, mask, r_ids, temperature, chunk, share_prompt_prefix=share)
 
-        done, evals = 0, []
+        done, evals, ref_cache = 0, [], {}  # ref_cache: the reference's greedy eval responses
         if resume_from is not None:
             state = load_iteration(
                 resume_from, policy, [optimizer], [scheduler], gen, cfg.train, total_steps, metrics_path, batches,
@@ -343,7 +343,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
             if dist.main and world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-                ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
+                ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens, ref_cache)
                 row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             log.write(row)
@@ -361,7 +361,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations, "advantage": cfg.advantage,
                                   "reward_source": cfg.reward.source}
         if world is not None and dist.main:
-            ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
+            ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens, ref_cache)
             ev["during_training"] = evals
             write_json_atomic(out / "eval.json", ev)
             result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],

@@ -447,7 +447,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
             return reference.logprobs(ids, mask, r_ids, cfg.rollout.temperature, chunk)
 
         trainable = {id(p) for p in ac.policy_parameters() + ac.value_parameters()}
-        done, evals = 0, []
+        done, evals, ref_cache = 0, [], {}  # ref_cache: the reference's greedy eval responses
         mon, stopped = (Monitor(cfg.monitor) if cfg.monitor.enabled else None), None
         if resume_from is not None:
             state = load_iteration(
@@ -515,7 +515,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
             if dist.main and world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-                ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
+                ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens, ref_cache)
                 row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
                 evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             log.write(row)
@@ -540,7 +540,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
             save_model(policy, tokenizer, out / "final")
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations}
         if world is not None and dist.main:
-            ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens)
+            ev = final_gold_eval(policy, reference, tokenizer, world, cfg.world, cfg.eval_limit, cfg.rollout.max_new_tokens, ref_cache)
             ev["during_training"] = evals
             write_json_atomic(out / "eval.json", ev)
             result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],

@@ -839,18 +839,26 @@ def load_iteration(
 
 
 def final_gold_eval(
-    policy: Any, reference: Reference, tokenizer: Any, world: Any, world_dir: str, limit: int, max_new_tokens: int
+    policy: Any, reference: Reference, tokenizer: Any, world: Any, world_dir: str, limit: int, max_new_tokens: int,
+    cache: dict | None = None,
 ) -> dict:
     """Greedy responses of the policy and the reference on the world's held-out prompts (`limit`
-    of them spread over every category; 0: all), judged."""
+    of them spread over every category; 0: all), judged. cache: a dict kept by the caller across
+    calls of one run; the frozen reference's greedy responses are computed once and kept there."""
     from alignkit.eval.gold import spread
 
     ids, texts = load_prompts(f"{world_dir}/eval_prompts.jsonl", tokenizer, max_prompt_len=512)
     keep = spread(list(range(len(ids))), limit)
     ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
     mine = greedy_responses(policy, tokenizer, ids, max_new_tokens)
-    with reference.active() as ref:
-        theirs = greedy_responses(ref, tokenizer, ids, max_new_tokens)
+    key = ("reference", limit, max_new_tokens)
+    if cache is not None and key in cache:
+        theirs = cache[key]
+    else:
+        with reference.active() as ref:
+            theirs = greedy_responses(ref, tokenizer, ids, max_new_tokens)
+        if cache is not None:
+            cache[key] = theirs
     out = gold_comparison(world, texts, mine, theirs)
     out["examples"] = [{"prompt": p, "policy": a, "reference": b} for p, a, b in list(zip(texts, mine, theirs))[:: max(1, len(texts) // 12)]]
     return out
