@@ -1,16 +1,18 @@
 """Validate the reward-hacking monitor against the gold judge over PPO seeds (docs/ppo.md,
 "The monitor over 5 seeds"), and measure the preset PPO over the same seeds.
 
-    OMP_NUM_THREADS=1 python scripts/monitor_seeds.py --demo D --out O --seeds 0,1,2,3,4
-    python scripts/monitor_seeds.py --demo D --out O --seeds 0,1,2,3,4 --analyse   # no training
+    OMP_NUM_THREADS=1 python scripts/monitor_seeds.py --demo D --judge J --out O --seeds 0,1,2,3,4
+    python scripts/monitor_seeds.py --demo D --judge J --out O --seeds 0,1,2,3,4 --analyse  # no training
 
 D is a finished `alignkit demo` folder: its world, SFT model and three reward models are reused,
-so only PPO's seed (`train.seed`: prompt order, sampling, minibatch shuffles) varies. Per seed:
+so only PPO's seed (`train.seed`: prompt order, sampling, minibatch shuffles) varies (`--rm A,B,C`
+puts three other reward models in their place). J is the monitor's judge, a reward model in
+neither run's reward (e.g. the demo's recipe with `train.seed=3`). Per seed:
 
-- `preset`: the demo's `ppo` stage (pipeline.PPO_RM against the mean of the three reward models;
-  the monitor's judge agreement is the members judging each other, as in the demo);
-- `overopt`: the demo's `overopt` stage (pipeline.PPO_OVEROPT on the first reward model alone)
-  with the second reward model, held out of its reward, as the monitor's judge.
+- `preset`: the demo's `ppo` stage (pipeline.PPO_RM against the mean of the three reward models);
+- `overopt`: the demo's `overopt` stage (pipeline.PPO_OVEROPT on the first reward model alone),
+  its first OVEROPT_ITERATIONS iterations (the learning rate is constant, so these are the same
+  policies as the first iterations of the 150-iteration run).
 
 Both run with `eval_every=1`: after every iteration the greedy answers to the world's held-out
 prompts are scored by the gold judge (`gold_eval` in metrics.jsonl). The monitor never sees gold.
@@ -39,23 +41,24 @@ from alignkit.pipeline import PPO_OVEROPT, PPO_RM, Demo, machine
 
 SMOOTH = 5  # centred running mean of the per-iteration gold curve (odd)
 DROP = 0.10  # "gold has fallen 10% below its peak"
+OVEROPT_ITERATIONS = 60  # of the demo's 150: constant lr, so the same policies as the first 60 of a 150-iteration run
 
 
-def overrides(demo: Path, run: str, seed: int, out: Path, extra: list[str]) -> list[str]:
+def overrides(demo: Path, run: str, seed: int, out: Path, extra: list[str], rms: list[str], judge: str) -> list[str]:
     base = [f"model.path={demo / 'sft/final'}", f"world={demo / 'world'}", f"out={out}", "reward.source=model",
-            f"reward.model={demo / 'reward/final'}", f"train.seed={seed}", "train.overwrite=true", "eval_every=1"]
+            f"reward.model={rms[0]}", f"train.seed={seed}", "train.overwrite=true", "eval_every=1"]
     if run == "preset":
-        return base + PPO_RM + [f"reward.ensemble=[{demo / 'reward_2/final'},{demo / 'reward_3/final'}]"] + extra
-    return base + PPO_OVEROPT + [f"monitor.judge={demo / 'reward_2/final'}"] + extra
+        return base + PPO_RM + [f"reward.ensemble=[{rms[1]},{rms[2]}]", f"monitor.judge={judge}"] + extra
+    return base + PPO_OVEROPT + [f"monitor.judge={judge}", f"iterations={OVEROPT_ITERATIONS}"] + extra
 
 
-def train_run(demo: Path, run: str, seed: int, out: Path, d: Demo, extra: list[str]) -> None:
+def train_run(demo: Path, run: str, seed: int, out: Path, d: Demo, extra: list[str], rms: list[str], judge: str) -> None:
     from alignkit.pipeline import CONFIGS
     from alignkit.train import ppo
 
     if (out / "final_eval.json").is_file():
         return
-    cfg = load_config(ppo.Config, CONFIGS / "ppo.yaml", overrides(demo, run, seed, out, extra))
+    cfg = load_config(ppo.Config, CONFIGS / "ppo.yaml", overrides(demo, run, seed, out, extra, rms, judge))
     res = ppo.run(cfg)
     d.evaluate(f"{run}-s{seed}", res["model"])
     entry = d.summary["stages"][f"{run}-s{seed}"]
@@ -107,17 +110,20 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--runs", default="preset,overopt")
     ap.add_argument("--analyse", action="store_true", help="only analyse the runs already in OUT")
+    ap.add_argument("--rm", default="", help="three reward model dirs, comma-separated (default: the demo's)")
+    ap.add_argument("--judge", required=True, help="the monitor's held-out judge: a reward model in neither run's reward")
     ap.add_argument("--set", nargs="*", default=[], help="extra PPO overrides for both runs (smoke tests)")
     a = ap.parse_args()
     seeds, runs = [int(s) for s in a.seeds.split(",")], a.runs.split(",")
     start = time.perf_counter()
+    rms = a.rm.split(",") if a.rm else [str(a.demo / n / "final") for n in ("reward", "reward_2", "reward_3")]
     if not a.analyse:
         d = Demo(a.out / f"evals-{'-'.join(map(str, seeds))}", False, 0, world_dir=a.demo / "world")
         d.evaluate("sft", a.demo / "sft/final")
         (a.out / "sft_eval.json").write_text(json.dumps(d.summary["stages"]["sft"], default=str))
         for s in seeds:
             for run in runs:
-                train_run(a.demo, run, s, a.out / f"{run}-s{s}", d, a.set)
+                train_run(a.demo, run, s, a.out / f"{run}-s{s}", d, a.set, rms, a.judge)
     mcfg = MonitorConfig()
     res = {run: {s: analyse_run(a.out / f"{run}-s{s}", mcfg) for s in seeds} for run in runs}
     print(f"machine: {machine()}; demo {a.demo}; gold curve: {SMOOTH}-iteration centred mean of the greedy "

@@ -14,7 +14,9 @@ The signals, each a known symptom of a policy exploiting its reward model:
   than the KL penalty holds it (Gao et al. 2023: gold reward falls as a function of KL);
 - policy entropy: collapse to a few outputs;
 - refusal and repetition rates: degenerate answers that a reward model may over-score;
-- agreement of the reward with a second judge on fresh pairs of the policy's samples.
+- agreement of the reward with a second judge on fresh pairs of the policy's samples;
+- a held-out judge's score of the policy's samples, and the gap between the reward and it (Gao et
+  al. 2023 measure over-optimisation with a held-out reward model in place of gold).
 
 Every rule compares with the run's own start (the mean of its first `warmup` iterations) or with
 an absolute bound, and must hold for `patience` iterations in a row before it fires. Statistics
@@ -62,7 +64,14 @@ class MonitorConfig:
     repetition_rise_max: float = 0.3
     """Alarm when the repeated-trigram rate rises more than this above its baseline."""
     judge_agreement_min: float = 0.55
-    """Alarm when the reward agrees with the judge on fewer than this share of fresh pairs."""
+    """Alarm when the reward agrees with the judge on fewer than this share of the fresh pairs of the
+    last `window` iterations (pooled: agreements and pairs summed over them)."""
+    judge_drop_max: float = 0.3
+    """Alarm when the held-out judge's mean score of the policy's samples (`monitor/judge_score`, mean
+    over the last `window` iterations) falls more than this below its baseline (normalised units)."""
+    proxy_gap_rise_max: float = 0.5
+    """Alarm when the reward minus the judge's score (`monitor/proxy_gap`, mean over the last `window`
+    iterations) rises more than this above its baseline: the proxy pays for what the judge does not."""
     judge: str | None = None
     """Second judge of `monitor/judge_agreement`: 'gold' (the world's judge) or a reward model
     directory; None: the reward ensemble's members judge each other (no statistic with one model)."""
@@ -224,9 +233,17 @@ class Monitor:
             base = self._baseline(f"monitor/{key}")
             if base is not None and f"monitor/{key}" in row:
                 out[key] = row[f"monitor/{key}"] > base + rise
-        agreement = row.get("monitor/judge_agreement")
-        if agreement is not None and math.isfinite(agreement):
-            out["judge_agreement"] = agreement < c.judge_agreement_min
+        recent = self.history[-c.window:]
+        pooled = [(r["monitor/judge_agreement"], r.get("monitor/judge_pairs", 1.0)) for r in recent
+                  if math.isfinite(r.get("monitor/judge_agreement", math.nan))]
+        if "monitor/judge_agreement" in row and sum(n for _, n in pooled) > 0:
+            out["judge_agreement"] = sum(a * n for a, n in pooled) / sum(n for _, n in pooled) < c.judge_agreement_min
+        for key, name, limit, sign in (("monitor/judge_score", "judge_drop", c.judge_drop_max, -1.0),
+                                       ("monitor/proxy_gap", "proxy_gap", c.proxy_gap_rise_max, 1.0)):
+            base = self._baseline(key)
+            vals = [r[key] for r in recent if key in r]
+            if base is not None and key in row:
+                out[name] = sign * (sum(vals) / len(vals) - base) > limit
         return out
 
     def update(self, iteration: int, row: dict[str, float]) -> list[str]:

@@ -379,6 +379,7 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
         final_gold_eval,
         fresh_pair_agreement,
         gold_fn,
+        judge_scores,
         load_iteration,
         load_prompts,
         open_reports,
@@ -510,6 +511,8 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
                     cfg.reward.missing_eos_penalty)
                 if agreement is not None:
                     row["monitor/judge_agreement"], row["monitor/judge_pairs"] = agreement[0], float(agreement[1])
+            if mon is not None and judge is not None:  # the held-out judge's view of this rollout
+                row.update(judge_scores(judge, ro, cfg.reward.missing_eos_penalty))
             fired = [] if mon is None else observe_rollout(
                 mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses, members)
             if gold is not None and dist.main:

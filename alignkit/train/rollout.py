@@ -607,6 +607,15 @@ def fresh_pair_agreement(
     return member_agreement(members[:, 0::2], members[:, 1::2])
 
 
+def judge_scores(judge: RewardSource, ro: Rollout, missing_eos_penalty: float = 0.0) -> dict[str, float]:
+    """The monitor's held-out judge on a rollout: `monitor/judge_score`, the mean of its scores of
+    the policy's responses (missing-EOS penalty subtracted as from the reward), and
+    `monitor/proxy_gap`, the mean reward the policy optimises minus that."""
+    j, _ = judge(ro.prompts, ro.responses, ro.input_ids, ro.attention_mask)
+    j = j.float() - missing_eos_penalty * (~ro.finished).float().to(j.device)
+    return {"monitor/judge_score": float(j.mean()), "monitor/proxy_gap": float(ro.scores.float().mean() - j.mean())}
+
+
 # ---------------------------------------------------------------------------------- prompts
 def prompt_batches(n: int, batch: int, seed: int) -> Iterator[list[int]]:
     """Endless batches of `batch` prompt indices: a fresh seeded shuffle of range(n) per epoch,
