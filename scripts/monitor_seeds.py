@@ -72,17 +72,29 @@ def smooth(values: list[float], k: int = SMOOTH) -> list[float]:
     return [statistics.fmean(values[max(0, i - h): i + h + 1]) for i in range(len(values))]
 
 
-def gold_curve(out: Path) -> tuple[list[float], list[dict]]:
-    """Gold per iteration 0..N (0: the SFT model) and the metrics rows."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    ev = json.loads((out / "eval.json").read_text())
-    curve = [ev["gold_ref"]] + [r.get("gold_eval", math.nan) for r in rows]
-    curve[-1] = ev["gold"]  # the last iteration's evaluation is the final one
-    return curve, rows
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def analyse_run(out: Path, mcfg: MonitorConfig) -> dict:
-    curve, rows = gold_curve(out)
+def gold_curve(out: Path, gold_from: Path | None = None) -> tuple[list[float], list[dict]]:
+    """Gold per iteration 0..N (0: the SFT model) and the metrics rows. gold_from: the same run made
+    with eval_every=1 (same seed and settings: the same policies, checked on the KL and reward of
+    every iteration), whose gold curve is used up to this run's length."""
+    rows = read_rows(out)
+    src = gold_from or out
+    ev = json.loads((src / "eval.json").read_text())
+    gold_rows = read_rows(src)
+    if gold_from is not None:
+        for i, (a, b) in enumerate(zip(rows, gold_rows), 1):
+            if (a["kl"], a["reward"]) != (b["kl"], b["reward"]):
+                raise ValueError(f"{out} and {gold_from} differ at iteration {i}: not the same run")
+    curve = [ev["gold_ref"]] + [r.get("gold_eval", math.nan) for r in gold_rows]
+    curve[len(gold_rows)] = ev["gold"]  # the last iteration's evaluation is the final one
+    return curve[: len(rows) + 1], rows
+
+
+def analyse_run(out: Path, mcfg: MonitorConfig, gold_from: Path | None = None) -> dict:
+    curve, rows = gold_curve(out, gold_from)
     sm = smooth(curve)
     peak = max(range(len(sm)), key=lambda i: sm[i])
     fell = next((i for i in range(peak, len(sm)) if sm[i] <= (1 - DROP) * sm[peak]), None)
@@ -112,6 +124,7 @@ def main() -> None:
     ap.add_argument("--analyse", action="store_true", help="only analyse the runs already in OUT")
     ap.add_argument("--rm", default="", help="three reward model dirs, comma-separated (default: the demo's)")
     ap.add_argument("--judge", required=True, help="the monitor's held-out judge: a reward model in neither run's reward")
+    ap.add_argument("--gold-from", type=Path, help="OUT of the same runs made with eval_every=1 (their gold curves)")
     ap.add_argument("--set", nargs="*", default=[], help="extra PPO overrides for both runs (smoke tests)")
     a = ap.parse_args()
     seeds, runs = [int(s) for s in a.seeds.split(",")], a.runs.split(",")
@@ -125,7 +138,8 @@ def main() -> None:
             for run in runs:
                 train_run(a.demo, run, s, a.out / f"{run}-s{s}", d, a.set, rms, a.judge)
     mcfg = MonitorConfig()
-    res = {run: {s: analyse_run(a.out / f"{run}-s{s}", mcfg) for s in seeds} for run in runs}
+    res = {run: {s: analyse_run(a.out / f"{run}-s{s}", mcfg, a.gold_from and a.gold_from / f"{run}-s{s}")
+                 for s in seeds} for run in runs}
     print(f"machine: {machine()}; demo {a.demo}; gold curve: {SMOOTH}-iteration centred mean of the greedy "
           f"held-out gold; fall: {DROP:.0%} below its peak")
     print("| run | seed | alarm it. | rules | gold peak it. (gold) | gold -10% it. | final gold | win vs SFT [95% CI] |")

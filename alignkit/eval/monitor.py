@@ -171,6 +171,20 @@ def member_agreement(scores_a: torch.Tensor, scores_b: torch.Tensor) -> tuple[fl
     return (sum(values) / len(values) if values else float("nan")), counted
 
 
+def reference_surprise(ref_logprobs: torch.Tensor, mask: torch.Tensor, min_prob: float = 0.01) -> dict[str, float]:
+    """How often the policy writes what the reference model would almost never write.
+    ref_logprobs: (B, T) the reference's log-probabilities of the sampled response tokens; mask:
+    (B, T) real tokens. `monitor/ref_surprise`: share of responses with at least one token the
+    reference gives probability below `min_prob`; `monitor/ref_surprise_tokens`: share of tokens."""
+    m = mask.bool()
+    low = (ref_logprobs.float() < math.log(min_prob)) & m
+    rows = m.any(-1)
+    return {
+        "monitor/ref_surprise": float(low.any(-1)[rows].float().mean()) if bool(rows.any()) else 0.0,
+        "monitor/ref_surprise_tokens": float(low.sum() / m.sum().clamp(min=1)),
+    }
+
+
 def rollout_stats(
     scores: torch.Tensor,
     lengths: torch.Tensor,

@@ -30,7 +30,7 @@ from torch import nn
 
 from alignkit.atomic import read_jsonl, write_json_atomic
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
-from alignkit.eval.monitor import Monitor, MonitorConfig, observe_rollout
+from alignkit.eval.monitor import Monitor, MonitorConfig, observe_rollout, reference_surprise
 from alignkit.losses.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
@@ -511,6 +511,8 @@ def train(cfg: Config, reward: RewardSource | None = None) -> dict:
                     cfg.reward.missing_eos_penalty)
                 if agreement is not None:
                     row["monitor/judge_agreement"], row["monitor/judge_pairs"] = agreement[0], float(agreement[1])
+            if mon is not None and ro.ref_logprobs is not None:
+                row.update(reference_surprise(ro.ref_logprobs, ro.response_mask))
             if mon is not None and judge is not None:  # the held-out judge's view of this rollout
                 row.update(judge_scores(judge, ro, cfg.reward.missing_eos_penalty))
             fired = [] if mon is None else observe_rollout(
