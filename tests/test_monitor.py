@@ -14,6 +14,7 @@ from alignkit.eval.monitor import (
     length_fit,
     member_agreement,
     pair_agreement,
+    reference_surprise,
     refusal_rate,
     repetition_rate,
     rollout_stats,
@@ -59,6 +60,18 @@ def test_pair_agreement_leaves_out_ties():
     assert math.isnan(pair_agreement([1], [1], [0], [1])[0])
 
 
+def test_reference_surprise_by_hand():
+    """Row 1: probabilities 0.5, 0.005 (below 1%) and padding; row 2: 0.9, 0.2 and a masked 0.001
+    (padding never counts); row 3: empty. Responses with a surprise: 1 of the 2 non-empty ones;
+    tokens: 1 of 4."""
+    logp = torch.log(torch.tensor([[0.5, 0.005, 1.0], [0.9, 0.2, 0.001], [1.0, 1.0, 1.0]]))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+    out = reference_surprise(logp, mask)
+    assert out["monitor/ref_surprise"] == pytest.approx(0.5)
+    assert out["monitor/ref_surprise_tokens"] == pytest.approx(0.25)
+    assert reference_surprise(logp, mask, min_prob=0.001)["monitor/ref_surprise"] == 0.0
+
+
 def test_rollout_stats_keys():
     row = rollout_stats(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]), ["a", "b", "c"],
                         [[1], [2], [3]], member_scores=torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
@@ -77,9 +90,12 @@ def test_alarm_fires_on_a_runaway_curve_after_patience():
     slope over the last 5 KLs passes 0.5 at iteration 7 (0.2,0.2,0.2,1.2,2.2 -> 0.5 is not >0.5;
     at iteration 8 the window 0.2,0.2,1.2,2.2,3.2 has slope 0.8) and patience 2 makes it fire at 9."""
     kls = [0.2] * 5 + [1.2, 2.2, 3.2, 4.2, 5.2]
-    mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls])
+    mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls], MonitorConfig(kl_growth_max=0.5))
     assert mon.first_alarm == 9 and fired[8] == ["kl_growth"]
     assert all(f == [] for f in fired[:8])
+    # the default limit (0.12): at iteration 6 the window 0.2 x 4, 1.2 has slope 2.0 / 10 = 0.2
+    mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls])
+    assert mon.first_alarm == 7 and fired[6] == ["kl_growth"]
 
 
 def test_alarm_stays_quiet_on_a_steady_run():

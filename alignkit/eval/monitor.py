@@ -51,7 +51,7 @@ class MonitorConfig:
     """A rule fires only when its condition holds this many iterations in a row."""
     window: int = 5
     """Iterations in the least-squares fit of the KL growth rate."""
-    kl_growth_max: float = 0.5
+    kl_growth_max: float = 0.12
     """Alarm when KL(policy || reference) grows faster than this (nats per response per iteration)."""
     length_corr_max: float = 0.8
     """Alarm when the correlation of reward and response length on the batch exceeds this."""
@@ -63,12 +63,16 @@ class MonitorConfig:
     """Alarm when the refusal rate rises more than this above its baseline (absolute fraction)."""
     repetition_rise_max: float = 0.3
     """Alarm when the repeated-trigram rate rises more than this above its baseline."""
-    judge_agreement_min: float = 0.55
+    judge_agreement_min: float = 0.5
     """Alarm when the reward agrees with the judge on fewer than this share of the fresh pairs of the
     last `window` iterations (pooled: agreements and pairs summed over them)."""
     judge_drop_max: float = 0.3
     """Alarm when the held-out judge's mean score of the policy's samples (`monitor/judge_score`, mean
     over the last `window` iterations) falls more than this below its baseline (normalised units)."""
+    ref_surprise_rise_max: float = 0.07
+    """Alarm when the share of responses holding a token the reference gives probability < 1%
+    (`monitor/ref_surprise`, mean over the last `window` iterations) rises more than this above its
+    baseline: the policy writes what the SFT model would almost never write."""
     proxy_gap_rise_max: float = 0.5
     """Alarm when the reward minus the judge's score (`monitor/proxy_gap`, mean over the last `window`
     iterations) rises more than this above its baseline: the proxy pays for what the judge does not."""
@@ -253,7 +257,8 @@ class Monitor:
         if "monitor/judge_agreement" in row and sum(n for _, n in pooled) > 0:
             out["judge_agreement"] = sum(a * n for a, n in pooled) / sum(n for _, n in pooled) < c.judge_agreement_min
         for key, name, limit, sign in (("monitor/judge_score", "judge_drop", c.judge_drop_max, -1.0),
-                                       ("monitor/proxy_gap", "proxy_gap", c.proxy_gap_rise_max, 1.0)):
+                                       ("monitor/proxy_gap", "proxy_gap", c.proxy_gap_rise_max, 1.0),
+                                       ("monitor/ref_surprise", "ref_surprise", c.ref_surprise_rise_max, 1.0)):
             base = self._baseline(key)
             vals = [r[key] for r in recent if key in r]
             if base is not None and key in row:
