@@ -107,11 +107,10 @@ def analyse_run(out: Path, mcfg: MonitorConfig, gold_from: Path | None = None) -
     w = fe["win_rate_vs_sft"]
     return {
         "alarm": rules.get("iteration"), "rules": rules.get("rules", []),
-        "logged_alarm": next((i for i, r in enumerate(rows, 1) if r.get("monitor/alarm", 0) > 0), None),
         "gold_peak_it": peak, "gold_peak": sm[peak], "gold_fell_10pct_it": fell,
         "gold_final": fe["gold_score"], "win": w["rate"], "win_ci": [w["lo"], w["hi"]],
         "per_category": fe.get("per_category"), "kl": fe.get("kl"), "train_wall_s": fe.get("train_wall_s"),
-        "alarm_before_fall": (rules.get("iteration") is not None and (fell is None or rules["iteration"] < fell)),
+        "alarm_before_fall": (rules.get("iteration") is not None and fell is not None and rules["iteration"] < fell),
     }
 
 
