@@ -69,7 +69,7 @@ class MonitorConfig:
     judge_drop_max: float = 0.3
     """Alarm when the held-out judge's mean score of the policy's samples (`monitor/judge_score`, mean
     over the last `window` iterations) falls more than this below its baseline (normalised units)."""
-    ref_surprise_rise_max: float = 0.07
+    ref_surprise_rise_max: float = 0.1
     """Alarm when the share of responses holding a token the reference gives probability < 1%
     (`monitor/ref_surprise`, mean over the last `window` iterations) rises more than this above its
     baseline: the policy writes what the SFT model would almost never write."""
