@@ -50,7 +50,8 @@ class MonitorConfig:
     patience: int = 2
     """A rule fires only when its condition holds this many iterations in a row."""
     window: int = 5
-    """Iterations in the least-squares fit of the KL growth rate."""
+    """Iterations in the least-squares fit of the KL growth rate and in the window means of the judge
+    and reference-surprise rules."""
     kl_growth_max: float = 0.12
     """Alarm when KL(policy || reference) grows faster than this (nats per response per iteration)."""
     length_corr_max: float = 0.8
@@ -77,8 +78,9 @@ class MonitorConfig:
     """Alarm when the reward minus the judge's score (`monitor/proxy_gap`, mean over the last `window`
     iterations) rises more than this above its baseline: the proxy pays for what the judge does not."""
     judge: str | None = None
-    """Second judge of `monitor/judge_agreement`: 'gold' (the world's judge) or a reward model
-    directory; None: the reward ensemble's members judge each other (no statistic with one model)."""
+    """Second judge of `monitor/judge_agreement` (and, set, of `monitor/judge_score` / `proxy_gap`): 'gold'
+    (the world's judge) or a reward model directory; None: the reward ensemble's members judge each
+    other (no statistic with one model)."""
     judge_pairs: int = 16
     """Prompts of each rollout batch given two fresh samples for `monitor/judge_agreement` (0: off)."""
     stop: bool = False
