@@ -326,6 +326,8 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | P
                                     "reward.source=model", f"reward.model={reward_model}", *overrides])
         if name == "ppo":  # the over-optimised run keeps one reward model
             cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, ensemble=ensemble))
+        elif ensemble:  # ... and the monitor's judge is the second one, held out of its reward (docs/ppo.md)
+            cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, judge=ensemble[0]))
         res = d.run_stage(name, lambda cfg=cfg: ppo.run(cfg))
         d.summary["stages"][name]["notes"] = notes
         d.evaluate(name, res["model"])

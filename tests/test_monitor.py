@@ -14,6 +14,7 @@ from alignkit.eval.monitor import (
     length_fit,
     member_agreement,
     pair_agreement,
+    reference_surprise,
     refusal_rate,
     repetition_rate,
     rollout_stats,
@@ -59,6 +60,18 @@ def test_pair_agreement_leaves_out_ties():
     assert math.isnan(pair_agreement([1], [1], [0], [1])[0])
 
 
+def test_reference_surprise_by_hand():
+    """Row 1: probabilities 0.5, 0.005 (below 1%) and padding; row 2: 0.9, 0.2 and a masked 0.001
+    (padding never counts); row 3: empty. Responses with a surprise: 1 of the 2 non-empty ones;
+    tokens: 1 of 4."""
+    logp = torch.log(torch.tensor([[0.5, 0.005, 1.0], [0.9, 0.2, 0.001], [1.0, 1.0, 1.0]]))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+    out = reference_surprise(logp, mask)
+    assert out["monitor/ref_surprise"] == pytest.approx(0.5)
+    assert out["monitor/ref_surprise_tokens"] == pytest.approx(0.25)
+    assert reference_surprise(logp, mask, min_prob=0.001)["monitor/ref_surprise"] == 0.0
+
+
 def test_rollout_stats_keys():
     row = rollout_stats(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]), ["a", "b", "c"],
                         [[1], [2], [3]], member_scores=torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
@@ -77,9 +90,12 @@ def test_alarm_fires_on_a_runaway_curve_after_patience():
     slope over the last 5 KLs passes 0.5 at iteration 7 (0.2,0.2,0.2,1.2,2.2 -> 0.5 is not >0.5;
     at iteration 8 the window 0.2,0.2,1.2,2.2,3.2 has slope 0.8) and patience 2 makes it fire at 9."""
     kls = [0.2] * 5 + [1.2, 2.2, 3.2, 4.2, 5.2]
-    mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls])
+    mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls], MonitorConfig(kl_growth_max=0.5))
     assert mon.first_alarm == 9 and fired[8] == ["kl_growth"]
     assert all(f == [] for f in fired[:8])
+    # the default limit (0.12): at iteration 6 the window 0.2 x 4, 1.2 has slope 2.0 / 10 = 0.2
+    mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls])
+    assert mon.first_alarm == 7 and fired[6] == ["kl_growth"]
 
 
 def test_alarm_stays_quiet_on_a_steady_run():
@@ -95,7 +111,6 @@ def test_alarm_stays_quiet_on_a_steady_run():
     ("entropy", 0.2, "entropy"),                          # < 0.3 x baseline 1.0
     ("monitor/refusal_rate", 0.45, "refusal_rate"),       # > baseline 0.1 + 0.3
     ("monitor/length_corr", 0.9, "length_corr"),          # > 0.8
-    ("monitor/judge_agreement", 0.5, "judge_agreement"),  # < 0.55
 ])
 def test_each_rule_fires_alone_after_warmup_and_patience(key, bad, rule):
     base = {"kl": 0.1, "entropy": 1.0, "monitor/length_corr": 0.2, "monitor/disagreement": 0.3,
@@ -106,6 +121,47 @@ def test_each_rule_fires_alone_after_warmup_and_patience(key, bad, rule):
     # a single bad iteration between good ones never fires (patience 2)
     rows = [dict(base) for _ in range(4)] + [dict(base, **{key: bad}), dict(base), dict(base, **{key: bad})]
     assert _run(rows)[0].first_alarm is None
+
+
+def test_judge_agreement_is_pooled_over_the_window_by_pairs():
+    """window 5, min 0.55: four iterations at 0.8 (10 pairs each), then 0.2. Pooled over the last 5:
+    it. 5: (4*8 + 2) / 50 = 0.68; it. 6: (3*8 + 2*2) / 50 = 0.56; it. 7: (2*8 + 3*2) / 50 = 0.44;
+    it. 8: (8 + 4*2) / 50 = 0.32. Holding at 7 and 8: fires at 8 (patience 2)."""
+    cfg = MonitorConfig(window=5, judge_agreement_min=0.55)
+    rows = [{"monitor/judge_agreement": 0.8, "monitor/judge_pairs": 10.0}] * 4 + \
+        [{"monitor/judge_agreement": 0.2, "monitor/judge_pairs": 10.0}] * 4
+    mon, fired = _run(rows, cfg)
+    assert mon.first_alarm == 8 and fired[7] == ["judge_agreement"] and not any(fired[:7])
+    # weighted by pairs: 0.9 on 2 pairs and 0.5 on 18 pool to (1.8 + 9) / 20 = 0.54 < 0.55; unweighted 0.7
+    rows = [{"monitor/judge_agreement": 0.9, "monitor/judge_pairs": 2.0},
+            {"monitor/judge_agreement": 0.5, "monitor/judge_pairs": 18.0}] * 4
+    mon = Monitor(MonitorConfig(window=2, warmup=0, judge_agreement_min=0.55))
+    for i, r in enumerate(rows[:2], 1):
+        mon.update(i, r)
+    assert mon.conditions(rows[1])["judge_agreement"] is True
+    mon = Monitor(MonitorConfig(window=2, warmup=0, judge_agreement_min=0.53))
+    for i, r in enumerate(rows[:2], 1):
+        mon.update(i, r)
+    assert mon.conditions(rows[1])["judge_agreement"] is False
+
+
+def test_judge_drop_and_proxy_gap_rules_by_hand():
+    """warmup 3 (baselines: judge score 0.1, gap 0.0), window 3. The judge's score then falls by
+    0.2 an iteration (-0.1, -0.3, -0.5, ...) while the proxy gains as much (gap 0.2, 0.4, ...).
+    Window means at it. 4: judge (0.1 + 0.1 - 0.1) / 3 = 0.033 (drop 0.067), gap 0.067;
+    it. 5: judge -0.1 (drop 0.2), gap 0.2; it. 6: judge -0.3 (drop 0.4), gap 0.4;
+    it. 7: judge -0.5 (drop 0.6), gap 0.6. Limits 0.3 and 0.5: judge_drop holds from it. 6
+    and fires at 7; proxy_gap holds from it. 7 and fires at 8."""
+    cfg = MonitorConfig(warmup=3, window=3, patience=2, judge_drop_max=0.3, proxy_gap_rise_max=0.5)
+    judge = [0.1, 0.1, 0.1, -0.1, -0.3, -0.5, -0.7, -0.9]
+    gap = [0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    rows = [{"monitor/judge_score": j, "monitor/proxy_gap": g} for j, g in zip(judge, gap)]
+    mon, fired = _run(rows, cfg)
+    assert not any(fired[:6]) and fired[6] == ["judge_drop"] and fired[7] == ["judge_drop", "proxy_gap"]
+    assert mon.first_alarm == 7
+    # a judge that likes the policy more than at the start never fires judge_drop
+    rows = [{"monitor/judge_score": 0.1 * i, "monitor/proxy_gap": 0.0} for i in range(12)]
+    assert _run(rows, cfg)[0].first_alarm is None
 
 
 def test_nothing_fires_during_warmup():

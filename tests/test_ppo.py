@@ -521,6 +521,10 @@ def test_ppo_feeds_judge_agreement_from_fresh_pairs(tiny_dirs):
     ppo.run(load_config(ppo.Config, None, [*base, f"out={out}"]))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["monitor/judge_pairs"] > 0 and row["monitor/judge_agreement"] == 1.0
+    # the judge scores the rollout as the reward does: no gap, its score the mean reward
+    assert row["monitor/proxy_gap"] == pytest.approx(0.0, abs=1e-5)
+    assert row["monitor/judge_score"] == pytest.approx(row["reward"], abs=1e-5)
+    assert 0.0 <= row["monitor/ref_surprise_tokens"] <= 1.0 and 0.0 <= row["monitor/ref_surprise"] <= 1.0
     out = tiny_dirs / "out-judge-off"
     ppo.run(load_config(ppo.Config, None, [*base, f"out={out}", "monitor.judge_pairs=0"]))
     assert "monitor/judge_agreement" not in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

@@ -525,6 +525,29 @@ def test_mismatched_pairs_count_and_impossible_partners():
         reward.Config(mismatched_pairs=-0.1)
 
 
+def test_number_negatives_change_only_the_last_number_of_distinct_chosen_answers():
+    pairs = [
+        _pair("Human: What is 6 plus 8?\nAssistant:", " 6 plus 8 is 14.", category="arithmetic"),
+        _pair("Human: What is 6 plus 8?\nAssistant:", " 6 plus 8 is 14.", " idk."),  # same answer: one anchor
+        _pair("Human: What is 2 minus 1?\nAssistant:", " 1.", category="arithmetic"),
+        _pair("Human: say hi\nAssistant:", " hi.", " no."),  # no number: never an anchor
+        _pair("Human: Repeat it\nAssistant:", " a2b a.", " no."),  # a digit inside a word is no number
+    ]
+    extra = reward.add_number_negatives(pairs, fraction=1.0, seed=0)
+    assert len(extra) == 2 and {p.chosen for p in extra} == {" 6 plus 8 is 14.", " 1."}
+    for p in extra:
+        head, _, tail = p.chosen.rpartition(" ")
+        wrong_head, _, wrong_tail = p.rejected.rpartition(" ")
+        assert head == wrong_head and p.category == "arithmetic"  # operands and form untouched
+        right, wrong = int(tail.rstrip(".")), int(wrong_tail.rstrip("."))
+        assert wrong != right and max(0, right - 3) <= wrong <= right + 3 and wrong_tail.endswith(".")
+    assert extra == reward.add_number_negatives(pairs, 1.0, seed=0)  # deterministic
+    assert len(reward.add_number_negatives(pairs, 3.0, seed=0)) == 6  # with replacement above 1
+    assert reward.add_number_negatives(pairs, 0.0, seed=0) == []
+    with pytest.raises(ConfigError, match="number_negatives"):
+        reward.Config(number_negatives=-1.0)
+
+
 def test_stage_trains_on_the_mismatched_pairs_but_keeps_stats_of_the_data(world_dir, sft_dir, tmp_path):
     """64 data pairs + 32 mismatched: 96 pairs = 3 steps of 32; reward_stats count only data pairs."""
     common = dict(

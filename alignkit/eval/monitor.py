@@ -14,7 +14,9 @@ The signals, each a known symptom of a policy exploiting its reward model:
   than the KL penalty holds it (Gao et al. 2023: gold reward falls as a function of KL);
 - policy entropy: collapse to a few outputs;
 - refusal and repetition rates: degenerate answers that a reward model may over-score;
-- agreement of the reward with a second judge on fresh pairs of the policy's samples.
+- agreement of the reward with a second judge on fresh pairs of the policy's samples;
+- a held-out judge's score of the policy's samples, and the gap between the reward and it (Gao et
+  al. 2023 measure over-optimisation with a held-out reward model in place of gold).
 
 Every rule compares with the run's own start (the mean of its first `warmup` iterations) or with
 an absolute bound, and must hold for `patience` iterations in a row before it fires. Statistics
@@ -48,8 +50,9 @@ class MonitorConfig:
     patience: int = 2
     """A rule fires only when its condition holds this many iterations in a row."""
     window: int = 5
-    """Iterations in the least-squares fit of the KL growth rate."""
-    kl_growth_max: float = 0.5
+    """Iterations in the least-squares fit of the KL growth rate and in the window means of the judge
+    and reference-surprise rules."""
+    kl_growth_max: float = 0.12
     """Alarm when KL(policy || reference) grows faster than this (nats per response per iteration)."""
     length_corr_max: float = 0.8
     """Alarm when the correlation of reward and response length on the batch exceeds this."""
@@ -61,11 +64,23 @@ class MonitorConfig:
     """Alarm when the refusal rate rises more than this above its baseline (absolute fraction)."""
     repetition_rise_max: float = 0.3
     """Alarm when the repeated-trigram rate rises more than this above its baseline."""
-    judge_agreement_min: float = 0.55
-    """Alarm when the reward agrees with the judge on fewer than this share of fresh pairs."""
+    judge_agreement_min: float = 0.5
+    """Alarm when the reward agrees with the judge on fewer than this share of the fresh pairs of the
+    last `window` iterations (pooled: agreements and pairs summed over them)."""
+    judge_drop_max: float = 0.3
+    """Alarm when the held-out judge's mean score of the policy's samples (`monitor/judge_score`, mean
+    over the last `window` iterations) falls more than this below its baseline (normalised units)."""
+    ref_surprise_rise_max: float = 0.1
+    """Alarm when the share of responses holding a token the reference gives probability < 1%
+    (`monitor/ref_surprise`, mean over the last `window` iterations) rises more than this above its
+    baseline: the policy writes what the SFT model would almost never write."""
+    proxy_gap_rise_max: float = 0.5
+    """Alarm when the reward minus the judge's score (`monitor/proxy_gap`, mean over the last `window`
+    iterations) rises more than this above its baseline: the proxy pays for what the judge does not."""
     judge: str | None = None
-    """Second judge of `monitor/judge_agreement`: 'gold' (the world's judge) or a reward model
-    directory; None: the reward ensemble's members judge each other (no statistic with one model)."""
+    """Second judge of `monitor/judge_agreement` (and, set, of `monitor/judge_score` / `proxy_gap`): 'gold'
+    (the world's judge) or a reward model directory; None: the reward ensemble's members judge each
+    other (no statistic with one model)."""
     judge_pairs: int = 16
     """Prompts of each rollout batch given two fresh samples for `monitor/judge_agreement` (0: off)."""
     stop: bool = False
@@ -162,6 +177,20 @@ def member_agreement(scores_a: torch.Tensor, scores_b: torch.Tensor) -> tuple[fl
     return (sum(values) / len(values) if values else float("nan")), counted
 
 
+def reference_surprise(ref_logprobs: torch.Tensor, mask: torch.Tensor, min_prob: float = 0.01) -> dict[str, float]:
+    """How often the policy writes what the reference model would almost never write.
+    ref_logprobs: (B, T) the reference's log-probabilities of the sampled response tokens; mask:
+    (B, T) real tokens. `monitor/ref_surprise`: share of responses with at least one token the
+    reference gives probability below `min_prob`; `monitor/ref_surprise_tokens`: share of tokens."""
+    m = mask.bool()
+    low = (ref_logprobs.float() < math.log(min_prob)) & m
+    rows = m.any(-1)
+    return {
+        "monitor/ref_surprise": float(low.any(-1)[rows].float().mean()) if bool(rows.any()) else 0.0,
+        "monitor/ref_surprise_tokens": float(low.sum() / m.sum().clamp(min=1)),
+    }
+
+
 def rollout_stats(
     scores: torch.Tensor,
     lengths: torch.Tensor,
@@ -224,9 +253,18 @@ class Monitor:
             base = self._baseline(f"monitor/{key}")
             if base is not None and f"monitor/{key}" in row:
                 out[key] = row[f"monitor/{key}"] > base + rise
-        agreement = row.get("monitor/judge_agreement")
-        if agreement is not None and math.isfinite(agreement):
-            out["judge_agreement"] = agreement < c.judge_agreement_min
+        recent = self.history[-c.window:]
+        pooled = [(r["monitor/judge_agreement"], r.get("monitor/judge_pairs", 1.0)) for r in recent
+                  if math.isfinite(r.get("monitor/judge_agreement", math.nan))]
+        if "monitor/judge_agreement" in row and sum(n for _, n in pooled) > 0:
+            out["judge_agreement"] = sum(a * n for a, n in pooled) / sum(n for _, n in pooled) < c.judge_agreement_min
+        for key, name, limit, sign in (("monitor/judge_score", "judge_drop", c.judge_drop_max, -1.0),
+                                       ("monitor/proxy_gap", "proxy_gap", c.proxy_gap_rise_max, 1.0),
+                                       ("monitor/ref_surprise", "ref_surprise", c.ref_surprise_rise_max, 1.0)):
+            base = self._baseline(key)
+            vals = [r[key] for r in recent if key in r]
+            if base is not None and key in row:
+                out[name] = sign * (sum(vals) / len(vals) - base) > limit
         return out
 
     def update(self, iteration: int, row: dict[str, float]) -> list[str]:

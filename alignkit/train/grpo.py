@@ -299,7 +299,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
         def ref_fn(ids, mask, r_ids):
             return reference.logprobs(ids, mask, r_ids, temperature, chunk, share_prompt_prefix=share)
 
-        done, evals = 0, []
+        done, evals, ref_cache = 0, [], {}  # ref_cache: the reference's greedy eval responses
         if resume_from is not None:
             state = load_iteration(
                 resume_from, policy, [optimizer], [scheduler], gen, cfg.train, total_steps, metrics_path, batches,
@@ -354,7 +354,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
                 with engine.gathered() as current, whole_reference(reference) as ref:
                     if dist.main:
                         ev = final_gold_eval(current, ref, tokenizer, world, cfg.world, cfg.eval_limit,
-                                             cfg.rollout.max_new_tokens)
+                                             cfg.rollout.max_new_tokens, ref_cache)
                         row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
                         evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             log.write(row)
@@ -374,7 +374,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
                 save_model(trained, tokenizer, out / "final")
             if world is not None and dist.main:
                 ev = final_gold_eval(trained, ref, tokenizer, world, cfg.world, cfg.eval_limit,
-                                     cfg.rollout.max_new_tokens)
+                                     cfg.rollout.max_new_tokens, ref_cache)
                 ev["during_training"] = evals
                 write_json_atomic(out / "eval.json", ev)
                 result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],

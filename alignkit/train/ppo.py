@@ -30,7 +30,7 @@ from torch import nn
 
 from alignkit.atomic import read_jsonl, write_json_atomic
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
-from alignkit.eval.monitor import Monitor, MonitorConfig, observe_rollout
+from alignkit.eval.monitor import Monitor, MonitorConfig, observe_rollout, reference_surprise
 from alignkit.losses.advantages import explained_variance, gae, masked_mean, masked_whiten
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from alignkit.losses.policy import entropy_from_logits, ppo_policy_loss, ppo_value_loss
@@ -382,6 +382,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
         final_gold_eval,
         fresh_pair_agreement,
         gold_fn,
+        judge_scores,
         load_iteration,
         load_prompts,
         open_reports,
@@ -454,7 +455,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             return reference.logprobs(ids, mask, r_ids, cfg.rollout.temperature, chunk)
 
         trainable = {id(p) for p in ac.policy_parameters() + ac.value_parameters()}
-        done, evals = 0, []
+        done, evals, ref_cache = 0, [], {}  # ref_cache: the reference's greedy eval responses
         mon, stopped = (Monitor(cfg.monitor) if cfg.monitor.enabled else None), None
         if resume_from is not None:
             state = load_iteration(
@@ -519,6 +520,10 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
                         cfg.reward.missing_eos_penalty)
                 if agreement is not None:
                     row["monitor/judge_agreement"], row["monitor/judge_pairs"] = agreement[0], float(agreement[1])
+            if mon is not None and ro.ref_logprobs is not None:
+                row.update(reference_surprise(ro.ref_logprobs, ro.response_mask))
+            if mon is not None and judge is not None:  # the held-out judge's view of this rollout
+                row.update(judge_scores(judge, ro, cfg.reward.missing_eos_penalty))
             fired = [] if mon is None else observe_rollout(
                 mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses, members)
             if gold is not None and dist.main:
@@ -527,7 +532,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
                 with engine.gathered() as current, whole_reference(reference) as ref:
                     if dist.main:
                         ev = final_gold_eval(current, ref, tokenizer, world, cfg.world, cfg.eval_limit,
-                                             cfg.rollout.max_new_tokens)
+                                             cfg.rollout.max_new_tokens, ref_cache)
                         row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
                         evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             log.write(row)
@@ -554,7 +559,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
                 save_model(trained, tokenizer, out / "final")
             if world is not None and dist.main:
                 ev = final_gold_eval(trained, ref, tokenizer, world, cfg.world, cfg.eval_limit,
-                                     cfg.rollout.max_new_tokens)
+                                     cfg.rollout.max_new_tokens, ref_cache)
                 ev["during_training"] = evals
                 write_json_atomic(out / "eval.json", ev)
                 result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,9 @@ class Config:
     mismatched_pairs: float = 0.0
     """Extra training pairs, as a fraction of the data's pairs, whose rejected response is the chosen
     response of another prompt (`add_mismatched_pairs`): they teach the model to read the prompt. 0: none."""
+    number_negatives: float = 0.0
+    """Extra hard-negative pairs, as a fraction of the data's distinct (prompt, chosen) answers that hold
+    a number: the chosen answer above itself with its last number changed (`add_number_negatives`). 0: none."""
     stats_pairs: int = 1000
     """Training pairs (both responses) scored after training for reward_stats.json (0: all)."""
     eval_batch_size: int = 64
@@ -92,6 +96,8 @@ class Config:
             raise ConfigError(f"config key 'center_coef' must be >= 0, got {self.center_coef}")
         if self.mismatched_pairs < 0:
             raise ConfigError(f"config key 'mismatched_pairs' must be >= 0, got {self.mismatched_pairs}")
+        if self.number_negatives < 0:
+            raise ConfigError(f"config key 'number_negatives' must be >= 0, got {self.number_negatives}")
         if self.stats_pairs < 0 or self.eval_batch_size < 1:
             raise ConfigError(
                 "config keys 'stats_pairs' (>= 0) and 'eval_batch_size' (>= 1) are out of range"
@@ -146,6 +152,43 @@ def add_mismatched_pairs(
             if b.prompt != a.prompt and b.chosen not in chosen_for[a.prompt]:
                 out.append(PreferencePair(prompt=a.prompt, chosen=a.chosen, rejected=b.chosen, category=a.category))
                 break
+    return out
+
+
+_INT = re.compile(r"(?<![\w.])\d+(?![\w])")
+
+
+def add_number_negatives(pairs: Sequence[PreferencePair], fraction: float, seed: int) -> list[PreferencePair]:
+    """Hard negatives of the right form with a wrong number: for round(fraction * M) of the M
+    distinct (prompt, chosen) answers that hold an integer, a pair (prompt, chosen, chosen with its
+    last integer v replaced by another value drawn from max(0, v - 3) .. v + 3).
+
+    A reward model trained on the data's pairs learns form (a terse answer, a refusal, "idk") more
+    than the number, because pairs that differ only in the number are rare; a policy's own samples
+    differ mostly there (" It is 11." against " It is 12."). The assumption (the chosen answer's
+    number is the right one) fails on mislabelled pairs; docs/reward.md measures how often the
+    world's gold judge agrees. Deterministic in `seed`; anchors without replacement while
+    fraction <= 1.
+    """
+    seen, anchors = set(), []
+    for p in pairs:
+        if (p.prompt, p.chosen) not in seen and _INT.search(p.chosen):
+            seen.add((p.prompt, p.chosen))
+            anchors.append(p)
+    want = round(fraction * len(anchors))
+    if want == 0:
+        return []
+    rng = random.Random(f"alignkit-number-negatives:{seed}")
+    picks = rng.sample(range(len(anchors)), want) if want <= len(anchors) else \
+        [rng.randrange(len(anchors)) for _ in range(want)]
+    out = []
+    for i in picks:
+        a = anchors[i]
+        m = list(_INT.finditer(a.chosen))[-1]
+        v = int(m.group())
+        wrong = rng.choice([x for x in range(max(0, v - 3), v + 4) if x != v])
+        rejected = a.chosen[: m.start()] + str(wrong) + a.chosen[m.end():]
+        out.append(PreferencePair(prompt=a.prompt, chosen=a.chosen, rejected=rejected, category=a.category))
     return out
 
 
@@ -367,6 +410,11 @@ def run(cfg: Config) -> dict:
         warn(f"mismatched_pairs={cfg.mismatched_pairs} adds {len(extra)} synthetic pairs (a prompt's chosen "
              f"answer above another prompt's) to the {n_data} pairs of {cfg.data.path}; "
              "set mismatched_pairs=0 to train on the data alone")
+    negatives = add_number_negatives(loaded.records, cfg.number_negatives, cfg.train.seed)
+    if negatives:
+        items = items + tokenize_preference(tokenizer, negatives, limits)[0]
+        warn(f"number_negatives={cfg.number_negatives} adds {len(negatives)} hard negatives (a chosen answer "
+             "above itself with another number) to the data's pairs")
 
     torch.manual_seed(cfg.train.seed)
     model = RewardModel.from_pretrained(
@@ -408,7 +456,8 @@ def run(cfg: Config) -> dict:
         "model": str(result.final_dir),
         "mode": cfg.mode,
         "records": len(loaded.records),
-        "mismatched_pairs": len(items) - n_data,
+        "mismatched_pairs": len(items) - n_data - len(negatives),
+        "number_negatives": len(negatives),
         "skipped": len(loaded.skipped),
         "format": loaded.format,
         "truncation": trunc.report(),

@@ -608,6 +608,15 @@ def fresh_pair_agreement(
     return member_agreement(members[:, 0::2], members[:, 1::2])
 
 
+def judge_scores(judge: RewardSource, ro: Rollout, missing_eos_penalty: float = 0.0) -> dict[str, float]:
+    """The monitor's held-out judge on a rollout: `monitor/judge_score`, the mean of its scores of
+    the policy's responses (missing-EOS penalty subtracted as from the reward), and
+    `monitor/proxy_gap`, the mean reward the policy optimises minus that."""
+    j, _ = judge(ro.prompts, ro.responses, ro.input_ids, ro.attention_mask)
+    j = j.float() - missing_eos_penalty * (~ro.finished).float().to(j.device)
+    return {"monitor/judge_score": float(j.mean()), "monitor/proxy_gap": float(ro.scores.float().mean() - j.mean())}
+
+
 # ---------------------------------------------------------------------------------- prompts
 def prompt_batches(n: int, batch: int, seed: int) -> Iterator[list[int]]:
     """Endless batches of `batch` prompt indices: a fresh seeded shuffle of range(n) per epoch,
@@ -879,17 +888,25 @@ def load_iteration(
 
 
 def final_gold_eval(
-    policy: Any, reference: Reference, tokenizer: Any, world: Any, world_dir: str, limit: int, max_new_tokens: int
+    policy: Any, reference: Reference, tokenizer: Any, world: Any, world_dir: str, limit: int, max_new_tokens: int,
+    cache: dict | None = None,
 ) -> dict:
     """Greedy responses of the policy and the reference on the world's held-out prompts (`limit`
-    of them spread over every category; 0: all), judged."""
+    of them spread over every category; 0: all), judged. cache: a dict kept by the caller across
+    calls of one run; the frozen reference's greedy responses are computed once and kept there."""
     from alignkit.eval.gold import spread
 
     ids, texts = load_prompts(f"{world_dir}/eval_prompts.jsonl", tokenizer, max_prompt_len=512)
     keep = spread(list(range(len(ids))), limit)
     ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
     mine = greedy_responses(policy, tokenizer, ids, max_new_tokens)
-    theirs = reference.greedy_responses(tokenizer, ids, max_new_tokens)  # a local Reference, or Ray's actor
+    key = ("reference", limit, max_new_tokens)
+    if cache is not None and key in cache:
+        theirs = cache[key]
+    else:
+        theirs = reference.greedy_responses(tokenizer, ids, max_new_tokens)  # a local Reference, or Ray's actor
+        if cache is not None:
+            cache[key] = theirs
     out = gold_comparison(world, texts, mine, theirs)
     out["examples"] = [{"prompt": p, "policy": a, "reference": b} for p, a, b in list(zip(texts, mine, theirs))[:: max(1, len(texts) // 12)]]
     return out
