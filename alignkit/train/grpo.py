@@ -17,17 +17,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from alignkit.atomic import read_jsonl, write_json_atomic
+from alignkit.atomic import read_jsonl
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
 from alignkit.losses.advantages import group_advantages, masked_mean, rloo_advantages
 from alignkit.losses.kl import get_kl_estimator
 from alignkit.losses.policy import grpo_loss
-from alignkit.train import checkpoint as ckpt
 from alignkit.train.distributed import (
     SINGLE,
     Dist,
@@ -37,7 +35,7 @@ from alignkit.train.distributed import (
     micro_batches,
 )
 from alignkit.train.ray_launch import RayConfig
-from alignkit.train.rl_shard import Replicated, rl_engine, shard_reference, whole_reference
+from alignkit.train.rl_shard import Replicated, rl_engine, shard_reference
 from alignkit.train.rollout import (
     RewardConfig,
     RewardSource,
@@ -198,6 +196,30 @@ def grpo_update(
     return {k: v / max(count, 1) for k, v in sums.items()}, all_reduce_tensor(first_logp, dist)
 
 
+def _metrics_row(it: int, ro: Rollout, logp: torch.Tensor, stats: dict[str, float], cfg: Config, lr: float,
+                 rollout_s: float, iteration_s: float) -> dict[str, Any]:
+    """One iteration's metrics line (docs/grpo.md): rollout and group statistics of the global batch
+    and the update's means. logp: (B, T) the sampling policy's log-probs of the responses."""
+    kl_seq = ((logp - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
+    groups = ro.scores.view(-1, cfg.group_size)
+    return {
+        "step": it,
+        "reward": float(ro.scores.mean()),
+        "reward_raw": float(ro.raw_scores.mean()),
+        "reward_std_in_group": float(groups.std(dim=1).mean()),
+        "zero_std_groups": float((groups.std(dim=1) == 0).float().mean()),
+        "kl": float(kl_seq.mean()),
+        **{k: stats[k] for k in ("kl_k3", "loss", "entropy", "clipfrac", "approx_kl")},
+        "response_length": float(ro.response_length.mean()),
+        "truncated_fraction": float((~ro.finished).float().mean()),
+        "beta": cfg.kl_coef,
+        "grad_norm": stats.get("grad_norm", float("nan")),
+        "lr": lr,
+        "rollout_s": rollout_s,
+        "iteration_s": iteration_s,
+    }
+
+
 def _check(cfg: Config) -> None:
     if not cfg.model.path:
         raise ConfigError("config key 'model.path' is required (the SFT policy directory)")
@@ -226,52 +248,29 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
     None builds cfg.reward here. reference: the KL reference built elsewhere (Ray's reference
     actor, ray_launch.RemoteReference); None builds it here (rollout.build_reference)."""
     from alignkit.memory import PeakMemory
-    from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
-    from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
+    from alignkit.train.distributed import barrier, gather_rollout, row_seeds, shard
     from alignkit.train.loop import build_optimizer, build_scheduler
+    from alignkit.train.rl_run import eval_due, finish_run, gold_eval, load_policy_and_prompts, start_run
     from alignkit.train.rollout import (
         build_reference,
         build_reward_source,
-        check_resume,
         collect_rollout,
-        final_gold_eval,
         gold_fn,
         load_iteration,
-        load_prompts,
         open_reports,
-        pick_device,
         prompt_batches,
         save_due,
         save_iteration,
     )
 
     _check(cfg)
-    dist = init_dist()
-    if cfg.prompts_per_step % dist.world:
-        raise ConfigError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of the {dist.world} ranks")
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    resume_from = ckpt.prepare_run_dir(out, cfg.train.resume, cfg.train.overwrite, main=dist.main)
-    barrier(dist)
-    if resume_from is not None:
-        check_resume(resume_from, to_dict(cfg), cfg.iterations)
-    device = device_for(dist) if dist.active else pick_device()
-    torch.manual_seed(cfg.train.seed)
-    world = None
-    if cfg.world:
-        from alignkit.world import load_world
-
-        world = load_world(cfg.world)
+    run = start_run(cfg, "prompts_per_step", cfg.prompts_per_step)
+    dist, out, metrics_path, resume_from, device, world = (run.dist, run.out, run.metrics_path, run.resume_from,
+                                                           run.device, run.world)
     advantage_fn = ADVANTAGES[cfg.advantage]
 
     with PeakMemory() as mem:
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-        prompt_path = cfg.data.path or str(Path(cfg.world) / "train_prompts.jsonl")
-        prompt_ids, prompt_texts = load_prompts(prompt_path, tokenizer, cfg.data.max_prompt_len, cfg.data.limit, cfg.data.on_error)
-        policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
-        policy.eval()  # dropout off: the ratio must be exactly 1 before the first update
+        tokenizer, prompt_ids, prompt_texts, policy = load_policy_and_prompts(cfg, device)
         engine = rl_engine(cfg.train, dist, policy, policy, device)  # before the optimizer: sharding swaps parameters
         # loaded once the policy is sharded (a smaller peak) and, under fsdp2, sharded itself
         reference = reference or build_reference(policy, cfg.model.path, cfg.model.lora_r > 0, device)
@@ -326,37 +325,12 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             adv = advantage_fn(seq_reward, cfg.group_size)  # (B,)
             stats, first_logp = grpo_update(policy, ro, adv, cfg, optimizer, scheduler, gen, dist, engine)
             logp = ro.logprobs if old_fn is not None else first_logp
-            kl_seq = ((logp - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
-            groups = ro.scores.view(-1, cfg.group_size)
-            row: dict[str, Any] = {
-                "step": it,
-                "reward": float(ro.scores.mean()),
-                "reward_raw": float(ro.raw_scores.mean()),
-                "reward_std_in_group": float(groups.std(dim=1).mean()),
-                "zero_std_groups": float((groups.std(dim=1) == 0).float().mean()),
-                "kl": float(kl_seq.mean()),
-                "kl_k3": stats["kl_k3"],
-                "loss": stats["loss"],
-                "entropy": stats["entropy"],
-                "clipfrac": stats["clipfrac"],
-                "approx_kl": stats["approx_kl"],
-                "response_length": float(ro.response_length.mean()),
-                "truncated_fraction": float((~ro.finished).float().mean()),
-                "beta": cfg.kl_coef,
-                "grad_norm": stats.get("grad_norm", float("nan")),
-                "lr": scheduler.get_last_lr()[0],
-                "rollout_s": t_roll,
-                "iteration_s": time.perf_counter() - t_it,
-            }
+            row = _metrics_row(it, ro, logp, stats, cfg, scheduler.get_last_lr()[0], t_roll, time.perf_counter() - t_it)
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
-            if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-                with engine.gathered() as current, whole_reference(reference) as ref:
-                    if dist.main:
-                        ev = final_gold_eval(current, ref, tokenizer, world, cfg.world, cfg.eval_limit,
-                                             cfg.rollout.max_new_tokens, ref_cache)
-                        row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
-                        evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
+            if eval_due(cfg, run, it) and (ev := gold_eval(engine, reference, tokenizer, run, cfg, ref_cache)):
+                row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
+                evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             log.write(row)
             bar.update(1, reward=row["reward"], kl=row["kl"], s_per_it=f"{row['iteration_s']:.1f}")
             last = row
@@ -369,20 +343,11 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
 
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations, "advantage": cfg.advantage,
                                   "reward_source": cfg.reward.source}
-        with engine.gathered() as trained, whole_reference(reference) as ref:
-            if dist.main:
-                save_model(trained, tokenizer, out / "final")
-            if world is not None and dist.main:
-                ev = final_gold_eval(trained, ref, tokenizer, world, cfg.world, cfg.eval_limit,
-                                     cfg.rollout.max_new_tokens, ref_cache)
-                ev["during_training"] = evals
-                write_json_atomic(out / "eval.json", ev)
-                result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
-                              win_rate_ci=ev["win_rate_ci"])
+        result.update(finish_run(engine, reference, tokenizer, run, cfg, evals, ref_cache))
     barrier(dist)  # the other ranks wait for rank 0's final model and evaluation
     result.update(
         reward=last.get("reward"), kl=last.get("kl"), gold_train=last.get("gold"),
-        wall_s=time.perf_counter() - t0, peak_mem_mb=mem.peak_mb, lora=cfg.model.lora_r > 0,
+        wall_s=time.perf_counter() - run.t0, peak_mem_mb=mem.peak_mb, lora=cfg.model.lora_r > 0,
         metrics=str(metrics_path),
     )
     return result

@@ -22,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from alignkit.atomic import read_jsonl, write_json_atomic
+from alignkit.atomic import read_jsonl
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
 from alignkit.eval.monitor import Monitor, MonitorConfig, observe_rollout, reference_surprise
 from alignkit.losses.advantages import explained_variance, gae, masked_mean, masked_whiten
@@ -44,7 +43,7 @@ from alignkit.train.distributed import (
     micro_batches,
 )
 from alignkit.train.ray_launch import RayConfig
-from alignkit.train.rl_shard import Replicated, rl_engine, shard_reference, whole_reference
+from alignkit.train.rl_shard import Replicated, rl_engine, shard_reference
 from alignkit.train.rollout import (
     RewardConfig,
     RewardSource,
@@ -356,6 +355,48 @@ def build_value_model(cfg: Config, policy: nn.Module, device: torch.device) -> t
     return vm.to(device), None
 
 
+def _metrics_row(it: int, ro: Rollout, batch: Batch, rewards: torch.Tensor, kl: torch.Tensor, beta: float,
+                 stats: dict[str, float], lr: float, rollout_s: float, iteration_s: float) -> dict[str, Any]:
+    """One iteration's metrics line (docs/ppo.md): rollout statistics of the global batch and the
+    update's means. rewards, kl: the (B, T) per-token rewards and KL of `make_batch`."""
+    kl_seq = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
+    return {
+        "step": it,
+        "reward": float(ro.scores.mean()),
+        "reward_raw": float(ro.raw_scores.mean()),
+        "kl": float(kl_seq.mean()),
+        "kl_penalty": float((beta * kl.sum(-1)).mean()),
+        "total_reward": float(rewards.sum(-1).mean()),
+        **{k: stats[k] for k in ("entropy", "clipfrac", "approx_kl", "ratio_mean", "policy_loss", "value_loss",
+                                 "vf_clipfrac")},
+        "explained_variance": float(explained_variance(ro.values, batch.returns, ro.response_mask)),
+        "response_length": float(ro.response_length.mean()),
+        "truncated_fraction": float((~ro.finished).float().mean()),
+        "beta": beta,
+        "grad_norm": stats.get("grad_norm", float("nan")),
+        "updates": stats["updates"],
+        "lr": lr,
+        "rollout_s": rollout_s,
+        "iteration_s": iteration_s,
+    }
+
+
+def _judge_agreement(engine: Replicated, tokenizer: Any, prompt_ids: list, prompt_texts: list, reward: RewardSource,
+                     judge: RewardSource | None, cfg: Config, iteration: int) -> dict[str, float]:
+    """The monitor's reward-vs-judge agreement on fresh pairs of the current policy (collective:
+    a sharded policy is gathered on every rank); {} when there is nothing to compare."""
+    from alignkit.train.distributed import row_seeds
+    from alignkit.train.rollout import fresh_pair_agreement
+
+    with engine.gathered() as sampler:
+        agreement = fresh_pair_agreement(
+            sampler, tokenizer, prompt_ids, prompt_texts, reward, judge, cfg.rollout,
+            row_seeds(cfg.train.seed + JUDGE_SEED, iteration, 0, 2 * len(prompt_ids)), cfg.reward.missing_eos_penalty)
+    if agreement is None:
+        return {}
+    return {"monitor/judge_agreement": agreement[0], "monitor/judge_pairs": float(agreement[1])}
+
+
 def run(cfg: Config) -> dict:
     """Train, here (one process or a torchrun rank) or, with launcher=ray, on Ray actors."""
     if cfg.launcher == "ray":
@@ -370,23 +411,18 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
     None builds cfg.reward here. reference: the KL reference built elsewhere (Ray's reference
     actor, ray_launch.RemoteReference); None builds it here (rollout.build_reference)."""
     from alignkit.memory import PeakMemory
-    from alignkit.models.load import apply_lora, load_model, load_tokenizer, save_model
-    from alignkit.train.distributed import barrier, device_for, gather_rollout, init_dist, row_seeds, shard
+    from alignkit.train.distributed import barrier, gather_rollout, row_seeds, shard
     from alignkit.train.loop import build_optimizer, build_scheduler
+    from alignkit.train.rl_run import eval_due, finish_run, gold_eval, load_policy_and_prompts, start_run
     from alignkit.train.rollout import (
         build_monitor_judge,
         build_reference,
         build_reward_source,
-        check_resume,
         collect_rollout,
-        final_gold_eval,
-        fresh_pair_agreement,
         gold_fn,
         judge_scores,
         load_iteration,
-        load_prompts,
         open_reports,
-        pick_device,
         prompt_batches,
         restore_weights,
         save_due,
@@ -394,31 +430,11 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
     )
 
     _check(cfg)
-    dist = init_dist()
-    if cfg.rollout_batch % dist.world:
-        raise ConfigError(f"config key 'rollout_batch' ({cfg.rollout_batch}) must be a multiple of the {dist.world} ranks")
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    resume_from = ckpt.prepare_run_dir(out, cfg.train.resume, cfg.train.overwrite, main=dist.main)
-    barrier(dist)
-    if resume_from is not None:
-        check_resume(resume_from, to_dict(cfg), cfg.iterations)
-    device = device_for(dist) if dist.active else pick_device()
-    torch.manual_seed(cfg.train.seed)
-    world = None
-    if cfg.world:
-        from alignkit.world import load_world
-
-        world = load_world(cfg.world)
-
+    run = start_run(cfg, "rollout_batch", cfg.rollout_batch)
+    dist, out, metrics_path, resume_from, device, world = (run.dist, run.out, run.metrics_path, run.resume_from,
+                                                           run.device, run.world)
     with PeakMemory() as mem:
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-        prompt_path = cfg.data.path or str(Path(cfg.world) / "train_prompts.jsonl")
-        prompt_ids, prompt_texts = load_prompts(prompt_path, tokenizer, cfg.data.max_prompt_len, cfg.data.limit, cfg.data.on_error)
-        policy = apply_lora(load_model(cfg.model.path), cfg.model).to(device)
-        policy.eval()  # dropout off throughout: the ratio must be 1 before the first update
+        tokenizer, prompt_ids, prompt_texts, policy = load_policy_and_prompts(cfg, device)
         value_model, head = build_value_model(cfg, policy, device)
         ac = ActorCritic(policy, value_model, head, cfg.rollout.temperature)
         ac.eval()
@@ -482,44 +498,15 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             t_roll = time.perf_counter() - t_it
             beta = controller.beta
             batch, rewards, kl = make_batch(ro, beta, cfg)
-            kl_seq = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(-1)  # (B,) k1 KL per response
             stats = ppo_update(ac, batch, cfg, optimizers, schedulers, gen, dist, engine)
             controller.update(float(kl.sum(-1).mean()), n_steps=len(ro))
-            mask = ro.response_mask
-            row: dict[str, Any] = {
-                "step": it,
-                "reward": float(ro.scores.mean()),
-                "reward_raw": float(ro.raw_scores.mean()),
-                "kl": float(kl_seq.mean()),
-                "kl_penalty": float((beta * kl.sum(-1)).mean()),
-                "total_reward": float(rewards.sum(-1).mean()),
-                "entropy": stats["entropy"],
-                "clipfrac": stats["clipfrac"],
-                "approx_kl": stats["approx_kl"],
-                "ratio_mean": stats["ratio_mean"],
-                "policy_loss": stats["policy_loss"],
-                "value_loss": stats["value_loss"],
-                "vf_clipfrac": stats["vf_clipfrac"],
-                "explained_variance": float(explained_variance(ro.values, batch.returns, mask)),
-                "response_length": float(ro.response_length.mean()),
-                "truncated_fraction": float((~ro.finished).float().mean()),
-                "beta": beta,
-                "grad_norm": stats.get("grad_norm", float("nan")),
-                "updates": stats["updates"],
-                "lr": schedulers[0].get_last_lr()[0],
-                "rollout_s": t_roll,
-                "iteration_s": time.perf_counter() - t_it,
-            }
+            row = _metrics_row(it, ro, batch, rewards, kl, beta, stats, schedulers[0].get_last_lr()[0], t_roll,
+                               time.perf_counter() - t_it)
             members = getattr(reward, "last_member_scores", None)  # before the fresh pairs reset it
             if mon is not None and cfg.monitor.judge_pairs > 0 and (judge is not None or cfg.reward.ensemble):
                 pick = global_idx[: cfg.monitor.judge_pairs]  # the same on every rank
-                with engine.gathered() as sampler:
-                    agreement = fresh_pair_agreement(
-                        sampler, tokenizer, [prompt_ids[i] for i in pick], [prompt_texts[i] for i in pick], reward,
-                        judge, cfg.rollout, row_seeds(cfg.train.seed + JUDGE_SEED, it, 0, 2 * len(pick)),
-                        cfg.reward.missing_eos_penalty)
-                if agreement is not None:
-                    row["monitor/judge_agreement"], row["monitor/judge_pairs"] = agreement[0], float(agreement[1])
+                row.update(_judge_agreement(engine, tokenizer, [prompt_ids[i] for i in pick],
+                                            [prompt_texts[i] for i in pick], reward, judge, cfg, it))
             if mon is not None and ro.ref_logprobs is not None:
                 row.update(reference_surprise(ro.ref_logprobs, ro.response_mask))
             if mon is not None and judge is not None:  # the held-out judge's view of this rollout
@@ -528,13 +515,9 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
                 mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses, members)
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
-            if world is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-                with engine.gathered() as current, whole_reference(reference) as ref:
-                    if dist.main:
-                        ev = final_gold_eval(current, ref, tokenizer, world, cfg.world, cfg.eval_limit,
-                                             cfg.rollout.max_new_tokens, ref_cache)
-                        row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
-                        evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
+            if eval_due(cfg, run, it) and (ev := gold_eval(engine, reference, tokenizer, run, cfg, ref_cache)):
+                row["gold_eval"], row["win_rate"] = ev["gold"], ev["win_rate"]
+                evals.append({"step": it, **{k: ev[k] for k in ("gold", "gold_ref", "win_rate")}})
             log.write(row)
             bar.update(1, reward=row["reward"], kl=row["kl"], s_per_it=f"{row['iteration_s']:.1f}")
             last = row
@@ -554,20 +537,11 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
         log.close()
 
         result: dict[str, Any] = {"model": str(out / "final"), "iterations": cfg.iterations}
-        with engine.gathered() as trained, whole_reference(reference) as ref:
-            if dist.main:
-                save_model(trained, tokenizer, out / "final")
-            if world is not None and dist.main:
-                ev = final_gold_eval(trained, ref, tokenizer, world, cfg.world, cfg.eval_limit,
-                                     cfg.rollout.max_new_tokens, ref_cache)
-                ev["during_training"] = evals
-                write_json_atomic(out / "eval.json", ev)
-                result.update(gold_score=ev["gold"], gold_ref=ev["gold_ref"], win_rate=ev["win_rate"],
-                              win_rate_ci=ev["win_rate_ci"])
+        result.update(finish_run(engine, reference, tokenizer, run, cfg, evals, ref_cache))
     barrier(dist)  # the other ranks wait for rank 0's final model and evaluation
     result.update(
         reward=last.get("reward"), kl=last.get("kl"), beta=controller.beta,
-        gold_train=last.get("gold"), wall_s=time.perf_counter() - t0, peak_mem_mb=mem.peak_mb,
+        gold_train=last.get("gold"), wall_s=time.perf_counter() - run.t0, peak_mem_mb=mem.peak_mb,
         value_model=cfg.value_model, lora=cfg.model.lora_r > 0, metrics=str(metrics_path),
     )
     if mon is not None:
