@@ -364,8 +364,10 @@ def label(cfg: LabelConfig) -> dict:
     doubled = [p for p, _ in rows[lo:hi] for _ in (0, 1)]  # the two samples of a prompt: rows 2i, 2i + 1
     params = _sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
     responses = all_gather_list(policy.generate(doubled, _per_row(params, 0, 2 * lo, len(doubled))), dist)
-    kept = [i for i in range(len(rows))
-            if cfg.keep_identical or responses[2 * i].strip() != responses[2 * i + 1].strip()]  # fmt: skip
+    # a pair with an empty answer is no preference the data loader accepts ("empty chosen"): dropped
+    empty = {i for i in range(len(rows)) if not responses[2 * i].strip() or not responses[2 * i + 1].strip()}
+    kept = [i for i in range(len(rows)) if i not in empty
+            and (cfg.keep_identical or responses[2 * i].strip() != responses[2 * i + 1].strip())]  # fmt: skip
     prompts = [rows[i][0] for i in kept]
     a, b = [responses[2 * i] for i in kept], [responses[2 * i + 1] for i in kept]
     klo, khi = share(len(kept), dist)
@@ -385,7 +387,8 @@ def label(cfg: LabelConfig) -> dict:
     summary = {
         "prompts": len(rows),
         "pairs": len(prefs),
-        "dropped_identical": len(rows) - len(kept),
+        "dropped_identical": len(rows) - len(kept) - len(empty),
+        "dropped_empty": len(empty),
         "mean_soft_label": sum(p["soft_label"] for p in prefs) / len(prefs) if prefs else None,
         "n_principles": cfg.n_principles or len(constitution),
         "constitution": constitution.name,
