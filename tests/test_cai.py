@@ -438,6 +438,31 @@ def test_label_with_rigged_local_model(tiny_dir, rigged_dir):
         assert all(x["p_a_first"] > 0.9 and x["p_a_second"] < 0.1 for x in d["principles"])
 
 
+def test_label_drops_a_pair_with_an_empty_answer(tiny_dir, rigged_dir, monkeypatch):
+    """A sampled answer that is empty (or only spaces) makes no preference `alignkit dpo` can read
+    ("empty chosen"): its pair is dropped and counted, the other pairs are labelled as before."""
+    from alignkit.feedback import cai
+
+    real = cai._backend
+
+    def backend(path, *args):
+        b = real(path, *args)
+        if path == str(tiny_dir / "model"):  # the policy: its first sampled answer comes out blank
+            generate = b.generate
+            b.generate = lambda prompts, params: ["  ", *generate(prompts, params)[1:]]
+        return b
+
+    monkeypatch.setattr(cai, "_backend", backend)
+    out = tiny_dir / "label_empty"
+    summary = label(LabelConfig(policy=str(tiny_dir / "model"), feedback=str(rigged_dir),
+                                prompts=str(tiny_dir / "prompts.jsonl"), out=str(out), n_principles=2,
+                                max_new_tokens=8, seed=0))  # fmt: skip
+    assert summary["dropped_empty"] == 1
+    assert summary["pairs"] + summary["dropped_identical"] + summary["dropped_empty"] == summary["prompts"]
+    pairs = load_records(out / "preferences.jsonl", kind="preference").records  # reads without an error
+    assert len(pairs) == summary["pairs"] > 0 and all(p.chosen.strip() and p.rejected.strip() for p in pairs)
+
+
 def test_local_backend_choice_probs_match_a_forward_pass(tiny_dir, rigged_dir, constitution):
     """P(A) / (P(A) + P(B)) read off one forward pass, where A, B and " B" are single tokens."""
     from alignkit.models.load import load_model, load_tokenizer
