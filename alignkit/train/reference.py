@@ -374,26 +374,40 @@ def precompute_logps(
     rows = [(name, i, p, r) for name, seqs in columns.items() for i, (p, r) in enumerate(seqs)]
     rows.sort(key=lambda x: len(x[2]) + len(x[3]))
     table = {name: torch.zeros(len(seqs), dtype=torch.float32) for name, seqs in columns.items()}
+
+    def collate(chunk):
+        b = collate_sft([TokenizedSFT(list(p), list(r)) for _, _, p, r in chunk], pad_id)
+        return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+
+    def store(chunk, values):
+        for (name, i, _, _), v in zip(chunk, values):
+            table[name][i] = v
+
+    batches = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
+    _score_batches(model, batches, collate, store, average, device, autocast, progress, logprob_chunk)
+    return table
+
+
+def _score_batches(model: nn.Module, batches: Sequence[Any], collate: Callable[[Any], dict[str, torch.Tensor]],
+                   store: Callable[[Any, torch.Tensor], None], average: bool, device: Any, autocast: Any,
+                   progress: bool, logprob_chunk: int) -> None:
+    """The no_grad, eval-mode loop of `precompute_logps`: each batch collated to `response_logps`'
+    keyword tensors, moved to `device` (None: the model's), scored, normalised as `average` says and
+    handed to `store(batch, (n,) float32 values)` on the CPU."""
+    from alignkit.console import Progress
+
     if device is None:
         device = next(model.parameters()).device
     ctx = autocast or contextlib.nullcontext
-    from alignkit.console import Progress
-
-    starts = range(0, len(rows), batch_size)
-    bar = Progress(len(starts), enabled=progress, unit="reference log-prob batch")
+    bar = Progress(len(batches), enabled=progress, unit="reference log-prob batch")
     with torch.no_grad(), eval_mode(model):
-        for s in starts:
-            chunk = rows[s : s + batch_size]
-            batch = collate_sft([TokenizedSFT(list(p), list(r)) for _, _, p, r in chunk], pad_id).to(device)
+        for batch in batches:
+            rows = {k: v.to(device) for k, v in collate(batch).items()}
             with ctx():
-                sums, counts = response_logps(model, batch.input_ids, batch.attention_mask, batch.labels,
-                                              logprob_chunk=logprob_chunk)
-            values = normalise(sums, counts, average).float().cpu()
-            for (name, i, _, _), v in zip(chunk, values):
-                table[name][i] = v
+                sums, counts = response_logps(model, **rows, logprob_chunk=logprob_chunk)
+            store(batch, normalise(sums, counts, average).float().cpu())
             bar.update(1)
     bar.close()
-    return table
 
 
 def _paired(columns: Mapping[str, Sequences]) -> bool:
@@ -406,36 +420,26 @@ def _paired(columns: Mapping[str, Sequences]) -> bool:
 def _precompute_pairs(model, columns, pad_id, average, pairs_per_batch, device, autocast, progress, logprob_chunk,
                       share_prompt) -> dict[str, torch.Tensor]:
     """`precompute_logps` over pairs, each batch in the prompt-sharing layout where it is cheaper."""
-    from alignkit.console import Progress
-
     pairs = [TokenizedPair(list(c[0]), list(c[1]), list(r[1])) for c, r in zip(columns["chosen"], columns["rejected"])]
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
                    + len(pairs[i].rejected_ids))
     table = {name: torch.zeros(len(pairs), dtype=torch.float32) for name in columns}
-    if device is None:
-        device = next(model.parameters()).device
-    ctx = autocast or contextlib.nullcontext
-    starts = range(0, len(order), pairs_per_batch)
-    bar = Progress(len(starts), enabled=progress, unit="reference log-prob batch")
-    with torch.no_grad(), eval_mode(model):
-        for s in starts:
-            idx = order[s : s + pairs_per_batch]
-            items = [pairs[i] for i in idx]
-            if shared_prompt_is_cheaper(items, *share_prompt):
-                b = collate_shared_prompt(items, pad_id)
-                rows = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
-                            position_ids=b.position_ids, seq_index=b.seq_index)
-            else:
-                b = collate_preference(items, pad_id)
-                rows = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
-            rows = {k: v.to(device) for k, v in rows.items()}
-            with ctx():
-                sums, counts = response_logps(model, **rows, logprob_chunk=logprob_chunk)
-            values = normalise(sums, counts, average).float().cpu()  # (2B,): chosen, then rejected
-            index = torch.tensor(idx)
-            table["chosen"][index], table["rejected"][index] = values[: len(idx)], values[len(idx) :]
-            bar.update(1)
-    bar.close()
+
+    def collate(idx):
+        items = [pairs[i] for i in idx]
+        if shared_prompt_is_cheaper(items, *share_prompt):
+            b = collate_shared_prompt(items, pad_id)
+            return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
+                        position_ids=b.position_ids, seq_index=b.seq_index)
+        b = collate_preference(items, pad_id)
+        return dict(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+
+    def store(idx, values):  # (2B,): chosen, then rejected
+        index = torch.tensor(idx)
+        table["chosen"][index], table["rejected"][index] = values[: len(idx)], values[len(idx) :]
+
+    batches = [order[s : s + pairs_per_batch] for s in range(0, len(order), pairs_per_batch)]
+    _score_batches(model, batches, collate, store, average, device, autocast, progress, logprob_chunk)
     return table
 
 
