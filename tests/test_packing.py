@@ -108,46 +108,66 @@ def test_pack_preference_layout():
     assert [x.tolist() for x in b.split(torch.arange(4))] == [[0, 1], [2, 3]]
 
 
-@pytest.mark.parametrize("loss, mode", [("sigmoid", "copy"), ("ipo", "lora"), ("simpo", "none")])
-def test_packed_preference_step_equals_padded(loss, mode):
-    """The DPO-family step on the packed [chosen; rejected] sequences (policy pass and in-step
-    reference pass, chunked head and full logits) gives the padded step's loss, metrics and
-    gradients, fp32, 1e-5: sigmoid DPO against a frozen copy, IPO (averaged log-probs) against
-    the LoRA policy's adapter-free base, SimPO with no reference."""
-    from alignkit.config import TrainConfig
-    from alignkit.data.batching import collate_preference
-    from alignkit.data.packing import pack_preference
-    from alignkit.train import dpo
-    from alignkit.train.reference import CopyReference, LoraReference, NoReference
-
-    model = _llama()
+def _policy(mode, make):
+    """`make()`'s model; for mode 'lora' wrapped in a LoRA adapter whose B matrices are not zero
+    (so the policy differs from its adapter-free reference)."""
+    model = make()
     if mode == "lora":
         peft = pytest.importorskip("peft", reason="peft is not installed: the LoRA reference needs it")
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.1)
-    items = _pairs()
-    padded, packed = dpo.DPOBatch(collate_preference(items, PAD)), dpo.DPOBatch(pack_preference(items))
+    return model
+
+
+def _steps_agree(model, layout, padded, loss, mode, make):
+    """The DPO-family step on the `layout` batch and on the two-row `padded` batch, with the chunked
+    head and with full logits, against the reference of `mode` (a frozen perturbed `make()` copy,
+    the LoRA policy's adapter-free base, or none): loss, metrics and gradients equal, fp32, 1e-5.
+    Returns the (layout, padded) step outputs per head."""
+    from alignkit.config import TrainConfig
+    from alignkit.train import dpo
+    from alignkit.train.reference import CopyReference, LoraReference, NoReference
+
     params = [p for p in model.parameters() if p.requires_grad]
+    outs = []
     for chunk in (CHUNK, 0):
         cfg = dpo.Config(loss=loss, beta=0.5, train=TrainConfig(logprob_chunk=chunk))  # the step takes `reference`
         if mode == "copy":
-            reference = CopyReference(_perturbed(_llama()), cfg.average_logps, chunk)
+            reference = CopyReference(_perturbed(make()), cfg.average_logps, chunk)
         else:
             reference = LoraReference(cfg.average_logps, chunk) if mode == "lora" else NoReference()
         step = dpo.make_preference_step(cfg, reference)
-        a, b = step(model, packed), step(model, padded)
+        a, b = step(model, layout), step(model, padded)
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
-        assert a.weight == b.weight == 3
         for k in ("rewards/margins", "logps/chosen", "logps/rejected"):
             assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-5, abs=1e-5), k
-        assert a.metrics["ntokens"] == b.metrics["ntokens"] == sum(2 * len(x.prompt_ids) + len(x.chosen_ids)
-                                                                   + len(x.rejected_ids) for x in items)
         ga, gb = torch.autograd.grad(a.loss, params), torch.autograd.grad(b.loss, params)
         assert max(g.abs().max().item() for g in gb) > 1e-4
         for x, y in zip(ga, gb):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        outs.append((a, b))
+    return outs
+
+
+@pytest.mark.parametrize("loss, mode", [("sigmoid", "copy"), ("ipo", "lora"), ("simpo", "none")])
+def test_packed_preference_step_equals_padded(loss, mode):
+    """The DPO-family step on the packed [chosen; rejected] sequences (policy pass and in-step
+    reference pass, chunked head and full logits) gives the padded step's loss, metrics and
+    gradients, fp32, 1e-5: sigmoid DPO against a frozen copy, IPO (averaged log-probs) against
+    the LoRA policy's adapter-free base, SimPO with no reference."""
+    from alignkit.data.batching import collate_preference
+    from alignkit.data.packing import pack_preference
+    from alignkit.train import dpo
+
+    model = _policy(mode, _llama)
+    items = _pairs()
+    padded, packed = dpo.DPOBatch(collate_preference(items, PAD)), dpo.DPOBatch(pack_preference(items))
+    for a, b in _steps_agree(model, packed, padded, loss, mode, _llama):
+        assert a.weight == b.weight == 3
+        assert a.metrics["ntokens"] == b.metrics["ntokens"] == sum(2 * len(x.prompt_ids) + len(x.chosen_ids)
+                                                                   + len(x.rejected_ids) for x in items)
 
 
 def test_dpo_stage_packed_training_equals_padded(tmp_path):
@@ -243,47 +263,24 @@ def test_shared_prompt_preference_step_equals_padded(loss, mode, attn):
     """The DPO-family step on the prompt-sharing rows (tree mask; policy and in-step reference
     passes, chunked head and full logits, SDPA and eager attention) gives the two-row padded
     step's loss, metrics and gradients, fp32, 1e-5, with a pair without a prompt among them."""
-    from alignkit.config import TrainConfig
     from alignkit.data.batching import collate_preference
     from alignkit.data.packing import collate_shared_prompt
     from alignkit.data.tokenize import TokenizedPair
     from alignkit.train import dpo
-    from alignkit.train.reference import CopyReference, LoraReference, NoReference
 
     def llama():
         m = _llama()
         m.config._attn_implementation = attn
         return m
 
-    model = llama()
-    if mode == "lora":
-        peft = pytest.importorskip("peft", reason="peft is not installed: the LoRA reference needs it")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
+    model = _policy(mode, llama)
     items = _pairs() + [TokenizedPair([], [7, 8, 9], [10, 11])]
     padded = dpo.DPOBatch(collate_preference(items, PAD))
     shared = dpo.DPOBatch(collate_shared_prompt(items, PAD))
-    params = [p for p in model.parameters() if p.requires_grad]
-    for chunk in (CHUNK, 0):
-        cfg = dpo.Config(loss=loss, beta=0.5, train=TrainConfig(logprob_chunk=chunk))
-        if mode == "copy":
-            reference = CopyReference(_perturbed(llama()), cfg.average_logps, chunk)
-        else:
-            reference = LoraReference(cfg.average_logps, chunk) if mode == "lora" else NoReference()
-        step = dpo.make_preference_step(cfg, reference)
-        a, b = step(model, shared), step(model, padded)
-        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+    for a, b in _steps_agree(model, shared, padded, loss, mode, llama):
         assert a.weight == b.weight == 4
-        for k in ("rewards/margins", "logps/chosen", "logps/rejected"):
-            assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-5, abs=1e-5), k
         assert a.metrics["ntokens"] == sum(len(x.prompt_ids) + bool(x.prompt_ids) + len(x.chosen_ids)
                                            + len(x.rejected_ids) for x in items)
-        ga, gb = torch.autograd.grad(a.loss, params), torch.autograd.grad(b.loss, params)
-        assert max(g.abs().max().item() for g in gb) > 1e-4
-        for x, y in zip(ga, gb):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_shared_prompt_needs_custom_mask_attention():
