@@ -47,6 +47,18 @@ from alignkit.train.distributed import Dist, all_reduce_grads, barrier
 from alignkit.train.strategy import SHARDS, MetaTwin, _is_dtensor, repeated_blocks
 
 
+@contextlib.contextmanager
+def _on_twin(twin: MetaTwin, full: dict[str, torch.Tensor], device: torch.device) -> Iterator[nn.Module]:
+    """`twin` holding the gathered weights `full` on `device`, in eval mode, for the block; `full`
+    is the caller's only other reference and may be dropped: the twin copies it."""
+    model = twin.materialise(full, device).eval()
+    full.clear()
+    try:
+        yield model
+    finally:
+        twin.release()
+
+
 class Replicated:
     """The whole model on every rank (and the one-process case)."""
 
@@ -131,12 +143,8 @@ class Sharded(Replicated):
         self.entry.reshard()
         with torch.no_grad():
             full = {n: (p.full_tensor() if _is_dtensor(p) else p).detach() for n, p in self.policy.named_parameters()}
-        model = self.twin.materialise(full, self.device).eval()
-        del full
-        try:
+        with _on_twin(self.twin, full, self.device) as model:
             yield model
-        finally:
-            self.twin.release()
 
     def reduce_grads(self, params):
         """FSDP2 reduce-scattered the mean over ranks; the stages' losses carry global weights,
@@ -209,12 +217,8 @@ class ZeRO(Replicated):
 
         with import_deepspeed().zero.GatheredParameters(list(self.policy.parameters())), torch.no_grad():
             full = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
-        model = self.twin.materialise(full, self.device).eval()
-        del full
-        try:
+        with _on_twin(self.twin, full, self.device) as model:
             yield model
-        finally:
-            self.twin.release()
 
     def backward(self, loss, last):
         self.ds.set_gradient_accumulation_boundary(last)
