@@ -34,7 +34,7 @@ from alignkit.train.distributed import (
     check_rl_strategy,
     micro_batches,
 )
-from alignkit.train.ray_launch import RayConfig
+from alignkit.train.ray_launch import RayConfig, run_here_or_on_ray
 from alignkit.train.rl_shard import Replicated, rl_engine, shard_reference
 from alignkit.train.rollout import (
     RewardConfig,
@@ -236,11 +236,7 @@ def _check(cfg: Config) -> None:
 
 def run(cfg: Config) -> dict:
     """Train, here (one process or a torchrun rank) or, with launcher=ray, on Ray actors."""
-    if cfg.launcher == "ray":
-        from alignkit.train.ray_launch import launch
-
-        return launch(train, cfg)
-    return train(cfg)
+    return run_here_or_on_ray(train, cfg)
 
 
 def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None) -> dict:

@@ -69,7 +69,7 @@ from alignkit.train.distributed import (
     init_dist,
     share,
 )
-from alignkit.train.ray_launch import RayConfig
+from alignkit.train.ray_launch import RayConfig, run_here_or_on_ray
 
 ROUND_DIR = re.compile(r"round_\d+")
 
@@ -656,11 +656,7 @@ def run(cfg: Config) -> dict:
     split across the ranks (docs/distributed-rl.md); rank 0 labels, evaluates and writes. With
     launcher=ray the same ranks run as Ray actors (alignkit.train.ray_launch)."""
     _check(cfg)
-    if cfg.launcher == "ray":
-        from alignkit.train.ray_launch import launch
-
-        return launch(train, cfg)
-    return train(cfg)
+    return run_here_or_on_ray(train, cfg)
 
 
 def train(cfg: Config, reward: Any = None) -> dict:

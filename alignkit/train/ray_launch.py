@@ -295,6 +295,12 @@ def _actor_rows(ray: Any, actor: Any) -> int | None:
     return None if actor is None else ray.get(actor.served.remote())
 
 
+def run_here_or_on_ray(train: Callable[..., dict], cfg: Any) -> dict:
+    """`train(cfg)` in this process (one process or a torchrun rank), or with `launcher: ray` on Ray
+    actors (`launch`): a stage's `run`."""
+    return launch(train, cfg) if cfg.launcher == "ray" else train(cfg)
+
+
 def launch(train: Callable[..., dict], cfg: Any) -> dict:
     """Run `train(cfg, reward[, reference=...])` on `cfg.ray.workers` Ray actors; returns rank 0's
     result, with `ray`: every rank's peak memory and the rows the reward / reference actors served."""
