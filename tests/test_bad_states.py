@@ -135,7 +135,7 @@ def test_pairs_without_signal_stop_before_training():
 
 
 @pytest.mark.parametrize("stage,extra,expected", [
-    ("ppo", ["train.strategy=deepspeed"], "'train.strategy' is 'deepspeed', but ppo supports ddp and fsdp2"),
+    ("ppo", ["train.strategy=deepspeed", "value_model=shared"], "'train.strategy' is 'deepspeed' with value_model=shared"),
     ("grpo", ["train.strategy=deepspeed", "model.lora_r=8"], "'train.strategy' is 'deepspeed' with a LoRA policy"),
     ("rloo", ["train.strategy=fsdp2", "model.lora_r=8"], "'train.strategy' is 'fsdp2' with a LoRA policy"),
 ])

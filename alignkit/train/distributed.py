@@ -66,18 +66,19 @@ def init_dist() -> Dist:
     return Dist(tdist.get_rank(), tdist.get_world_size(), local)
 
 
-def check_rl_strategy(strategy: str, stage: str, lora: bool = False) -> None:
-    """The RL stages replicate the policy (ddp, the scheme above) or shard it (fsdp2; deepspeed
-    for GRPO and RLOO, whose one optimizer a DeepSpeed engine can own): `alignkit.train.rl_shard`.
-    PPO's two optimizers (policy, critic) clip separately, which one engine does not; a LoRA
-    policy's reference is the policy itself with the adapter off, which the sharded passes do not
-    provide."""
+def check_rl_strategy(strategy: str, stage: str, lora: bool = False, shared_critic: bool = False) -> None:
+    """The RL stages replicate the policy (ddp, the scheme above) or shard it (fsdp2, deepspeed):
+    `alignkit.train.rl_shard`. Under DeepSpeed PPO's policy and critic are two engines, each
+    clipping its own gradients as the one-process step does, so the critic must be a model of its
+    own (a value head on the policy's backbone would need one engine clipping two groups apart). A
+    LoRA policy's reference is the policy itself with the adapter off, which the sharded passes do
+    not provide."""
     from alignkit.config import ConfigError
 
-    if strategy == "deepspeed" and stage == "ppo":
+    if strategy == "deepspeed" and shared_critic:
         raise ConfigError(
-            "config key 'train.strategy' is 'deepspeed', but ppo supports ddp and fsdp2 (its policy and critic "
-            "have their own optimizers and clipping; grpo and rloo run on DeepSpeed; docs/distributed-rl.md)")
+            "config key 'train.strategy' is 'deepspeed' with value_model=shared: ppo on DeepSpeed needs "
+            "value_model=separate (policy and critic are an engine each) or train.strategy=fsdp2 (docs/distributed-rl.md)")
     if strategy != "ddp" and lora:
         raise ConfigError(
             f"config key 'train.strategy' is {strategy!r} with a LoRA policy (model.lora_r > 0): {stage} shards full "

@@ -147,6 +147,26 @@ class ValueHead(nn.Module):
         return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1)
 
 
+def policy_token_stats(
+    policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+    temperature: float, chunk: int, entropy: bool, entropy_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) log-probs and entropies (None unless `entropy`) of the response tokens under `policy`:
+    chunked where the head splits off, else from the full (B, T, V) logits."""
+    got = response_stats(policy, input_ids, attention_mask, response_ids, temperature=temperature,
+                         chunk=chunk, entropy=entropy, entropy_grad=entropy_grad)
+    if got is not None:
+        return got.logprobs, got.entropy
+    logits = response_logits(policy, input_ids, attention_mask, response_ids.shape[1], temperature)
+    ent = entropy_from_logits(logits if entropy_grad else logits.detach()) if entropy else None
+    return gather_logprobs(logits, response_ids), ent
+
+
+def critic_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T) values of a separate value model at the positions that predict the T response tokens."""
+    return value_model(input_ids, attention_mask, per_token=True)[:, -(T + 1) : -1]
+
+
 class ActorCritic(nn.Module):
     """The policy and its critic, evaluated together on [prompt; response] rows.
 
@@ -185,6 +205,12 @@ class ActorCritic(nn.Module):
         values = self.value_model(input_ids, attention_mask, per_token=True)[:, -(T + 1) : -1]  # (B, T)
         return logits, values
 
+    def route(self, part: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """`fn(part, ...)`: one pass of a part (the policy, the separate value model). Under
+        train.strategy=deepspeed each part has an engine of its own and this is replaced by one that
+        goes through it (rl_shard.ZeRO)."""
+        return fn(part, *args, **kwargs)
+
     def token_stats(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
         chunk: int = DEFAULT_CHUNK, entropy: bool = True, entropy_grad: bool = False,
@@ -192,19 +218,19 @@ class ActorCritic(nn.Module):
         """(B, T) log-probs, values and entropies of the response tokens (entropies None unless
         `entropy`; with a gradient only with `entropy_grad`). With `chunk` > 0 and a policy whose head splits off
         the (B, T, V) logits are never built (`alignkit.models.chunked.response_stats`; the
-        shared value head reads the same final hidden states); otherwise from `forward`."""
+        shared value head reads the same final hidden states); otherwise from the full logits."""
+        if self.head is None:
+            logp, ent = self.route(self.policy, policy_token_stats, input_ids, attention_mask, response_ids,
+                                   self.temperature, chunk, entropy, entropy_grad)
+            values = self.route(self.value_model, critic_values, input_ids, attention_mask, response_ids.shape[1])
+            return logp, values, ent
         got = response_stats(self.policy, input_ids, attention_mask, response_ids, temperature=self.temperature,
                              chunk=chunk, entropy=entropy, entropy_grad=entropy_grad)
         if got is None:
             logits, values = self(input_ids, attention_mask, response_ids)
             ent = entropy_from_logits(logits if entropy_grad else logits.detach()) if entropy else None
             return gather_logprobs(logits, response_ids), values, ent
-        if self.head is not None:
-            values = self.head(got.hidden)  # (B, T)
-        else:
-            T = response_ids.shape[1]
-            values = self.value_model(input_ids, attention_mask, per_token=True)[:, -(T + 1) : -1]  # (B, T)
-        return got.logprobs, values, got.entropy
+        return got.logprobs, self.head(got.hidden), got.entropy
 
     def value_parameters(self) -> list[nn.Parameter]:
         owner = self.head if self.head is not None else self.value_model
@@ -293,8 +319,9 @@ def ppo_update(
                 vl, vclip = ppo_value_loss(values.float(), micro.old_values, micro.returns, micro.mask, cfg.clip_eps_value)
                 ent = masked_mean(ent_tok, micro.mask)
                 policy_w = token_w if cfg.loss_agg == "token-mean" else row_w
-                loss = policy_w * pl + token_w * (cfg.vf_coef * vl - cfg.ent_coef * ent)
-                engine.backward(loss, last=i == len(micro_list) - 1)
+                # the policy's and the critic's parts (one engine each under DeepSpeed; summed elsewhere)
+                losses = (policy_w * pl - token_w * cfg.ent_coef * ent, token_w * cfg.vf_coef * vl)
+                engine.backward(losses, last=i == len(micro_list) - 1)
                 part = {
                     "policy_loss": policy_w * pl.item(), "value_loss": token_w * vl.item(),
                     "entropy": token_w * ent.item(), "clipfrac": token_w * float(pst.clipfrac),
@@ -332,7 +359,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("iterations, rollout_batch and ppo_epochs must be positive")
     if cfg.reference and cfg.model.lora_r > 0:
         raise ConfigError("config key 'reference' must be unset with model.lora_r > 0 (the reference is the adapter-free policy)")
-    check_rl_strategy(cfg.train.strategy, "ppo", cfg.model.lora_r > 0)
+    check_rl_strategy(cfg.train.strategy, "ppo", cfg.model.lora_r > 0, shared_critic=cfg.value_model == "shared")
 
 
 def build_value_model(cfg: Config, policy: nn.Module, device: torch.device) -> tuple[nn.Module | None, ValueHead | None]:
@@ -448,6 +475,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
         vtrain = dataclasses.replace(cfg.train, lr=cfg.value_lr if cfg.value_lr is not None else cfg.train.lr)
         opt_v = build_optimizer(ac.value_parameters(), vtrain)
         optimizers = [opt_p, opt_v]
+        engine.attach([(policy, opt_p), (value_model if value_model is not None else head, opt_v)])
         schedulers = [build_scheduler(opt_p, cfg.train, total_steps), build_scheduler(opt_v, vtrain, total_steps)]
         controller = (
             AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)

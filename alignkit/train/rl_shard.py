@@ -1,5 +1,5 @@
 """The RL stages' trainable model on N ranks: replicated (`train.strategy=ddp`), sharded with
-torch FSDP2 (`fsdp2`) or by a DeepSpeed ZeRO engine (`deepspeed`, GRPO and RLOO), behind one
+torch FSDP2 (`fsdp2`) or by DeepSpeed ZeRO engines (`deepspeed`), behind one
 small interface the stages call.
 
     engine = rl_engine(cfg.train, dist, module=ac, policy=policy, device=device)
@@ -77,9 +77,10 @@ class Replicated:
     def attach(self, pairs: Sequence[tuple[nn.Module, torch.optim.Optimizer]]) -> None:
         """Hand over the (module, optimizer) pairs once they are built (DeepSpeed wraps them)."""
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        """Backward of one micro-batch's loss (`last`: the minibatch's last micro-batch on this rank)."""
-        loss.backward()
+    def backward(self, loss: torch.Tensor | Sequence[torch.Tensor], last: bool) -> None:
+        """Backward of one micro-batch's loss (`last`: the minibatch's last micro-batch on this rank);
+        a sequence: one loss per attached part (their sum here; ZeRO hands each to its engine)."""
+        (loss if isinstance(loss, torch.Tensor) else sum(loss)).backward()
 
     def step(self, groups: Sequence[tuple[Sequence[nn.Parameter], torch.optim.Optimizer]], max_norm: float) -> float | None:
         """End a minibatch: sum the gradients over ranks, clip each group's to `max_norm` (0: no
@@ -179,12 +180,15 @@ class Sharded(Replicated):
 
 
 class ZeRO(Replicated):
-    """A DeepSpeed ZeRO-2/3 engine around the module and its torch optimizer (GRPO, RLOO: one
-    optimizer). ZeRO-3 gathers each submodule's parameters in its own forward hooks; the passes
-    still go through the engine's forward (around an `Entry`), which is where DeepSpeed 0.19
+    """DeepSpeed ZeRO-2/3 engines around the model's trainable parts, each with its torch optimizer:
+    GRPO and RLOO hand over the policy (one engine); PPO its policy and its separate value model (two
+    engines, as OpenRLHF runs actor and critic: each clips its own gradients, as the one-process
+    step does). ZeRO-3 gathers each submodule's parameters in its own forward hooks; the passes
+    still go through the engines' forward (around an `Entry`), which is where DeepSpeed 0.19
     counts micro-batches: called past it, a second micro-batch's gradients would overwrite the
-    first's instead of adding to them. The engine owns the gradient reduction, clipping
-    (`gradient_clipping` = train.max_grad_norm over the whole model) and the optimizer step."""
+    first's instead of adding to them. With two engines the model routes each part's pass through
+    its engine (`module.route`, see ppo.ActorCritic). The engines own the gradient reduction,
+    clipping (`gradient_clipping` = train.max_grad_norm over each part) and the optimizer steps."""
 
     sharded = True
 
@@ -192,21 +196,31 @@ class ZeRO(Replicated):
         super().__init__(module, policy, dist)
         self.train, self.device = train, device
         self.twin = MetaTwin(policy) if train.zero_stage == 3 else None
-        self.ds: Any = None
+        self.engines: list[Any] = []
 
     def attach(self, pairs):
         from alignkit.train.strategy import ds_config, import_deepspeed, share_fp32_master
 
-        if len(pairs) != 1 or pairs[0][0] is not self.module:
-            raise ValueError("train.strategy=deepspeed wraps one module and its one optimizer")
+        parts = [m for m, _ in pairs]
+        if parts != [self.module] and not (len(parts) > 1 and hasattr(self.module, "route")
+                                           and all(any(m is c for c in self.module.children()) for m in parts)):
+            raise ValueError("train.strategy=deepspeed wraps the module with its optimizer, or its parts when "
+                             "the module routes their passes (route)")
         bf16 = self.train.precision == "bf16" or (
             self.train.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        self.ds, *_ = import_deepspeed().initialize(model=Entry(self.module), optimizer=pairs[0][1],
-                                                    config=ds_config(self.train, bf16), dist_init_required=False)
-        share_fp32_master(getattr(self.ds, "optimizer", None))
+        for part, optimizer in pairs:
+            ds, *_ = import_deepspeed().initialize(model=Entry(part), optimizer=optimizer,
+                                                   config=ds_config(self.train, bf16), dist_init_required=False)
+            share_fp32_master(getattr(ds, "optimizer", None))
+            self.engines.append(ds)
+        if len(pairs) > 1:
+            by_part = {id(part): ds for part, ds in zip(parts, self.engines)}
+            self.module.route = lambda part, fn, *args, **kwargs: by_part[id(part)](fn, *args, **kwargs)
 
     def __call__(self, fn, *args, **kwargs):
-        return self.ds(fn, *args, **kwargs)
+        if len(self.engines) == 1:
+            return self.engines[0](fn, *args, **kwargs)
+        return fn(self.module, *args, **kwargs)  # each part's pass goes through its engine (route)
 
     @contextlib.contextmanager
     def gathered(self):
@@ -221,21 +235,31 @@ class ZeRO(Replicated):
             yield model
 
     def backward(self, loss, last):
-        self.ds.set_gradient_accumulation_boundary(last)
-        self.ds.backward(loss * self.dist.world, scale_wrt_gas=False)  # the engine averages over ranks
+        losses = [loss] if isinstance(loss, torch.Tensor) else list(loss)
+        if len(losses) != len(self.engines):
+            raise ValueError(f"{len(self.engines)} DeepSpeed engines need one loss each, got {len(losses)}")
+        for ds, part_loss in zip(self.engines, losses):
+            ds.set_gradient_accumulation_boundary(last)
+            ds.backward(part_loss * self.dist.world, scale_wrt_gas=False)  # the engine averages over ranks
 
     def step(self, groups, max_norm):
-        self.ds.set_gradient_accumulation_boundary(True)
-        self.ds.step()
-        norm = self.ds.get_global_grad_norm()
-        return (float(norm) if norm is not None else float("nan")) if max_norm > 0 else None
+        norms = []
+        for ds in self.engines:
+            ds.set_gradient_accumulation_boundary(True)
+            ds.step()
+            norms.append(ds.get_global_grad_norm())
+        return (float(norms[0]) if norms[0] is not None else float("nan")) if max_norm > 0 else None
+
+    def _tags(self) -> list[str]:
+        return ["zero"] if len(self.engines) == 1 else [f"zero-{i}" for i in range(len(self.engines))]
 
     def save_shards(self, tmp, optimizers):
-        self.ds.save_checkpoint(str(tmp), tag="zero", save_latest=False)
+        for ds, tag in zip(self.engines, self._tags()):
+            ds.save_checkpoint(str(tmp), tag=tag, save_latest=False)
 
     def load_shards(self, path, optimizers):
-        self.ds.load_checkpoint(str(path / SHARDS), tag="zero", load_optimizer_states=True,
-                                load_lr_scheduler_states=False)
+        for ds, tag in zip(self.engines, self._tags()):
+            ds.load_checkpoint(str(path / SHARDS), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
 def rl_engine(train: Any, dist: Dist, module: nn.Module, policy: nn.Module, device: torch.device) -> Replicated:
