@@ -12,6 +12,8 @@ overrides to every stage, `--set STAGE:KEY=VALUE` to one (grpo:train.strategy=de
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +33,7 @@ STAGES = {
                     "train.grad_accum=2"]),
     "rloo": (rloo, ["prompts_per_step=2", "group_size=2", "train.batch_size=4"]),
 }
+STAGES["ppo-zero"] = STAGES["ppo"]  # the same run under another strategy (--set ppo-zero:train.strategy=deepspeed)
 
 
 def write_fixture(root: Path) -> None:
@@ -52,6 +55,24 @@ def overrides(root: Path, stage: str, tag: str) -> list[str]:
             *COMMON, *STAGES[stage][1]]
 
 
+def kill_at_save(n: int) -> None:
+    """Make this process die (SIGKILL, no clean-up runs) when it starts writing its shard of the
+    `n`-th sharded checkpoint: the other rank is then inside the same collective write."""
+    from alignkit.train import rl_shard
+
+    calls = [0]
+    for cls in (rl_shard.Sharded, rl_shard.ZeRO):
+        real = cls.save_shards
+
+        def save_shards(self, tmp, optimizers, _real=real):
+            calls[0] += 1
+            if calls[0] >= n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _real(self, tmp, optimizers)
+
+        cls.save_shards = save_shards
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True)
@@ -59,7 +80,11 @@ def main() -> None:
     ap.add_argument("--stages", default="ppo,grpo,rloo")
     ap.add_argument("--resume", default="", help="comma-separated stages that run 1 iteration, then resume to 2")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every stage, e.g. train.strategy=fsdp2")
+    ap.add_argument("--kill-at-save", type=int, default=0,
+                    help="SIGKILL rank 1 as it starts writing its shard of the N-th sharded checkpoint")
     args = ap.parse_args()
+    if args.kill_at_save and os.environ.get("RANK") == "1":
+        kill_at_save(args.kill_at_save)
     root = Path(args.root)
     sys.path.insert(0, str(root))
     for name in args.stages.split(","):

@@ -3,8 +3,9 @@
 One worker launch per side (tests/_rl_dist_worker.py runs all three stages): 2 iterations each;
 on 2 ranks PPO runs 1 iteration and resumes to 2 from rank 0's checkpoint. Then the same on 2
 ranks with a sharded policy (`alignkit.train.rl_shard`): PPO (with its separate value model) and
-RLOO under FSDP2, GRPO under DeepSpeed ZeRO-3 (FSDP2 where DeepSpeed is not installed); PPO and
-GRPO resume from sharded checkpoints. Metrics rows and the final weights must agree within 1e-5
+RLOO under FSDP2, GRPO under DeepSpeed ZeRO-3 (FSDP2 where DeepSpeed is not installed), and PPO
+again under ZeRO-3 (its policy and critic an engine each); the PPO runs and GRPO resume from
+sharded checkpoints. Metrics rows and the final weights must agree within 1e-5
 (fp32). Also: the pieces that make it possible, by hand.
 """
 
@@ -26,7 +27,8 @@ from alignkit.models.load import tiny_llama
 from alignkit.train.distributed import SINGLE, Dist, my_rows, row_seeds, shard
 
 WORKER = Path(__file__).resolve().parent / "_rl_dist_worker.py"
-GRPO_SHARDED = "deepspeed" if importlib.util.find_spec("deepspeed") else "fsdp2"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+GRPO_SHARDED = "deepspeed" if HAS_DEEPSPEED else "fsdp2"
 EXT = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/alignkit-ext"))  # DeepSpeed's compiled comm op
 TIMING = {"rollout_s", "iteration_s"}
 # a fraction of tokens at a clip boundary: on the first minibatch values == old values, and a
@@ -74,7 +76,9 @@ def runs(tmp_path_factory):
     write_fixture(root)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    sharded = ["--resume", "ppo,grpo", "--set", "train.strategy=fsdp2", f"grpo:train.strategy={GRPO_SHARDED}"]
+    sharded = ["--resume", "ppo,grpo,ppo-zero", "--set", "train.strategy=fsdp2", f"grpo:train.strategy={GRPO_SHARDED}"]
+    if HAS_DEEPSPEED:  # PPO's policy and critic as two ZeRO-3 engines, resumed too
+        sharded = ["--stages", "ppo,grpo,rloo,ppo-zero", *sharded, "ppo-zero:train.strategy=deepspeed"]
     for tag, launcher, extra in (("one", [], []), ("two", torchrun, ["--resume", "ppo"]), ("sharded", torchrun, sharded)):
         done = subprocess.run([sys.executable, *launcher, str(WORKER), "--root", str(root), "--tag", tag, *extra],
                               env={**env, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": EXT}, capture_output=True, text=True, timeout=600)
@@ -84,10 +88,11 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tag", ["two", "sharded"])
-@pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo"])
+@pytest.mark.parametrize("stage,tag", [(s, t) for t in ("two", "sharded") for s in ("ppo", "grpo", "rloo")] + [
+    pytest.param("ppo-zero", "sharded", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed"))])
 def test_two_ranks_equal_one_process(runs, stage, tag):
-    one = [json.loads(x) for x in (runs / f"one-{stage}" / "metrics.jsonl").read_text().splitlines()]
+    base = stage.split("-")[0]  # ppo-zero: PPO under DeepSpeed, against the one-process PPO
+    one = [json.loads(x) for x in (runs / f"one-{base}" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (runs / f"{tag}-{stage}" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in two] == [1, 2] == [r["step"] for r in one]  # rank 0 alone wrote them
     for a, b in zip(one, two):
@@ -95,16 +100,49 @@ def test_two_ranks_equal_one_process(runs, stage, tag):
         for k in a.keys() - TIMING - THRESHOLD_COUNTS:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (stage, a["step"], k)
     start = load_file(runs / "sft" / "model.safetensors")
-    wa = load_file(runs / f"one-{stage}" / "final" / "model.safetensors")
+    wa = load_file(runs / f"one-{base}" / "final" / "model.safetensors")
     wb = load_file(runs / f"{tag}-{stage}" / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()  # a sharded run writes the whole model
     assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-4  # the runs did train
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{stage} {k}: {m}")
     log = (runs / f"{tag}.log").read_text()
-    if stage == "ppo" or (tag == "sharded" and stage == "grpo"):  # resumed on 2 ranks from the checkpoint of iteration 1
+    if base == "ppo" or (tag == "sharded" and stage == "grpo"):  # resumed on 2 ranks from the checkpoint of iteration 1
         assert f"resumed from {runs / f'{tag}-{stage}'}/checkpoints/step-1 (iteration 1)" in log
     shards = runs / f"{tag}-{stage}" / "checkpoints" / "step-2" / "shards"
     assert shards.is_dir() == (tag == "sharded")  # model and optimizer states, one file per rank
     if tag == "sharded" and stage == "grpo" and GRPO_SHARDED == "deepspeed":
         assert (shards / "zero").is_dir()  # DeepSpeed's own checkpoint layout
+    if stage == "ppo-zero":  # one engine each: the policy's and the critic's
+        assert (shards / "zero-0").is_dir() and (shards / "zero-1").is_dir()
+
+
+@pytest.mark.slow
+def test_sharded_ppo_killed_while_checkpointing_resumes_to_the_same_run(runs):
+    """PPO under FSDP2 on 2 ranks; rank 1 is SIGKILLed as it starts writing its shard of the
+    iteration-2 checkpoint (rank 0 is inside the same collective write and torchrun stops it).
+    Iteration 1's checkpoint is whole and the half-written one is not taken for a checkpoint: the
+    rerun with train.resume=true resumes from iteration 1 and ends where one process ends."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+              "--root", str(runs), "--tag", "killed", "--stages", "ppo"]
+    out = runs / "killed-ppo"
+    died = subprocess.run([*launch, "--kill-at-save", "2", "--set", "train.strategy=fsdp2", "train.save_every=1"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert died.returncode != 0 and not (out / "final").exists()
+    assert [p.name for p in sorted((out / "checkpoints").glob("step-*"))] == ["step-1"]
+    done = subprocess.run([*launch, "--set", "train.strategy=fsdp2", "train.save_every=1", "train.resume=true"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {out}/checkpoints/step-1 (iteration 1)" in done.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]  # the killed write's leftovers are gone
+    one = [json.loads(x) for x in (runs / "one-ppo" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2]  # no row twice
+    for a, b in zip(one, again):
+        for k in a.keys() - TIMING - THRESHOLD_COUNTS:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (a["step"], k)
+    wa = load_file(runs / "one-ppo" / "final" / "model.safetensors")
+    wb = load_file(out / "final" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
