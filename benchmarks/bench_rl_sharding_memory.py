@@ -1,4 +1,4 @@
-"""Per-rank memory of GRPO's policy + optimizer states, replicated (DDP) vs sharded (FSDP2), 2 ranks.
+"""Per-rank memory of GRPO's policy + optimizer states, replicated (DDP) vs sharded (FSDP2, ZeRO-3), 2 ranks.
 
     python benchmarks/bench_rl_sharding_memory.py                  # ~20M-parameter Llama, 2 iterations
     python benchmarks/bench_rl_sharding_memory.py --hidden 256 --layers 4
@@ -6,18 +6,20 @@
 Run from the repository root. One freshly initialised Llama (hidden 384, 8 layers, vocabulary
 8,192, untied head: ~22M parameters) is saved once as the SFT policy; `alignkit grpo` then trains
 it for `--iterations` iterations under `torchrun --nproc_per_node 2` (gloo, CPU) with
-`train.strategy=ddp` and with `train.strategy=fsdp2` (`alignkit.train.rl_shard`), on the same
-prompts and a reward function. After every update, each rank records:
+`train.strategy=ddp`, with `train.strategy=fsdp2` and with `train.strategy=deepspeed` (ZeRO-3;
+skipped where DeepSpeed is not installed) (`alignkit.train.rl_shard`), on the same prompts and a
+reward function. After every update, each rank records:
 
 - `state_mb`: bytes of this rank's own policy parameters, gradients and AdamW states (a DTensor
-  counts its local shard), each storage once: what sharding is meant to divide;
+  counts its local shard; under ZeRO-3 each parameter's partition, the engine's fp32 partitions
+  and their gradients), each storage once: what sharding is meant to divide;
 - `rss_mb`: the peak process RSS minus the RSS before the policy was loaded. It includes what
   sharding does not divide: the full policy and reference every rank loads before sharding, the
   whole policy gathered for sampling (`Sharded.gathered`, freed after each rollout), activations,
   gloo and checkpoint buffers, allocator slack. Both sides run with glibc's `MALLOC_MMAP_THRESHOLD_=131072`, so freed large
   blocks leave the RSS (without it, FSDP2's peak RSS was 1.35x DDP's: the freed gathered policies).
 
-The ratios are FSDP2 / DDP of the larger of the two ranks. Last line: one JSON object.
+The ratios are FSDP2 / DDP and ZeRO-3 / DDP of the larger of the two ranks. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_sharding_memory import _rss_mb, _storage_bytes  # noqa: E402
+from bench_sharding_memory import _rss_mb, _state_mb  # noqa: E402
 
 
 def build(root: Path, hidden: int, layers: int, vocab: int) -> None:
@@ -72,9 +74,8 @@ def worker(args) -> None:
 
     def update(policy, ro, adv, cfg, optimizer, *rest):
         out = real_update(policy, ro, adv, cfg, optimizer, *rest)
-        params = list(policy.parameters())
-        tensors = params + [p.grad for p in params] + [t for st in optimizer.state.values() for t in st.values()]
-        records.append(_storage_bytes(tensors, set()) / 2**20)
+        engines = getattr(rest[-1], "engines", None)  # rl_shard.ZeRO: the DeepSpeed engine holds the partitions
+        records.append(_state_mb(engines[0] if engines else policy, optimizer))
         return out
 
     grpo.grpo_update = update
@@ -94,7 +95,9 @@ def launch(strategy: str, root: Path, args) -> dict:
     # glibc serves large blocks from the heap once one has been freed (its mmap threshold grows) and
     # then keeps freed memory in the process, so the RSS peak would count every buffer ever freed
     # (the gathered policy of each rollout); a fixed threshold hands large blocks back, on both sides
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "131072",
+           "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                                         str(Path.home() / ".cache/alignkit-ext"))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            "--worker", "--strategy", strategy, "--root", str(root), "--iterations", str(args.iterations)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -123,13 +126,19 @@ def main() -> None:
         from safetensors.torch import load_file
 
         n_params = sum(t.numel() for t in load_file(root / "sft" / "model.safetensors").values())
-        res = {s: launch(s, root, args) for s in ("ddp", "fsdp2")}
+        import importlib.util
+
+        strategies = ["ddp", "fsdp2"] + (["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
+        res = {s: launch(s, root, args) for s in strategies}
     for s, r in res.items():
         print(f"grpo {s:6s} params {n_params / 1e6:.1f}M  policy+grads+AdamW {r['state_mb']:.0f} MB"
               f"  peak rss {r['rss_mb']:.0f} MB (max over 2 ranks)")
-    print(json.dumps({"params_m": round(n_params / 1e6, 2), "ddp_state_mb": round(res["ddp"]["state_mb"], 1),
-                      "fsdp2_state_ratio": round(res["fsdp2"]["state_mb"] / res["ddp"]["state_mb"], 3),
-                      "fsdp2_rss_ratio": round(res["fsdp2"]["rss_mb"] / res["ddp"]["rss_mb"], 3)}))
+    summary = {"params_m": round(n_params / 1e6, 2), "ddp_state_mb": round(res["ddp"]["state_mb"], 1)}
+    for s, key in (("fsdp2", "fsdp2"), ("deepspeed", "zero3")):
+        if s in res:
+            summary[f"{key}_state_ratio"] = round(res[s]["state_mb"] / res["ddp"]["state_mb"], 3)
+            summary[f"{key}_rss_ratio"] = round(res[s]["rss_mb"] / res["ddp"]["rss_mb"], 3)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
