@@ -38,3 +38,33 @@ def test_share_fp32_master_leaves_offload_and_existing_state_alone():
     zero.optimizer.state[zero.fp32_partitioned_groups_flat[0]] = {"step": 1}
     assert share_fp32_master(zero) == 0
     assert share_fp32_master(None) == 0
+
+
+def test_meta_twin_takes_over_gathered_tensors_and_keeps_ties():
+    """MetaTwin: the structure costs nothing (meta); `materialise` makes the gathered tensors of
+    the right dtype the twin's parameters (same storage, no second full copy), copies in the
+    others (another dtype), re-ties a tied head, and the twin computes what the model computes;
+    `release` sends it back to the meta device."""
+    from alignkit.models.load import tiny_llama
+    from alignkit.train.strategy import MetaTwin
+
+    model = tiny_llama("nano", vocab_size=50, seed=1).eval()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    twin = MetaTwin(model)
+    assert all(p.is_meta for p in twin.module.parameters())
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}  # as a gather hands them over
+    assert "lm_head.weight" not in full  # named_parameters lists a tied weight once
+    name = "model.norm.weight"
+    full[name] = full[name].double()  # another dtype: copied in, cast to the twin's
+    ptrs = {n: t.data_ptr() for n, t in full.items()}
+    m = twin.materialise(full)
+    got = dict(m.named_parameters())
+    assert all(got[n].data_ptr() == ptrs[n] for n in ptrs if n != name)
+    assert got[name].data_ptr() != ptrs[name] and got[name].dtype == torch.float32
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    ids = torch.tensor([[3, 7, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, model(ids).logits, rtol=0, atol=0)
+    twin.release()
+    assert all(p.is_meta for p in twin.module.parameters())

@@ -50,7 +50,7 @@ from alignkit.train.strategy import SHARDS, MetaTwin, _is_dtensor, repeated_bloc
 @contextlib.contextmanager
 def _on_twin(twin: MetaTwin, full: dict[str, torch.Tensor], device: torch.device) -> Iterator[nn.Module]:
     """`twin` holding the gathered weights `full` on `device`, in eval mode, for the block; `full`
-    is the caller's only other reference and may be dropped: the twin copies it."""
+    is the caller's only reference to them: the twin takes them over (`MetaTwin.materialise`)."""
     model = twin.materialise(full, device).eval()
     full.clear()
     try:

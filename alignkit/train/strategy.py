@@ -67,12 +67,18 @@ class MetaTwin:
         self.module = copy.deepcopy(model, memo)
 
     def materialise(self, full_state: dict[str, torch.Tensor], device: Any = "cpu") -> nn.Module:
-        """The module with `full_state`'s weights on `device` (the same module object every time)."""
-        m = self.module.to_empty(device=device)
+        """The module with `full_state`'s weights on `device` (the same module object every time).
+        A tensor already on `device` in its parameter's dtype becomes that parameter (taken over,
+        not copied: the caller hands its gathered tensors over, so one full copy is in memory
+        rather than two); any other is copied in."""
+        m = self.module.to_empty(device=device)  # uninitialised: pages a taken-over tensor replaces are never touched
         with torch.no_grad():
             for name, b in self.buffers.items():
                 m.get_buffer(name).copy_(b)
-        m.load_state_dict(full_state, strict=False)
+        params, dev = dict(m.named_parameters()), torch.device(device)
+        taken = {k: v for k, v in full_state.items() if k in params and v.dtype == params[k].dtype and v.device == dev}
+        m.load_state_dict(taken, strict=False, assign=True)
+        m.load_state_dict({k: v for k, v in full_state.items() if k not in taken}, strict=False)
         tie = getattr(m, "tie_weights", None)
         if callable(tie):
             tie()
