@@ -11,7 +11,9 @@ log-prob used in a loss. On CUDA the engine sleeps between rollouts (vLLM sleep 
 KV cache released) and wakes up for the next one; on CPU sleep mode does not exist and is skipped.
 
 vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so the weight push is a plain
-function call. Install: `bash scripts/setup_vllm_venv.sh` (CPU, its own venv) or see
+function call. `VLLMEngine` is the engine without a policy (start from a ModelSpec and weights,
+load_weights, generate): the colocated generator and the Ray vLLM actors
+(alignkit/train/ray_vllm.py) both drive it, so sampling maps the same way in both. Install: `bash scripts/setup_vllm_venv.sh` (CPU, its own venv) or see
 docs/distributed-vllm.md for the CUDA build.
 """
 
