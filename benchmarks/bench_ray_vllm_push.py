@@ -11,9 +11,10 @@ code a trainer rank runs (ray_vllm.RemoteVLLM.push). Side by side, per size:
 
   push_ms:    the rank's round trip: merged state dict to CPU tensors, ray.put, the actor's
               reload_weights, the answer (median over the pushes);
-  reload_ms:  inside that, the actor's reload_weights alone (mean): what the colocated engine
+  reload_ms:  inside that, the actor's reload_weights alone (median): what the colocated engine
               pays per rollout, since it calls the same VLLMEngine.load_weights in-process;
-  transport_ms: push_ms - reload_ms, the price of the separate actor.
+  transport_ms: push_ms - reload_ms, the price of the separate actor (numpy arrays through the
+              object store: one copy in, zero-copy out).
 
 Sizes: `tiny` / `small` (alignkit presets) or HIDDENxLAYERS (8 heads); a 300-token vocabulary,
 fp32; a 256 MiB KV cache. Last line: one JSON object.

@@ -28,7 +28,7 @@ from alignkit.config import ConfigError, load_config
 from alignkit.models.generate import SamplingParams
 from alignkit.models.load import tiny_llama
 from alignkit.train import grpo
-from alignkit.train.ray_vllm import RemoteVLLM, engines_of, split_request
+from alignkit.train.ray_vllm import RemoteVLLM, engines_of, from_wire, split_request, to_wire
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 VENV_PYTHON = os.environ.get("ALIGNKIT_VLLM_PYTHON", "/work/venvs/vllm/bin/python")
@@ -56,6 +56,20 @@ def test_split_request_keeps_each_rows_seed():
     got = split_request(rows[:3], SamplingParams(row_seeds=(40, 50, 60)), 4)
     assert [(p, sp.row_seeds) for p, sp in got] == [([[1]], (40,)), ([[2]], (50,)), ([[3]], (60,))]
     assert [sp.row_seeds for _, sp in split_request(rows, SamplingParams(greedy=True), 2)] == [None, None]
+
+
+def test_weights_cross_the_wire_bit_exact_as_numpy():
+    """fp32 and bf16 tensors come back bit-equal (bf16 travels as int16 bits: numpy has no
+    bf16), as numpy arrays on the wire; a tied head travels under its own name too."""
+    emb = torch.randn(5, 3)
+    half = torch.randn(4, dtype=torch.float32).to(torch.bfloat16)
+    wire = to_wire([("embed.weight", emb), ("norm.weight", half), ("lm_head.weight", emb)])
+    assert [(n, type(a).__name__, d) for n, a, d in wire] == [("embed.weight", "ndarray", "float32"),
+                                                              ("norm.weight", "ndarray", "bfloat16"),
+                                                              ("lm_head.weight", "ndarray", "float32")]
+    back = dict(from_wire(wire))
+    assert back["embed.weight"].dtype == torch.float32 and torch.equal(back["embed.weight"], emb)
+    assert back["norm.weight"].dtype == torch.bfloat16 and torch.equal(back["norm.weight"].view(torch.int16), half.view(torch.int16))
 
 
 class _Engine:
@@ -96,9 +110,9 @@ def test_remote_sampler_pushes_once_per_owned_engine_and_keeps_row_order(monkeyp
     pushes = [(name, args) for name, method, args in log if method == "push"]
     assert [(n, a[0]) for n, a in pushes] == [("e0", "ref1"), ("e1", "ref1"), ("e0", "ref2"), ("e1", "ref2")]
     assert pushes[0][1][1].eos_ids == (policy.config.eos_token_id,) and pushes[2][1][1] is None
-    names = [n for n, _ in puts[0]]
-    assert len(puts) == 2 and names == [n for n, _ in policy.state_dict().items()]
-    assert all(torch.equal(t, policy.state_dict()[n]) for n, t in puts[0])
+    sd = policy.state_dict()
+    assert len(puts) == 2 and [n for n, _ in from_wire(puts[0])] == list(sd)
+    assert all(torch.equal(t, sd[n]) for n, t in from_wire(puts[0]))
     assert len(sampler.push_ms) == 1  # the second push; the first one started the engines
 
     log.clear()

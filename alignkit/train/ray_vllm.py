@@ -36,6 +36,35 @@ from alignkit.models.generate import Generations, SamplingParams, check_request
 DEFAULT_VLLM_PYTHON = "/work/venvs/vllm/bin/python"
 
 
+def to_wire(weights: list[tuple[str, Any]]) -> list[tuple[str, Any, str]]:
+    """[(name, numpy array, torch dtype)]: Ray's object store hands a numpy array to the reader
+    without a copy (a torch tensor would be pickled); 16-bit floats travel as their int16 bits.
+    Every name travels, a tied lm_head too: vLLM's reload_weights needs it (measured: without it
+    the reloaded engine no longer decodes like the policy)."""
+    import torch
+
+    wire = []
+    for name, t in weights:
+        bits = t.contiguous().view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t.contiguous()
+        wire.append((name, bits.numpy(), str(t.dtype).removeprefix("torch.")))
+    return wire
+
+
+def from_wire(wire: list[tuple[str, Any, str]]) -> list[tuple[str, Any]]:
+    """`to_wire`'s tensors back, as views of the (read-only) arrays: the engine copies them in."""
+    import warnings
+
+    import torch
+
+    out = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, a, dtype in wire:
+            t = torch.from_numpy(a)
+            out.append((name, t.view(getattr(torch, dtype)) if dtype in ("bfloat16", "float16") else t))
+    return out
+
+
 def engines_of(rank: int, world: int, n: int) -> tuple[list[int], list[int]]:
     """(engines rank `rank` pushes weights to, engines it samples on): it owns engines e with
     e % world == rank and samples on them; a rank that owns none samples on engine rank % n."""
@@ -67,25 +96,26 @@ class VLLMActor:
         import_vllm()  # the slow import, while the trainer ranks load their models
         self.kv_cache_mb, self.gpu_memory_utilization = kv_cache_mb, gpu_memory_utilization
         self.engine: Any = None
-        self.rows = self.pushes = 0
-        self.start_s = self.load_s = 0.0
+        self.rows = 0
+        self.start_s = 0.0
+        self.load_ms: list[float] = []  # each reload after the start
 
-    def push(self, weights: list, spec: Any = None) -> None:
-        """Load `weights` [(name, tensor)] in memory; the first push starts the engine from `spec`
-        (a vllm_engine.ModelSpec) and these weights."""
+    def push(self, wire: list, spec: Any = None) -> None:
+        """Load the weights (`to_wire`'s list) in memory; the first push starts the engine from
+        `spec` (a vllm_engine.ModelSpec) and these weights."""
         import torch
 
         from alignkit.models.vllm_engine import VLLMEngine
 
         t0 = time.perf_counter()
+        weights = from_wire(wire)
         if self.engine is None:
             self.engine = VLLMEngine(spec, weights, torch.cuda.is_available(), kv_cache_mb=self.kv_cache_mb,
                                      gpu_memory_utilization=self.gpu_memory_utilization, sleep=False)
             self.start_s = time.perf_counter() - t0
             return
         self.engine.load_weights(weights)
-        self.pushes += 1
-        self.load_s += time.perf_counter() - t0
+        self.load_ms.append(1e3 * (time.perf_counter() - t0))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[bool]]:
         out = self.engine.generate(prompts, params)
@@ -93,8 +123,11 @@ class VLLMActor:
         return list(out), out.finished
 
     def served(self) -> dict:
-        """Rows sampled, weight loads after the start and their mean time, the start's time, this Python."""
-        return {"rows": self.rows, "pushes": self.pushes, "load_ms": round(1e3 * self.load_s / max(self.pushes, 1), 2),
+        """Rows sampled, weight reloads after the start and their median time, the start's time, this Python."""
+        import statistics
+
+        return {"rows": self.rows, "pushes": len(self.load_ms),
+                "load_ms": round(statistics.median(self.load_ms), 2) if self.load_ms else None,
                 "start_s": round(self.start_s, 2), "python": sys.executable}
 
 
@@ -124,7 +157,7 @@ class RemoteVLLM:
             return
         policy = self._policy()
         t0 = time.perf_counter()
-        ref = ray.put(policy_weights(policy))
+        ref = ray.put(to_wire(policy_weights(policy)))
         spec = None if self.started else model_spec(policy, self.tokenizer)
         ray.get([self.engines[e].push.remote(ref, spec) for e in self.owned])
         if self.started:
