@@ -139,7 +139,7 @@ def test_vllm_engines_are_config_errors_off_ray_without_vllm_rollouts_and_with_i
 
 
 @pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install -e '.[ray]')")
-def test_a_python_without_vllm_is_a_config_error(tmp_path):
+def test_a_python_without_vllm_is_a_config_error_before_the_cluster_starts(tmp_path):
     from alignkit.train.ray_vllm import check_vllm_python
 
     with pytest.raises(ConfigError, match=r"'ray.vllm_python': no python at .*setup_vllm_venv.sh"):
@@ -147,12 +147,23 @@ def test_a_python_without_vllm_is_a_config_error(tmp_path):
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(ConfigError, match=r"'ray.vllm_python': .* cannot import vllm"):
             check_vllm_python(sys.executable)
+    import ray
+
+    from alignkit.train.ray_launch import launch
+
+    cfg = load_config(grpo.Config, None, ["model.path=x", "launcher=ray", "rollout.engine=vllm", "ray.vllm_engines=1",
+                                          f"ray.vllm_python={tmp_path / 'python'}"])
+    with pytest.raises(ConfigError, match=r"'ray.vllm_python': no python at"):
+        launch(lambda c: pytest.fail("trained"), cfg)
+    assert not ray.is_initialized()  # refused before any cluster started
 
 
 def _venv_problem() -> str | None:
     """Why the end-to-end test cannot run here, or None."""
     if not HAVE_RAY:
         return "Ray is not installed here (pip install -e '.[ray]')"
+    if importlib.util.find_spec("vllm") is not None:
+        return "vllm is importable here: run this test from the main environment (its point is a driver without vLLM)"
     if not Path(VENV_PYTHON).is_file():
         return f"no vLLM venv at {VENV_PYTHON}: build it with `bash scripts/setup_vllm_venv.sh`"
     from alignkit.train.ray_vllm import check_vllm_python

@@ -342,9 +342,15 @@ def launch(train: Callable[..., dict], cfg: Any) -> dict:
 
     rc: RayConfig = cfg.ray
     check_actors(cfg)
+    vllm_exe = None
+    if rc.vllm_engines:
+        from alignkit.train.ray_vllm import check_vllm_python, vllm_python
+
+        vllm_exe = vllm_python(rc.vllm_python)
+        check_vllm_python(vllm_exe)  # before the cluster starts: a missing venv is a config error
     owned = _connect(ray, rc)
     bundles = [_bundle(rc.num_cpus, rc.num_gpus) for _ in range(rc.workers)]
-    index: dict[str, int] = {}  # reward / reference actor -> its bundle (one that reserves nothing needs none)
+    index: dict[str, int] = {}  # reward / reference / vLLM actor -> its bundle (one that reserves nothing needs none)
     for name, on, cpus, gpus in (("reward", rc.reward_actor, rc.reward_num_cpus, rc.reward_num_gpus),
                                  ("reference", rc.reference_actor, rc.reference_num_cpus, rc.reference_num_gpus),
                                  *((f"vllm{i}", True, rc.vllm_num_cpus, rc.vllm_num_gpus) for i in range(rc.vllm_engines))):
@@ -368,10 +374,10 @@ def launch(train: Callable[..., dict], cfg: Any) -> dict:
         driver = driver_state()
         reward_actor = reference_actor = None
         vllm_engines: list = []
-        if rc.vllm_engines:
+        if vllm_exe is not None:
             from alignkit.train.ray_vllm import start_engines
 
-            vllm_engines = start_engines(ray, rc, lambda i: in_bundle(f"vllm{i}"))
+            vllm_engines = start_engines(ray, rc, vllm_exe, lambda i: in_bundle(f"vllm{i}"))
             actors += vllm_engines
         if rc.reward_actor:
             reward_cls = ray.remote(num_cpus=rc.reward_num_cpus, num_gpus=rc.reward_num_gpus)(RewardScorer)

@@ -224,11 +224,9 @@ def runtime_env(python: str) -> dict:
     return env
 
 
-def start_engines(ray: Any, rc: Any, options: Any) -> list:
-    """`rc.vllm_engines` VLLMActor handles (`options(i)`: engine i's placement); the vLLM Python
-    is checked first, so a missing venv is a config error, not a worker that never starts."""
-    python = vllm_python(rc.vllm_python)
-    check_vllm_python(python)
+def start_engines(ray: Any, rc: Any, python: str, options: Any) -> list:
+    """`rc.vllm_engines` VLLMActor handles run by `python` (which check_vllm_python passed: else
+    the worker would never start) and placed by `options(i)`."""
     cls = ray.remote(num_cpus=rc.vllm_num_cpus, num_gpus=rc.vllm_num_gpus)(VLLMActor)
     return [cls.options(runtime_env=runtime_env(python), **options(i)).remote(
         os.getcwd(), rc.vllm_kv_cache_mb, rc.vllm_gpu_memory_utilization) for i in range(rc.vllm_engines)]
