@@ -11,7 +11,9 @@ log-prob used in a loss. On CUDA the engine sleeps between rollouts (vLLM sleep 
 KV cache released) and wakes up for the next one; on CPU sleep mode does not exist and is skipped.
 
 vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so the weight push is a plain
-function call. Install: `bash scripts/setup_vllm_venv.sh` (CPU, its own venv) or see
+function call. `VLLMEngine` is the engine without a policy (start from a ModelSpec and weights,
+load_weights, generate): the colocated generator and the Ray vLLM actors
+(alignkit/train/ray_vllm.py) both drive it, so sampling maps the same way in both. Install: `bash scripts/setup_vllm_venv.sh` (CPU, its own venv) or see
 docs/distributed-vllm.md for the CUDA build.
 """
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,24 +73,65 @@ def merged_state_dict(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
         yield name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), tensor
 
 
-def _save_for_vllm(model: Any, path: str) -> None:
-    """Config, generation config and weights of the (merged) model in Hugging Face format."""
-    core = _core_model(model)
-    core.config.save_pretrained(path)
-    if getattr(core, "generation_config", None) is not None:
-        core.generation_config.save_pretrained(path)
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an engine is started from besides the weights: plain JSON text and ids, so that it
+    crosses processes and environments (a Ray vLLM actor runs its own Python and transformers)."""
+
+    config_json: str
+    """The model's config.json (the merged model's: a LoRA policy's base config)."""
+    generation_json: str | None
+    """Its generation_config.json, or None."""
+    dtype: str
+    """Parameter dtype without `torch.`, e.g. `float32`; vLLM runs in it."""
+    eos_ids: tuple[int, ...]
+    """Token ids that end a response (tokenizer's EOS, else the config's)."""
+
+
+def model_spec(policy: Any, tokenizer: Any = None) -> ModelSpec:
+    core = _core_model(policy)
+    gen = getattr(core, "generation_config", None)
+    return ModelSpec(core.config.to_json_string(), None if gen is None else gen.to_json_string(),
+                     str(next(policy.parameters()).dtype).removeprefix("torch."), tuple(_eos_ids(policy, tokenizer)))
+
+
+def policy_weights(policy: Any) -> list[tuple[str, torch.Tensor]]:
+    """merged_state_dict as detached CPU tensors, ready to be sent to another process."""
+    with torch.no_grad():
+        return [(name, t.detach().to("cpu")) for name, t in merged_state_dict(policy)]
+
+
+def _write_model_dir(path: str, spec: ModelSpec, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Config, generation config and weights in Hugging Face format, which vLLM reads at start."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for name, t in merged_state_dict(model):
+    Path(path, "config.json").write_text(spec.config_json)
+    if spec.generation_json is not None:
+        Path(path, "generation_config.json").write_text(spec.generation_json)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in weights:
         if t.data_ptr() in {v.data_ptr() for v in tensors.values()}:
             continue  # tied weights (lm_head = embed_tokens): vLLM ties them from the config
-        tensors[name] = t.detach().to("cpu").contiguous().clone()
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        tensors[name] = t
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
-class VLLMGenerator:
-    """A vLLM engine colocated with `policy` that samples from the policy's current weights.
+def _check_cpu_head_size(config: dict) -> None:
+    """vLLM's CPU attention kernel supports only some head sizes; fail at start, not mid-rollout."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise ValueError(f"rollout.engine=vllm on CPU: the policy's attention head size is {head}, vLLM's CPU "
+                         f"attention supports {sizes} (e.g. the `tiny` preset, not `nano`); use rollout.engine=hf")
+
+
+class VLLMEngine:
+    """One vLLM engine in this process, started from a ModelSpec and weights; it knows no policy.
+    The colocated generator below and the Ray vLLM actor (alignkit/train/ray_vllm.py) both drive
+    one: `load_weights` before a rollout, then `generate`.
 
     kv_cache_mb: KV-cache size on CPU (vLLM reserves it up front); gpu_memory_utilization: the
     share of GPU memory vLLM may take on CUDA; sleep: release weights and KV cache between
@@ -94,25 +139,24 @@ class VLLMGenerator:
     """
 
     def __init__(
-        self, policy: Any, tokenizer: Any = None, kv_cache_mb: int = 64, gpu_memory_utilization: float = 0.3,
-        sleep: bool = True, max_model_len: int | None = None,
+        self, spec: ModelSpec, weights: Iterable[tuple[str, torch.Tensor]], cuda: bool, kv_cache_mb: int = 64,
+        gpu_memory_utilization: float = 0.3, sleep: bool = True, max_model_len: int | None = None,
     ):
+        import json
+
         vllm = import_vllm()
-        self._policy = weakref.ref(policy)  # the engine cache must not keep the policy alive
-        self.eos_ids = _eos_ids(policy, tokenizer)
-        self.cuda = next(policy.parameters()).device.type == "cuda"
-        self.sleep_mode = sleep and self.cuda
-        dtype = next(policy.parameters()).dtype
-        if not self.cuda:
-            _check_cpu_head_size(_core_model(policy).config)
+        self.eos_ids = list(spec.eos_ids)
+        self.cuda = cuda
+        self.sleep_mode = sleep and cuda
+        if not cuda:
+            _check_cpu_head_size(json.loads(spec.config_json))
         self._dir = tempfile.TemporaryDirectory(prefix="alignkit-vllm-")
-        with torch.no_grad():
-            _save_for_vllm(policy, self._dir.name)
+        _write_model_dir(self._dir.name, spec, weights)
         kwargs: dict[str, Any] = dict(
-            model=self._dir.name, skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."),
-            enforce_eager=True, seed=0, max_model_len=max_model_len,
+            model=self._dir.name, skip_tokenizer_init=True, dtype=spec.dtype, enforce_eager=True, seed=0,
+            max_model_len=max_model_len,
         )
-        if self.cuda:
+        if cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_mode)
         else:
             kwargs.update(kv_cache_memory_bytes=kv_cache_mb * 2**20)
@@ -123,23 +167,22 @@ class VLLMGenerator:
             self.llm.sleep(level=2)
             self._asleep = True
 
-    @property
-    def policy(self) -> Any:
-        return self._policy()
-
     def _worker(self) -> Any:
         return self.llm.llm_engine.model_executor.driver_worker.worker
 
-    def sync_weights(self) -> None:
-        """Push the policy's current weights into the engine, in memory."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights in memory (woken up first when it sleeps)."""
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
         with torch.no_grad():
-            self._worker().reload_weights(weights_iterator=merged_state_dict(self.policy))
+            self._worker().reload_weights(weights_iterator=iter(weights))
 
     def sampling_params(self, params: SamplingParams, row: int) -> Any:
         """vLLM's SamplingParams for prompt `row`: each row gets its own seed, so the G copies of
         one prompt in a GRPO group draw different samples: `row_seeds[row]` when the caller gives
-        per-row seeds (the RL stages: then a row's tokens do not depend on which rank or batch
-        position draws it), else seed + row."""
+        per-row seeds (the RL stages: then a row's tokens do not depend on which rank, engine or
+        batch position draws it), else seed + row."""
         greedy = params.greedy or params.temperature == 0
         kw: dict[str, Any] = dict(max_tokens=params.max_new_tokens, detokenize=False)
         if greedy:
@@ -157,13 +200,12 @@ class VLLMGenerator:
         return self._vllm.SamplingParams(**kw)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
-        check_request(prompts, params)
+        """Sample from the weights loaded last (the caller has checked the request)."""
         if params.max_new_tokens == 0 or not prompts:
             return Generations([[] for _ in prompts], [False] * len(prompts))
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
-        self.sync_weights()
         reqs = [{"prompt_token_ids": list(p)} for p in prompts]
         sps = [self.sampling_params(params, i) for i in range(len(prompts))]
         outs = self.llm.generate(reqs, sps, use_tqdm=False)
@@ -178,15 +220,37 @@ class VLLMGenerator:
         return Generations(ids, finished)
 
 
-def _check_cpu_head_size(config: Any) -> None:
-    """vLLM's CPU attention kernel supports only some head sizes; fail at start, not mid-rollout."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+class VLLMGenerator:
+    """A vLLM engine colocated with `policy` that samples from the policy's current weights
+    (the policy's current weights are pushed in before every generate). Keyword arguments: VLLMEngine's."""
 
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    sizes = CPUAttentionBackend.get_supported_head_sizes()
-    if head not in sizes:
-        raise ValueError(f"rollout.engine=vllm on CPU: the policy's attention head size is {head}, vLLM's CPU "
-                         f"attention supports {sizes} (e.g. the `tiny` preset, not `nano`); use rollout.engine=hf")
+    def __init__(self, policy: Any, tokenizer: Any = None, **engine_kwargs: Any):
+        import_vllm()
+        self._policy = weakref.ref(policy)  # the engine cache must not keep the policy alive
+        cuda = next(policy.parameters()).device.type == "cuda"
+        with torch.no_grad():
+            self.engine = VLLMEngine(model_spec(policy, tokenizer), merged_state_dict(policy), cuda, **engine_kwargs)
+        self.eos_ids = self.engine.eos_ids
+        self.llm = self.engine.llm
+
+    @property
+    def policy(self) -> Any:
+        return self._policy()
+
+    def sync_weights(self) -> None:
+        """Push the policy's current weights into the engine, in memory."""
+        with torch.no_grad():
+            self.engine.load_weights(merged_state_dict(self.policy))
+
+    def sampling_params(self, params: SamplingParams, row: int) -> Any:
+        return self.engine.sampling_params(params, row)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generations:
+        check_request(prompts, params)
+        if params.max_new_tokens == 0 or not prompts:
+            return Generations([[] for _ in prompts], [False] * len(prompts))
+        self.sync_weights()
+        return self.engine.generate(prompts, params)
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -195,6 +195,9 @@ def _check(cfg: Config) -> None:
         if getattr(cfg.ray, key):
             raise ConfigError(f"config key 'ray.{key}': not with iterate (each round trains a new reward model and "
                               "moves the KL reference); the ranks hold both")
+    if cfg.ray.vllm_engines:
+        raise ConfigError("config key 'ray.vllm_engines': not with iterate (vLLM actors are built and tested for "
+                          "ppo, grpo and rloo); iterate's PPO samples in each rank (ppo.rollout.engine)")
 
 
 # ---------------------------------------------------------------------------------- pairs

@@ -18,6 +18,8 @@ With `ray.reference_actor=true` the frozen reference model lives in one more act
 sends it (input_ids, attention_mask, response_ids) and receives the per-token reference
 log-probs, computed by the same code, temperature and chunking as a local reference, so the
 trainer ranks never load it (not with LoRA, whose reference is the policy itself).
+With `ray.vllm_engines=N` (and rollout.engine=vllm) N vLLM engines in actors of their own sample
+the rollouts; the ranks push their weights into them in memory (alignkit/train/ray_vllm.py).
 
 Ray is optional (`pip install 'alignkit[ray]'`); it is imported only when a run asks for it.
 docs/distributed-rl.md has the recipes (one machine, a cluster joined with `ray.address`).
@@ -63,8 +65,20 @@ class RayConfig:
     """CPUs reserved for the reference actor."""
     reference_num_gpus: float = 0.0
     """GPUs for the reference actor."""
+    vllm_engines: int = 0
+    """vLLM engines as Ray actors that sample every rank's rollouts (needs rollout.engine=vllm); 0: one engine colocated in each trainer rank."""
+    vllm_num_cpus: float = 1.0
+    """CPUs reserved per vLLM engine actor."""
+    vllm_num_gpus: float = 0.0
+    """GPUs per vLLM engine actor."""
+    vllm_python: str | None = None
+    """Python of the vLLM actors (a venv with vllm and this Ray); None: this one if it imports vllm, else $ALIGNKIT_VLLM_PYTHON, else /work/venvs/vllm/bin/python."""
+    vllm_kv_cache_mb: int = 64
+    """KV cache of each vLLM engine actor on CPU, MiB."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """Share of its GPU a vLLM engine actor may take."""
     object_store_mb: int = 256
-    """Object store of a local cluster, MiB (only ids, scores, log-probs and configs travel through it)."""
+    """Object store of a local cluster, MiB (ids, scores, log-probs, configs, and the weights pushed to vLLM actors travel through it)."""
     placement_timeout_s: float = 600.0
     """Give up when the cluster cannot hold the placement group within this many seconds."""
 
@@ -224,14 +238,25 @@ class Trainer:
         return ray.util.get_node_ip_address(), port
 
     def run(self, train: Callable[..., dict], cfg: Any, master: tuple[str, int], local_rank: int,
-            reward_actor: Any = None, reference_actor: Any = None) -> dict:
+            reward_actor: Any = None, reference_actor: Any = None, vllm_engines: list | None = None) -> dict:
+        """The stage's result; with vLLM actors, plus `vllm_push_ms`: this rank's weight pushes."""
+        import contextlib
+
         import torch.distributed as tdist
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK=str(local_rank),
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         extra = {} if reference_actor is None else {"reference": RemoteReference(reference_actor)}
+        sampler = None
+        if vllm_engines:
+            from alignkit.train.ray_vllm import RemoteVLLM
+            from alignkit.train.rollout import vllm_elsewhere
+
+            sampler = RemoteVLLM(vllm_engines, self.rank, self.world)
         try:
-            return train(cfg, RemoteReward(reward_actor) if reward_actor is not None else None, **extra)
+            with vllm_elsewhere(sampler) if sampler is not None else contextlib.nullcontext():
+                result = train(cfg, RemoteReward(reward_actor) if reward_actor is not None else None, **extra)
+            return result if sampler is None else {**result, "vllm_push_ms": sampler.push_ms}
         finally:
             if tdist.is_initialized():
                 tdist.destroy_process_group()
@@ -260,7 +285,7 @@ def _connect(ray: Any, rc: RayConfig) -> bool:
             ) from None
         return True
     need = (rc.workers * rc.num_cpus + (rc.reward_num_cpus if rc.reward_actor else 0.0)
-            + (rc.reference_num_cpus if rc.reference_actor else 0.0))
+            + (rc.reference_num_cpus if rc.reference_actor else 0.0) + rc.vllm_engines * rc.vllm_num_cpus)
     # "local": a new cluster even where RAY_ADDRESS or a previous `ray start` points at another one
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
              _node_ip_address="127.0.0.1", object_store_memory=rc.object_store_mb * 2**20)
@@ -289,6 +314,10 @@ def check_actors(cfg: Any) -> None:
             "config key 'ray.reference_actor': not with model.lora_r > 0; a LoRA policy's reference is the policy "
             "itself with the adapter switched off, so the trainer ranks hold no second model to move out "
             "(set ray.reference_actor=false)")
+    rollout = getattr(cfg, "rollout", None)
+    if rc.vllm_engines and getattr(rollout, "engine", None) != "vllm":
+        raise ConfigError(f"config key 'ray.vllm_engines' ({rc.vllm_engines}): vLLM actors sample the rollouts only "
+                          "with rollout.engine=vllm (set it, or ray.vllm_engines=0)")
 
 
 def _actor_rows(ray: Any, actor: Any) -> int | None:
@@ -298,6 +327,9 @@ def _actor_rows(ray: Any, actor: Any) -> int | None:
 def run_here_or_on_ray(train: Callable[..., dict], cfg: Any) -> dict:
     """`train(cfg)` in this process (one process or a torchrun rank), or with `launcher: ray` on Ray
     actors (`launch`): a stage's `run`."""
+    if cfg.launcher != "ray" and cfg.ray.vllm_engines:
+        raise ConfigError(f"config key 'ray.vllm_engines' ({cfg.ray.vllm_engines}) needs launcher=ray (--launcher ray); "
+                          "under torchrun or one process, rollout.engine=vllm runs an engine in each rank")
     return launch(train, cfg) if cfg.launcher == "ray" else train(cfg)
 
 
@@ -310,11 +342,18 @@ def launch(train: Callable[..., dict], cfg: Any) -> dict:
 
     rc: RayConfig = cfg.ray
     check_actors(cfg)
+    vllm_exe = None
+    if rc.vllm_engines:
+        from alignkit.train.ray_vllm import check_vllm_python, vllm_python
+
+        vllm_exe = vllm_python(rc.vllm_python)
+        check_vllm_python(vllm_exe)  # before the cluster starts: a missing venv is a config error
     owned = _connect(ray, rc)
     bundles = [_bundle(rc.num_cpus, rc.num_gpus) for _ in range(rc.workers)]
-    index: dict[str, int] = {}  # reward / reference actor -> its bundle (one that reserves nothing needs none)
+    index: dict[str, int] = {}  # reward / reference / vLLM actor -> its bundle (one that reserves nothing needs none)
     for name, on, cpus, gpus in (("reward", rc.reward_actor, rc.reward_num_cpus, rc.reward_num_gpus),
-                                 ("reference", rc.reference_actor, rc.reference_num_cpus, rc.reference_num_gpus)):
+                                 ("reference", rc.reference_actor, rc.reference_num_cpus, rc.reference_num_gpus),
+                                 *((f"vllm{i}", True, rc.vllm_num_cpus, rc.vllm_num_gpus) for i in range(rc.vllm_engines))):
         if on and _bundle(cpus, gpus):
             index[name] = len(bundles)
             bundles.append(_bundle(cpus, gpus))
@@ -334,6 +373,12 @@ def launch(train: Callable[..., dict], cfg: Any) -> dict:
                 f"within {rc.placement_timeout_s:g} s; it has {ray.cluster_resources()}")
         driver = driver_state()
         reward_actor = reference_actor = None
+        vllm_engines: list = []
+        if vllm_exe is not None:
+            from alignkit.train.ray_vllm import start_engines
+
+            vllm_engines = start_engines(ray, rc, vllm_exe, lambda i: in_bundle(f"vllm{i}"))
+            actors += vllm_engines
         if rc.reward_actor:
             reward_cls = ray.remote(num_cpus=rc.reward_num_cpus, num_gpus=rc.reward_num_gpus)(RewardScorer)
             reward_actor = reward_cls.options(**in_bundle("reward")).remote(cfg.reward, cfg.world, driver)
@@ -349,12 +394,15 @@ def launch(train: Callable[..., dict], cfg: Any) -> dict:
         actors += trainers
         addresses = ray.get([t.address.remote() for t in trainers])
         ranks = local_ranks([a[0] for a in addresses], rc.num_gpus)
-        refs = [t.run.remote(train, cfg, addresses[0], lr, reward_actor, reference_actor) for t, lr in zip(trainers, ranks)]
+        refs = [t.run.remote(train, cfg, addresses[0], lr, reward_actor, reference_actor, vllm_engines)
+                for t, lr in zip(trainers, ranks)]
         results = _wait_all(ray, refs)
-        result = dict(results[0])
+        result = {k: v for k, v in results[0].items() if k != "vllm_push_ms"}
         placed = {"workers": rc.workers, "peak_mem_mb_per_rank": [r.get("peak_mem_mb") for r in results],
                   "reward_actor_rows": _actor_rows(ray, reward_actor),
-                  "reference_actor_rows": _actor_rows(ray, reference_actor)}
+                  "reference_actor_rows": _actor_rows(ray, reference_actor),
+                  "vllm_engines": ray.get([e.served.remote() for e in vllm_engines]) or None,
+                  "vllm_push_ms_per_rank": [r.get("vllm_push_ms") for r in results] if vllm_engines else None}
         result["ray"] = {k: v for k, v in placed.items() if v is not None and v != [None] * rc.workers}
         return result
     finally:

@@ -479,9 +479,27 @@ RefLogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 """The same signature, returning the reference's (B, T) log-probs."""
 
 
+_VLLM_ELSEWHERE: list[Any] = []  # the Ray vLLM actors' sampler while `vllm_elsewhere` is active
+
+
+@contextlib.contextmanager
+def vllm_elsewhere(sampler: Any) -> Iterator[None]:
+    """For the block, rollout.engine=vllm samples through `sampler` (`sampler.bind(policy,
+    tokenizer)` -> Generator; the Ray launcher's vLLM actors, alignkit/train/ray_vllm.py) instead
+    of an engine colocated in this process."""
+    _VLLM_ELSEWHERE.append(sampler)
+    try:
+        yield
+    finally:
+        _VLLM_ELSEWHERE.remove(sampler)
+
+
 def make_generator(policy: Any, tokenizer: Any, engine: str = "hf", batch_size: int = 64) -> Generator:
     """The rollout sampler of `engine`; a vLLM engine is started once per policy and receives the
-    policy's current weights in memory before each generate."""
+    policy's current weights in memory before each generate (in this process, or in the Ray vLLM
+    actors inside `vllm_elsewhere`)."""
+    if engine == "vllm" and _VLLM_ELSEWHERE:
+        return _VLLM_ELSEWHERE[-1].bind(policy, tokenizer)
     if engine == "vllm":
         from alignkit.models.vllm_engine import vllm_generator
 
