@@ -1,0 +1,219 @@
+"""The GPU checks of issues 11 and 16, as one prepared run (on a lent CUDA machine; `--small`
+runs the same code on CPU in seconds, to try the script before a GPU is spent on it).
+
+    PYTHONPATH=$PWD python3 scripts/gpu_check.py --out DIR           # CUDA, bf16
+    PYTHONPATH=$PWD python3 scripts/gpu_check.py --out DIR --small   # CPU, tiny shapes, fp32
+
+1. Chunked head at a 0.5B shape (a Llama with Qwen2.5-0.5B's sizes: hidden 896, 24 layers, 14
+   heads / 2 KV heads, MLP 4864, vocabulary 151,936, tied head), bf16: one SFT step (forward +
+   backward of the response-token loss) on 4 x 2,048 tokens, with the chunked head
+   (train.logprob_chunk default) and with full logits: peak CUDA memory (max_memory_allocated
+   above the model and its gradients) and median step time; loss difference.
+2. Sampling on the same model: alignkit's HF sampler (KV cache, seeded rows) vs transformers'
+   `generate` (sampling, same lengths): new tokens per second.
+3. The stages through the CLI on a ~100M-parameter Llama (hidden 768, 12 layers, vocabulary
+   32,000) and the built-in world, bf16: SFT (30 steps) and GRPO on the gold judge (3
+   iterations), each in one process and under `torchrun --nproc_per_node 1` with
+   train.strategy=fsdp2 (NCCL): tokens/s, rollout tokens/s, and the metric differences.
+
+Writes DIR/gpu_check.json; its last line on stdout is the same JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _llama(vocab: int, hidden: int, layers: int, heads: int, kv: int, mlp: int, tied: bool, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, intermediate_size=mlp, tie_word_embeddings=tied,
+                      max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def chunked_vs_full(model, device, rows: int, length: int, steps: int) -> dict:
+    """One SFT step (loss, backward) per repeat, chunked head vs full logits."""
+    from alignkit.models.chunked import DEFAULT_CHUNK, sft_loss_of_model
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, : length // 4] = -100  # a quarter of every row is prompt
+    out = {}
+    for name, chunk in (("chunked", DEFAULT_CHUNK), ("full", 0)):
+        times, loss = [], None
+        model.zero_grad(set_to_none=True)
+        for i in range(steps + 1):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss_sum, n = sft_loss_of_model(model, ids, mask, labels, chunk)
+            (loss_sum / n).backward()
+            _sync(device)
+            if i:  # the first is a warm-up
+                times.append(time.perf_counter() - t0)
+            loss = float(loss_sum / n)
+            model.zero_grad(set_to_none=False)  # the gradients stay allocated: the peak above them
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
+        out[name] = {"step_s": statistics.median(times), "peak_mb_above_model": peak, "loss": loss,
+                     "tokens_per_s": rows * length / statistics.median(times)}
+    out["loss_abs_diff"] = abs(out["chunked"]["loss"] - out["full"]["loss"])
+    out["peak_ratio_chunked_vs_full"] = out["chunked"]["peak_mb_above_model"] / out["full"]["peak_mb_above_model"]
+    out["speed_ratio_chunked_vs_full"] = out["full"]["step_s"] / out["chunked"]["step_s"]
+    return out
+
+
+def sampling(model, device, prompts: int, prompt_len: int, new: int) -> dict:
+    """alignkit's HF sampler vs transformers' generate, sampling `new` tokens per prompt."""
+    from alignkit.models.generate import HFGenerator, SamplingParams
+
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(3, model.config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(prompts)]
+    params = SamplingParams(max_new_tokens=new, stop_at_eos=False, row_seeds=tuple(range(prompts)))
+    gen = HFGenerator(model, batch_size=prompts)
+    gen.generate(rows[:2], SamplingParams(max_new_tokens=4, stop_at_eos=False, row_seeds=(0, 1)))  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        got = gen.generate(rows, params)
+    _sync(device)
+    ours = time.perf_counter() - t0
+    n_ours = sum(len(r) for r in got)
+    ids = torch.tensor(rows, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=new,
+                             min_new_tokens=new, top_k=0, top_p=1.0, pad_token_id=0)
+    _sync(device)
+    theirs = time.perf_counter() - t0
+    n_theirs = int((seq.shape[1] - prompt_len) * seq.shape[0])
+    model.train()
+    return {"alignkit_tokens_per_s": n_ours / ours, "hf_generate_tokens_per_s": n_theirs / theirs,
+            "speedup_vs_hf_generate": (n_ours / ours) / (n_theirs / theirs), "prompts": prompts, "new_tokens": new}
+
+
+def _cli(args: list[str], torchrun: bool, env: dict) -> tuple[float, str]:
+    pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun else [sys.executable]
+    t0 = time.perf_counter()
+    done = subprocess.run([*pre, "-m", "alignkit.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:1])} failed:\n{done.stderr[-4000:]}")
+    return time.perf_counter() - t0, done.stderr
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def stages(root: Path, small: bool) -> dict:
+    """SFT and GRPO through the CLI, one process vs torchrun + FSDP2 (1 rank)."""
+    from alignkit.models.bpe import train_bpe_tokenizer
+    from alignkit.models.load import save_model
+    from alignkit.world import write_world
+
+    write_world(root / "world", n_pairs=256, n_sft=512, n_pretrain=64, n_eval=16, n_pairs_eval=8)
+    texts = [json.loads(x)["prompt"] + json.loads(x)["response"] for x in (root / "world" / "sft.jsonl").read_text().splitlines()]
+    tok = train_bpe_tokenizer(texts, vocab_size=512 if small else 4096)
+    dims = (1024, 64, 2, 4, 2, 256) if small else (32000, 768, 12, 12, 12, 2048)
+    model = _llama(*dims, tied=False, dtype=torch.float32, device=torch.device("cpu"))
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    save_model(model, tok, root / "base")
+    n_params = sum(p.numel() for p in model.parameters())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    precision = "fp32" if small else "bf16"
+    res: dict = {"params_m": round(n_params / 1e6, 1)}
+    sft = ["sft", f"model.path={root / 'base'}", f"data.path={root / 'world' / 'sft.jsonl'}", "train.lr=3e-4",
+           f"train.max_steps={4 if small else 30}", "train.batch_size=16", f"train.precision={precision}",
+           "train.log_every=1", "train.progress=false", "train.tensorboard=false"]
+    for name, extra, tr in (("sft", [], False), ("sft_fsdp2", ["train.strategy=fsdp2"], True)):
+        wall, _ = _cli([*sft, *extra, "--out", str(root / name)], tr, env)
+        rows = [r for r in _rows(root / name) if "loss" in r]
+        res[name] = {"wall_s": round(wall, 1), "last_loss": rows[-1]["loss"],
+                     "tokens_per_s": rows[-1].get("tokens_per_s", rows[-1].get("tok_per_s"))}
+    a, b = [r["loss"] for r in _rows(root / "sft") if "loss" in r], [r["loss"] for r in _rows(root / "sft_fsdp2") if "loss" in r]
+    res["sft_fsdp2_max_loss_diff"] = max(abs(x - y) for x, y in zip(a, b))
+    grpo = ["grpo", f"model.path={root / 'sft' / 'final'}", f"world={root / 'world'}", "reward.source=gold",
+            f"iterations={2 if small else 3}", f"prompts_per_step={4 if small else 32}", "group_size=4",
+            f"rollout.max_new_tokens={8 if small else 64}", f"train.batch_size={8 if small else 64}",
+            f"train.precision={precision}", "train.progress=false", "train.tensorboard=false", "eval_limit=8"]
+    for name, extra, tr in (("grpo", [], False), ("grpo_fsdp2", ["train.strategy=fsdp2"], True)):
+        wall, _ = _cli([*grpo, *extra, "--out", str(root / name)], tr, env)
+        rows = _rows(root / name)
+        res[name] = {"wall_s": round(wall, 1), "rollout_s": [r.get("rollout_s") for r in rows],
+                     "iteration_s": [r.get("iteration_s") for r in rows], "reward": [r.get("reward") for r in rows]}
+        n_rows = (4 if small else 32) * 4  # prompts_per_step x group_size
+        res[name]["rollout_tokens_per_s"] = [round(r["response_length"] * n_rows / r["rollout_s"], 1) for r in rows]
+    first = [_rows(root / n)[0] for n in ("grpo", "grpo_fsdp2")]
+    keys = [k for k, v in first[0].items() if isinstance(v, float) and k in first[1] and not k.endswith("_s")]
+    res["grpo_fsdp2_first_iteration_max_rel_diff"] = max(
+        abs(first[0][k] - first[1][k]) / max(1e-8, abs(first[0][k])) for k in keys)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--small", action="store_true", help="CPU, tiny shapes: try the script")
+    ap.add_argument("--parts", default="head,sampling,stages")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+    import transformers
+
+    res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "transformers": transformers.__version__}
+    parts = args.parts.split(",")
+    if "head" in parts or "sampling" in parts:
+        dims = (4096, 64, 2, 4, 2, 256) if args.small else (151936, 896, 24, 14, 2, 4864)
+        dtype = torch.float32 if args.small else torch.bfloat16
+        model = _llama(*dims, tied=True, dtype=torch.float32, device=device)  # fp32 master weights, bf16 autocast
+        res["model_0p5b_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+        del dtype
+        if "head" in parts:
+            res["head"] = chunked_vs_full(model, device, rows=2 if args.small else 4, length=128 if args.small else 2048,
+                                          steps=2 if args.small else 5)
+            print(json.dumps({"head": res["head"]}), flush=True)
+        if "sampling" in parts:
+            res["sampling"] = sampling(model, device, prompts=4 if args.small else 64, prompt_len=16 if args.small else 128,
+                                       new=8 if args.small else 128)
+            print(json.dumps({"sampling": res["sampling"]}), flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "stages" in parts:
+        res["stages"] = stages(out / "runs", args.small)
+    (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
