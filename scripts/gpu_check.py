@@ -51,8 +51,10 @@ def _llama(vocab: int, hidden: int, layers: int, heads: int, kv: int, mlp: int, 
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
-def chunked_vs_full(model, device, rows: int, length: int, steps: int) -> dict:
-    """One SFT step (loss, backward) per repeat, chunked head vs full logits."""
+def chunked_vs_full(model, device, rows: int, length: int, steps: int, blocks: tuple[int, ...] = ()) -> dict:
+    """One SFT step (loss, backward) per repeat, chunked head vs full logits; `blocks`: more
+    chunked runs with chunked.MAX_BLOCK (logit elements per chunk) set to each value."""
+    from alignkit.models import chunked
     from alignkit.models.chunked import DEFAULT_CHUNK, sft_loss_of_model
 
     g = torch.Generator().manual_seed(1)
@@ -61,7 +63,11 @@ def chunked_vs_full(model, device, rows: int, length: int, steps: int) -> dict:
     labels = ids.clone()
     labels[:, : length // 4] = -100  # a quarter of every row is prompt
     out = {}
-    for name, chunk in (("chunked", DEFAULT_CHUNK), ("full", 0)):
+    default_block = chunked.MAX_BLOCK
+    runs = [("chunked", DEFAULT_CHUNK, default_block), ("full", 0, default_block)]
+    runs += [(f"chunked_block_2e{b.bit_length() - 1}", 1 << 20, b) for b in blocks]
+    for name, chunk, block in runs:
+        chunked.MAX_BLOCK = block
         times, loss = [], None
         model.zero_grad(set_to_none=True)
         for i in range(steps + 1):
@@ -77,46 +83,52 @@ def chunked_vs_full(model, device, rows: int, length: int, steps: int) -> dict:
             _sync(device)
             if i:  # the first is a warm-up
                 times.append(time.perf_counter() - t0)
-            loss = float(loss_sum / n)
+            loss = float(loss_sum.detach() / n)
             model.zero_grad(set_to_none=False)  # the gradients stay allocated: the peak above them
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
         out[name] = {"step_s": statistics.median(times), "peak_mb_above_model": peak, "loss": loss,
                      "tokens_per_s": rows * length / statistics.median(times)}
+    chunked.MAX_BLOCK = default_block
+    out["default_block"] = default_block
     out["loss_abs_diff"] = abs(out["chunked"]["loss"] - out["full"]["loss"])
     out["peak_ratio_chunked_vs_full"] = out["chunked"]["peak_mb_above_model"] / out["full"]["peak_mb_above_model"]
     out["speed_ratio_chunked_vs_full"] = out["full"]["step_s"] / out["chunked"]["step_s"]
     return out
 
 
-def sampling(model, device, prompts: int, prompt_len: int, new: int) -> dict:
-    """alignkit's HF sampler vs transformers' generate, sampling `new` tokens per prompt."""
+def sampling(model, device, prompts: int, prompt_len: int, new: int, others: dict | None = None) -> dict:
+    """alignkit's HF sampler (and `others`: name -> another HFGenerator class) vs transformers'
+    `generate`, sampling `new` tokens per prompt, all under the same bf16 autocast on CUDA."""
     from alignkit.models.generate import HFGenerator, SamplingParams
 
     model.eval()
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(3, model.config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(prompts)]
     params = SamplingParams(max_new_tokens=new, stop_at_eos=False, row_seeds=tuple(range(prompts)))
-    gen = HFGenerator(model, batch_size=prompts)
-    gen.generate(rows[:2], SamplingParams(max_new_tokens=4, stop_at_eos=False, row_seeds=(0, 1)))  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        got = gen.generate(rows, params)
-    _sync(device)
-    ours = time.perf_counter() - t0
-    n_ours = sum(len(r) for r in got)
     ids = torch.tensor(rows, device=device)
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=new,
-                             min_new_tokens=new, top_k=0, top_p=1.0, pad_token_id=0)
-    _sync(device)
-    theirs = time.perf_counter() - t0
-    n_theirs = int((seq.shape[1] - prompt_len) * seq.shape[0])
+
+    def hf_generate():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=new,
+                              min_new_tokens=new, top_k=0, top_p=1.0, pad_token_id=0)
+
+    samplers = {"alignkit": HFGenerator, **(others or {})}
+    res: dict = {"prompts": prompts, "new_tokens": new}
+    for name, cls in [*samplers.items(), ("hf_generate", None)]:
+        gen = cls(model, batch_size=prompts) if cls is not None else None
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if gen is not None:
+                gen.generate(rows[:2], SamplingParams(max_new_tokens=4, stop_at_eos=False, row_seeds=(0, 1)))  # warm-up
+            _sync(device)
+            t0 = time.perf_counter()
+            got = gen.generate(rows, params) if gen is not None else hf_generate()
+            _sync(device)
+        wall = time.perf_counter() - t0
+        n = sum(len(r) for r in got) if gen is not None else int((got.shape[1] - prompt_len) * got.shape[0])
+        res[f"{name}_tokens_per_s"] = n / wall
+    for name in samplers:
+        res[f"{name}_vs_hf_generate"] = res[f"{name}_tokens_per_s"] / res["hf_generate_tokens_per_s"]
     model.train()
-    return {"alignkit_tokens_per_s": n_ours / ours, "hf_generate_tokens_per_s": n_theirs / theirs,
-            "speedup_vs_hf_generate": (n_ours / ours) / (n_theirs / theirs), "prompts": prompts, "new_tokens": new}
+    return res
 
 
 def _cli(args: list[str], torchrun: bool, env: dict) -> tuple[float, str]:
@@ -183,6 +195,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--small", action="store_true", help="CPU, tiny shapes: try the script")
     ap.add_argument("--parts", default="head,sampling,stages")
+    ap.add_argument("--blocks", default="", help="comma-separated chunked.MAX_BLOCK values to try too, e.g. 134217728")
+    ap.add_argument("--sampler-file", default="", help="another generate.py whose HFGenerator is timed too")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,11 +214,21 @@ def main() -> None:
         del dtype
         if "head" in parts:
             res["head"] = chunked_vs_full(model, device, rows=2 if args.small else 4, length=128 if args.small else 2048,
-                                          steps=2 if args.small else 5)
+                                          steps=2 if args.small else 5,
+                                          blocks=tuple(int(x) for x in args.blocks.split(",") if x))
             print(json.dumps({"head": res["head"]}), flush=True)
         if "sampling" in parts:
+            others = {}
+            if args.sampler_file:
+                import importlib.util
+
+                spec = importlib.util.spec_from_file_location("other_generate", args.sampler_file)
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules["other_generate"] = mod  # its dataclasses look their module up
+                spec.loader.exec_module(mod)
+                others["other"] = mod.HFGenerator
             res["sampling"] = sampling(model, device, prompts=4 if args.small else 64, prompt_len=16 if args.small else 128,
-                                       new=8 if args.small else 128)
+                                       new=8 if args.small else 128, others=others)
             print(json.dumps({"sampling": res["sampling"]}), flush=True)
         del model
         if device.type == "cuda":
