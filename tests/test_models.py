@@ -334,6 +334,9 @@ def test_sample_rows_draws_what_per_row_multinomial_draws(vocab):
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(mine, theirs))
     if vocab > 2:
         assert len(set(got.tolist())) > 3  # the rows really draw different tokens
+    probs[1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="inf, nan or element < 0"):
+        sample_rows(probs, mine)
 
 
 def test_preallocated_kv_cache_gives_the_concatenated_cache_logits():

@@ -110,8 +110,8 @@ def _preallocated_layer_class() -> type:
     class _PreallocatedLayer(DynamicLayer):
         """One decoder layer's KV cache written into buffers sized for the whole generation, so a
         decode step copies its one new column instead of `torch.cat`-ing the whole cache (a fresh
-        allocation and full copy per layer and step, the largest cost of small-model decoding).
-        Attention reads the first `n` columns as a view: the same values as the concatenated cache."""
+        allocation and full copy per layer and step: O(T^2) copying over T tokens). Attention
+        reads the first `n` columns as a view: the same values as the concatenated cache."""
 
         def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
             super().__init__()
@@ -164,6 +164,8 @@ def sample_rows(probs: torch.Tensor, rngs: list[torch.Generator]) -> torch.Tenso
     `torch.multinomial(probs[r], 1, generator=rngs[r])`: that call (one sample) is the
     exponential race argmax(p / q), q ~ Exp(1) drawn from the row's generator; here the q rows
     are still drawn one generator at a time, but the division and argmax run once for the batch."""
+    if not bool(((probs >= 0) & torch.isfinite(probs)).all()):  # multinomial's own check
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
     q = torch.empty_like(probs)
     for row, g in zip(q, rngs):
         row.exponential_(1.0, generator=g)
