@@ -18,7 +18,9 @@ The two trainers alternate for --rounds rounds (alignkit, TRL, TRL, alignkit, ..
 from other processes hits both; the first step of every run is a warm-up and not counted.
 Reported: median seconds per step of each side over all rounds, mean completion length (so a
 difference in generated tokens is visible), and the ratio TRL / alignkit: the median over
-rounds of each round's ratio of median step times.
+rounds of each round's ratio of median step times; the same for the process's CPU seconds per
+step (`time.process_time`; TRL: between its step callbacks; alignkit: between the ends of two
+iterations), which time spent waiting for a core on a shared machine does not inflate.
 Needs `trl` and `datasets` (benchmark-only dependencies). Last line: one JSON object.
 """
 
@@ -61,7 +63,7 @@ def make_assets(root: Path, preset: str, vocab: int, n_prompts: int, prompt_word
     return model_dir, prompt_file, prompts
 
 
-def run_alignkit(model_dir: Path, prompt_file: Path, out: Path, args) -> tuple[list[float], float]:
+def run_alignkit(model_dir: Path, prompt_file: Path, out: Path, args) -> tuple[list[float], list[float], float]:
     import sys
 
     from alignkit.config import load_config
@@ -78,25 +80,39 @@ def run_alignkit(model_dir: Path, prompt_file: Path, out: Path, args) -> tuple[l
         "train.schedule=constant", "train.max_grad_norm=1.0", f"kl_coef={args.beta}", "kl_in=loss",
         "loss_agg=token-mean", "advantage=grpo", "train.precision=fp32",
     ])
-    grpo.run(cfg)
+    cpu_marks = [time.process_time()]
+    metrics_row = grpo._metrics_row
+
+    def marked(*a, **k):  # an iteration's metrics row is built at its end: CPU time between rows
+        cpu_marks.append(time.process_time())
+        return metrics_row(*a, **k)
+
+    grpo._metrics_row = marked
+    try:
+        grpo.run(cfg)
+    finally:
+        grpo._metrics_row = metrics_row
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["iteration_s"] for r in rows], statistics.mean(r["response_length"] for r in rows)
+    cpu = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]
+    return [r["iteration_s"] for r in rows], cpu, statistics.mean(r["response_length"] for r in rows)
 
 
-def run_trl(model_dir: Path, prompts: list[str], out: Path, args) -> tuple[list[float], float]:
+def run_trl(model_dir: Path, prompts: list[str], out: Path, args) -> tuple[list[float], list[float], float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     times: list[float] = []
+    cpu: list[float] = []
     lengths: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
             times.append(time.perf_counter() - self.t)
+            cpu.append(time.process_time() - self.c)
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
@@ -118,7 +134,7 @@ def run_trl(model_dir: Path, prompts: list[str], out: Path, args) -> tuple[list[
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=data,
                           processing_class=tok, callbacks=[Clock()])
     trainer.train()
-    return times, statistics.mean(lengths) if lengths else float("nan")
+    return times, cpu, statistics.mean(lengths) if lengths else float("nan")
 
 
 def main() -> None:
@@ -152,35 +168,48 @@ def main() -> None:
         root = Path(tmp)
         model_dir, prompt_file, prompts = make_assets(root, args.preset, args.vocab, args.prompts_per_step * 2, args.prompt_words)
         steps = {"alignkit": [], "trl": []}
+        cpu_steps = {"alignkit": [], "trl": []}
         lengths = {"alignkit": [], "trl": []}
-        round_ratios = []
+        round_ratios, cpu_ratios = [], []
         for r in range(args.rounds):
-            per_round = {}
+            per_round, per_round_cpu = {}, {}
             for side in ("alignkit", "trl") if r % 2 == 0 else ("trl", "alignkit"):
                 if side == "alignkit":
-                    t, n = run_alignkit(model_dir, prompt_file, root / f"ak{r}", args)
+                    t, c, n = run_alignkit(model_dir, prompt_file, root / f"ak{r}", args)
                 else:
-                    t, n = run_trl(model_dir, prompts, root / f"trl{r}", args)
+                    t, c, n = run_trl(model_dir, prompts, root / f"trl{r}", args)
                 steps[side] += t[1:]
+                cpu_steps[side] += c[1:]
                 lengths[side].append(n)
                 per_round[side] = statistics.median(t[1:])
-                print(f"round {r} {side:8s} {per_round[side]:.3f} s/step (median of {len(t) - 1})", flush=True)
+                per_round_cpu[side] = statistics.median(c[1:])
+                print(f"round {r} {side:8s} {per_round[side]:.3f} s/step, {per_round_cpu[side]:.3f} CPU-s/step "
+                      f"(medians of {len(t) - 1})", flush=True)
             round_ratios.append(per_round["trl"] / per_round["alignkit"])
+            cpu_ratios.append(per_round_cpu["trl"] / per_round_cpu["alignkit"])
 
     med = {k: statistics.median(v) for k, v in steps.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_steps.items()}
     print(f"preset={args.preset} device={'cuda' if torch.cuda.is_available() else 'cpu'} threads={torch.get_num_threads()} "
           f"prompts/step={args.prompts_per_step} G={args.group_size} new_tokens={args.new_tokens} "
           f"steps={args.steps} (first not counted) rounds={args.rounds}")
-    print(f"{'trainer':<9} {'s/step (median)':>16} {'min':>7} {'max':>7} {'mean completion len':>20}")
+    print(f"{'trainer':<9} {'s/step (median)':>16} {'min':>7} {'max':>7} {'CPU-s/step':>11} {'mean completion len':>20}")
     for k in ("alignkit", "trl"):
-        print(f"{k:<9} {med[k]:>16.3f} {min(steps[k]):>7.3f} {max(steps[k]):>7.3f} {statistics.mean(lengths[k]):>20.1f}")
-    ratio = statistics.median(round_ratios)
+        print(f"{k:<9} {med[k]:>16.3f} {min(steps[k]):>7.3f} {max(steps[k]):>7.3f} {cpu_med[k]:>11.3f} "
+              f"{statistics.mean(lengths[k]):>20.1f}")
+    ratio, cpu_ratio = statistics.median(round_ratios), statistics.median(cpu_ratios)
     print(f"per-round ratios TRL / alignkit s/step: {', '.join(f'{x:.2f}' for x in round_ratios)}; median {ratio:.2f}")
+    print(f"per-round ratios TRL / alignkit CPU-s/step: {', '.join(f'{x:.2f}' for x in cpu_ratios)}; "
+          f"median {cpu_ratio:.2f}")
     print(json.dumps({
         "step_time_ratio_trl_over_alignkit": round(ratio, 2),
         "per_round_ratios": [round(x, 3) for x in round_ratios],
+        "cpu_time_ratio_trl_over_alignkit": round(cpu_ratio, 2),
+        "per_round_cpu_ratios": [round(x, 3) for x in cpu_ratios],
         "alignkit_s_per_step": round(med["alignkit"], 3),
         "trl_s_per_step": round(med["trl"], 3),
+        "alignkit_cpu_s_per_step": round(cpu_med["alignkit"], 3),
+        "trl_cpu_s_per_step": round(cpu_med["trl"], 3),
         "alignkit_mean_completion_len": round(statistics.mean(lengths["alignkit"]), 1),
         "trl_mean_completion_len": round(statistics.mean(lengths["trl"]), 1),
     }))

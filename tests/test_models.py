@@ -16,6 +16,9 @@ from alignkit.models.generate import (
     SamplingParams,
     filter_logits,
     generate_text,
+    new_kv_cache,
+    preallocate_kv_cache,
+    sample_rows,
 )
 from alignkit.models.load import (
     PRESETS,
@@ -26,6 +29,7 @@ from alignkit.models.load import (
     save_model,
     tiny_llama,
 )
+from alignkit.models.logprobs import position_ids_from_mask
 
 CORPUS = [
     "Human: What is 2 + 3?\nAssistant: 5",
@@ -312,6 +316,54 @@ def test_seeded_sampling_is_reproducible():
     assert list(a) == list(b) and list(a) != list(c)
     no_cache = HFGenerator(model, batch_size=2, use_cache=False).generate(PROMPTS, params)
     assert list(no_cache) == list(a)
+
+
+@pytest.mark.parametrize("vocab", [2, 15, 16, 300, 4099])
+def test_sample_rows_draws_what_per_row_multinomial_draws(vocab):
+    """Each row's token and its generator's state afterwards equal torch.multinomial(probs[r], 1,
+    generator=g_r), the per-row draw seeded rollouts were recorded with (bit for bit, 40 rows)."""
+    g = torch.Generator().manual_seed(vocab)
+    probs = (torch.randn(40, vocab, generator=g) * 3).softmax(-1)
+    probs[0] = 0.0
+    probs[0, vocab - 1] = 1.0  # a one-hot row must give its token
+    mine = [torch.Generator().manual_seed(1000 + r) for r in range(40)]
+    theirs = [torch.Generator().manual_seed(1000 + r) for r in range(40)]
+    got = sample_rows(probs, mine)
+    want = torch.cat([torch.multinomial(p, 1, generator=t) for p, t in zip(probs, theirs)])
+    assert torch.equal(got, want) and got[0] == vocab - 1
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(mine, theirs))
+    if vocab > 2:
+        assert len(set(got.tolist())) > 3  # the rows really draw different tokens
+    probs[1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="inf, nan or element < 0"):
+        sample_rows(probs, mine)
+
+
+def test_preallocated_kv_cache_gives_the_concatenated_cache_logits():
+    """Left-padded prompts prefilled, then 12 decode steps: the logits with the preallocated
+    layers are bitwise those with transformers' growing (torch.cat) cache, at every step."""
+    model = _scrambled().eval()
+    P = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in PROMPTS])
+    caches = [new_kv_cache(model), new_kv_cache(model)]
+    with torch.no_grad():
+        outs = [model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                      past_key_values=c, use_cache=True).logits[:, -1] for c in caches]
+        preallocate_kv_cache(caches[1], 12)
+        assert type(caches[1].layers[0]).__name__ == "_PreallocatedLayer"
+        for _ in range(12):
+            assert torch.equal(outs[0], outs[1])
+            token = outs[0].argmax(-1, keepdim=True)  # (B, 1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            pos = position_ids_from_mask(mask)[:, -1:]
+            outs = [model(input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=c,
+                          use_cache=True).logits[:, -1] for c in caches]
+        assert torch.equal(outs[0], outs[1])
+        assert caches[1].get_seq_length() == P + 12
+        with pytest.raises(RuntimeError, match="preallocated KV cache full"):
+            model(input_ids=token, attention_mask=torch.cat([mask, torch.ones_like(token)], dim=1),
+                  past_key_values=caches[1], use_cache=True)
 
 
 def test_generate_restores_train_mode_and_no_grad():

@@ -10,6 +10,7 @@ Legend for shapes: B: rows in a batch, P: longest prompt in the batch, T: tokens
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -99,6 +100,76 @@ def new_kv_cache(model: Any) -> Any:
         return DynamicCache(config=_core_model(model).config)
     except TypeError:  # older transformers
         return DynamicCache()
+
+
+@functools.cache
+def _preallocated_layer_class() -> type:
+    """`_PreallocatedLayer`, built on first use so importing this module does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class _PreallocatedLayer(DynamicLayer):
+        """One decoder layer's KV cache written into buffers sized for the whole generation, so a
+        decode step copies its one new column instead of `torch.cat`-ing the whole cache (a fresh
+        allocation and full copy per layer and step: O(T^2) copying over T tokens). Attention
+        reads the first `n` columns as a view: the same values as the concatenated cache."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+            super().__init__()
+            B, H, n, D = keys.shape  # (B, H, n, D)
+            self._k = keys.new_empty((B, H, capacity, D))
+            self._v = values.new_empty((B, H, capacity, values.shape[-1]))
+            self._k[:, :, :n] = keys
+            self._v[:, :, :n] = values
+            self.n, self.device, self.is_initialized = n, keys.device, True
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            q = key_states.shape[-2]
+            if self.n + q > self._k.shape[2]:
+                raise RuntimeError(f"preallocated KV cache full: {self.n} + {q} > {self._k.shape[2]} columns")
+            self._k[:, :, self.n : self.n + q] = key_states
+            self._v[:, :, self.n : self.n + q] = value_states
+            self.n += q
+            self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            raise NotImplementedError("a preallocated KV cache is not reordered (reorder before preallocating)")
+
+        crop = batch_repeat_interleave = batch_select_indices = reorder_cache
+
+    return _PreallocatedLayer
+
+
+def preallocate_kv_cache(cache: Any, extra: int) -> Any:
+    """Give every plain (full-attention, unquantised) layer of a filled DynamicCache room for
+    `extra` more columns (`_PreallocatedLayer`); other layers are left as they are. Returns `cache`."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or extra <= 0:
+        return cache
+    cls = _preallocated_layer_class()
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            layers[i] = cls(layer.keys, layer.values, layer.keys.shape[2] + extra)
+    return cache
+
+
+def sample_rows(probs: torch.Tensor, rngs: list[torch.Generator]) -> torch.Tensor:
+    """(B, V) probabilities, one generator per row -> (B,) token ids, each row's draw identical to
+    `torch.multinomial(probs[r], 1, generator=rngs[r])`: that call (one sample) is the
+    exponential race argmax(p / q), q ~ Exp(1) drawn from the row's generator; here the q rows
+    are still drawn one generator at a time, but the division and argmax run once for the batch."""
+    if not bool(((probs >= 0) & torch.isfinite(probs)).all()):  # multinomial's own check
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+    q = torch.empty_like(probs)
+    for row, g in zip(q, rngs):
+        row.exponential_(1.0, generator=g)
+    return (probs / q).argmax(dim=-1)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -194,7 +265,7 @@ class HFGenerator:
             return logits.argmax(dim=-1)
         probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(dim=-1)
         if isinstance(rng, list):
-            return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, rng)])
+            return sample_rows(probs, rng)
         return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
     def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
@@ -235,6 +306,7 @@ class HFGenerator:
         for step in range(params.max_new_tokens):
             if cache is not None and step == 0:
                 logits = self._prefill(seq, mask, cache)
+                preallocate_kv_cache(cache, params.max_new_tokens)
             else:
                 positions = position_ids_from_mask(mask)  # (B, T)
                 if cache is not None:
