@@ -96,9 +96,11 @@ def chunked_vs_full(model, device, rows: int, length: int, steps: int, blocks: t
     return out
 
 
-def sampling(model, device, prompts: int, prompt_len: int, new: int, others: dict | None = None) -> dict:
+def sampling(model, device, prompts: int, prompt_len: int, new: int, others: dict | None = None,
+             rounds: int = 3) -> dict:
     """alignkit's HF sampler (and `others`: name -> another HFGenerator class) vs transformers'
-    `generate`, sampling `new` tokens per prompt, all under the same bf16 autocast on CUDA."""
+    `generate`, sampling `new` tokens per prompt, all under the same bf16 autocast on CUDA:
+    medians over `rounds` after a warm-up round."""
     from alignkit.models.generate import HFGenerator, SamplingParams
 
     model.eval()
@@ -112,19 +114,26 @@ def sampling(model, device, prompts: int, prompt_len: int, new: int, others: dic
                               min_new_tokens=new, top_k=0, top_p=1.0, pad_token_id=0)
 
     samplers = {"alignkit": HFGenerator, **(others or {})}
+    names = [*samplers, "hf_generate"]
+    times: dict[str, list[float]] = {n: [] for n in names}
     res: dict = {"prompts": prompts, "new_tokens": new}
-    for name, cls in [*samplers.items(), ("hf_generate", None)]:
-        gen = cls(model, batch_size=prompts) if cls is not None else None
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if gen is not None:
-                gen.generate(rows[:2], SamplingParams(max_new_tokens=4, stop_at_eos=False, row_seeds=(0, 1)))  # warm-up
-            _sync(device)
-            t0 = time.perf_counter()
-            got = gen.generate(rows, params) if gen is not None else hf_generate()
-            _sync(device)
-        wall = time.perf_counter() - t0
-        n = sum(len(r) for r in got) if gen is not None else int((got.shape[1] - prompt_len) * got.shape[0])
-        res[f"{name}_tokens_per_s"] = n / wall
+    # the first full-size call of a process is ~3x slower on CUDA (kernel selection, allocator
+    # growth): one untimed full-size call each, then `rounds` timed rounds in alternating order
+    for r in range(rounds + 1):
+        for name in (names if r % 2 else names[::-1]):
+            cls = samplers.get(name)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                _sync(device)
+                t0 = time.perf_counter()
+                got = cls(model, batch_size=prompts).generate(rows, params) if cls is not None else hf_generate()
+                _sync(device)
+                wall = time.perf_counter() - t0
+            n = sum(len(x) for x in got) if cls is not None else int((got.shape[1] - prompt_len) * got.shape[0])
+            if r:
+                times[name].append(n / wall)
+    for name in names:
+        res[f"{name}_tokens_per_s"] = statistics.median(times[name])
+        res[f"{name}_tokens_per_s_rounds"] = times[name]
     for name in samplers:
         res[f"{name}_vs_hf_generate"] = res[f"{name}_tokens_per_s"] / res["hf_generate_tokens_per_s"]
     model.train()
