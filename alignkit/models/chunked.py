@@ -227,7 +227,8 @@ class _HeadLogprobs(torch.autograd.Function):
     (v = z * temperature, the capped value; the last factor only with soft-capping), then
     grad_h = g_a W and grad_W = g_a^T h: three head matmuls a step, as the full path does, where
     `torch.utils.checkpoint` would run four. The matmuls run in the dtype the forward's logits
-    had (bf16 under autocast), so the recomputed logits are the forward's.
+    had (bf16 under autocast), so the recomputed logits are the forward's; grad_W's per-chunk
+    products are summed in float32.
     """
 
     @staticmethod
@@ -274,8 +275,8 @@ class _HeadLogprobs(torch.autograd.Function):
             ga = ga.to(dt)
             if need_h:
                 grad_h[i : i + chunk] = (ga @ w).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(ga.t().float() if dt != torch.float32 else ga.t(), h.float())
+            if need_w:  # in the logits' dtype, as the full path's product (tensor cores for bf16); summed in fp32
+                grad_w.addmm_(ga.t(), h) if dt == torch.float32 else grad_w.add_(ga.t() @ h)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
