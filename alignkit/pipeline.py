@@ -198,51 +198,143 @@ def reward_data(d: Demo, sft_model: str, n_prompts: int | None = None) -> tuple[
     return path, {**counts, "by_category": dict(Counter(r.get("category") for r in rows))}
 
 
-def train_reward_ensemble(d: Demo, init_model: str, data_path: str | Path, name: str) -> dict:
+def train_reward_ensemble(d: Demo, init_model: str, data_path: str | Path, name: str, lr: float | None = None,
+                          member_inits: Sequence[str] = ()) -> dict:
     """REWARD_ENSEMBLE reward models of configs/reward.yaml from `init_model` on `data_path`, with
     seeds d.seed, d.seed + 1, ... in OUT/NAME, OUT/NAME_2, ...: the first model's summary with the
-    others' under "members"."""
+    others' under "members". member_inits: the other members' starting models (default
+    `init_model`); lr: the learning rate (default the preset's)."""
     from alignkit.train import reward
 
     w = d.world_dir
     cfg = d.config(reward, "reward", [
         f"model.path={init_model}", f"data.path={data_path}", f"data.eval_path={w / 'preferences_eval.jsonl'}",
-        f"world={w}", f"out={d.out / name}"])
+        f"world={w}", f"out={d.out / name}", *([f"train.lr={lr}"] if lr is not None else [])])
     first = reward.run(cfg)
+    inits = list(member_inits) or [init_model] * (REWARD_ENSEMBLE - 1)
     members = [reward.run(dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, seed=d.seed + k), out=str(d.out / f"{name}_{k + 1}")))
+        cfg, train=dataclasses.replace(cfg.train, seed=d.seed + k), out=str(d.out / f"{name}_{k + 1}"),
+        model=dataclasses.replace(cfg.model, path=inits[k - 1])))
         for k in range(1, REWARD_ENSEMBLE)]
     return {**first, "members": members}
 
 
-def second_round(d: Demo, sft_model: str, policy: str, data_path: str | Path) -> None:
-    """The iterate step (stage `ppo_r2`): the round-1 PPO policy's own answers, gold-labelled with
-    the world's label noise, join the reward data; a new reward ensemble is trained from the SFT
-    model on it; PPO continues from the round-1 policy (KL still to the SFT model) against it.
-    Records gold and win rate per round in summary["rounds"]."""
-    from alignkit.atomic import write_text_atomic
-    from alignkit.eval.winrate import pairwise_outcomes, sign_test, win_rate_entry
-    from alignkit.train import ppo
+@dataclasses.dataclass(frozen=True)
+class Round2:
+    """How the demo's iterate round 2 (stage `ppo_r2`) collects pairs, trains its reward models and
+    runs PPO (docs/ppo.md, "Iterate round 2 in the demo": the experiments behind the defaults)."""
+
+    pairs: str = "policy"
+    """'policy': two samples of the round-1 policy per prompt; 'cross': one sample of the round-1
+    policy against one of the SFT model, twice per prompt (the drift from SFT is what is labelled)."""
+    reward_init: str = "sft"
+    """'sft': the reward models are trained afresh from the SFT model on all the data so far;
+    'round1': each continues from its round-1 counterpart on the new pairs plus `replay` old ones."""
+    replay: int = 2000
+    """Old reward-data pairs (a seeded draw) trained on again beside the new ones (reward_init='round1')."""
+    reward_lr: float = 1e-4
+    """Learning rate of the continued reward models (reward_init='round1'; afresh: configs/reward.yaml)."""
+    ppo_init: str = "round1"
+    """Round 2's PPO starts from the round-1 policy ('round1') or from the SFT model ('sft'); its KL
+    is to the SFT model either way."""
+    ppo: tuple[str, ...] = tuple(PPO_ROUND2)
+    """PPO overrides of round 2 (configs/ppo.yaml plus these)."""
+
+    def __post_init__(self):
+        for key, allowed in (("pairs", ("policy", "cross")), ("reward_init", ("sft", "round1")),
+                             ("ppo_init", ("round1", "sft"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"Round2.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+
+
+def round2_pairs(d: Demo, sft_model: str, policy: str, opts: Round2) -> tuple[list[dict], dict]:
+    """Round 2's new gold-labelled pairs (prompt, chosen, rejected, category) and their counts:
+    ONPOLICY_PROMPTS draws of the training prompts sampled by the round-1 policy (opts.pairs)."""
     from alignkit.train.iterate import label_policy_samples
 
+    n = 64 if d.quick else ONPOLICY_PROMPTS
+    if opts.pairs == "policy":
+        rows, counts = label_policy_samples(policy, str(d.world_dir), n, d.seed + 1)
+    else:
+        rows, counts = label_cross_samples(policy, sft_model, str(d.world_dir), n, d.seed + 1)
+    keep = ("prompt", "chosen", "rejected", "category")
+    return [{k: r[k] for k in keep if k in r} for r in rows], counts
+
+
+def label_cross_samples(policy: str, other: str, world_dir: str, n_prompts: int, seed: int) -> tuple[list[dict], dict]:
+    """Gold-labelled pairs (world label noise) of `policy`'s answers against `other`'s: the prompts
+    of `label_policy_samples` (n_prompts draws), two samples of each model per prompt, paired
+    first with first and second with second."""
+    import random
+
+    from alignkit.data.load import load_records
+    from alignkit.data.tokenize import TruncationLimits, tokenize_prompts
+    from alignkit.eval import winrate
+    from alignkit.models.load import load_model, load_tokenizer
+    from alignkit.train.iterate import draw_prompts, label_pairs, sample_pairs, world_noise
+    from alignkit.world import load_world
+
+    records = load_records(str(Path(world_dir) / "train_prompts.jsonl"), kind="prompt").records
+    idx = draw_prompts(len(records), n_prompts, random.Random(seed))
+    tok = load_tokenizer(policy)
+    items, _ = tokenize_prompts(tok, [records[i] for i in idx], TruncationLimits(max_prompt_len=128, max_len=None))
+    ids = [it.prompt_ids for it in items]
+    mine, theirs = (sample_pairs(load_model(m), tok, ids, 24, 1.0, seed) for m in (policy, other))
+    samples = [(a[j], b[j]) for j in (0, 1) for a, b in zip(mine, theirs)]
+    judge = winrate.judge_factory(winrate.Config(judge="gold", world=world_dir), load_world(world_dir))()
+    return label_pairs(judge, [records[i] for i in idx] * 2, samples, world_noise(world_dir),
+                       random.Random(f"alignkit-cross-noise:{seed}"))
+
+
+def round2_reward_data(d: Demo, data_path: str | Path, rows: list[dict], opts: Round2) -> Path:
+    """OUT/reward_data_r2.jsonl: all of `data_path` plus the new pairs (reward_init='sft'), or the new
+    pairs plus `opts.replay` old pairs drawn with d.seed (reward_init='round1')."""
+    import random
+
+    from alignkit.atomic import write_text_atomic
+
+    old = [line for line in Path(data_path).read_text().splitlines() if line.strip()]
+    if opts.reward_init == "round1":
+        old = random.Random(f"alignkit-replay:{d.seed}").sample(old, min(opts.replay, len(old)))
+    path = d.out / "reward_data_r2.jsonl"
+    write_text_atomic(path, "".join(line + "\n" for line in old) + "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def second_round(d: Demo, sft_model: str, policy: str, data_path: str | Path, opts: Round2 = Round2(),
+                 rows: tuple[list[dict], dict] | None = None) -> None:
+    """The iterate step (stage `ppo_r2`): the round-1 PPO policy's own answers, gold-labelled with
+    the world's label noise (`round2_pairs`, or `rows` given), join the reward data; the reward
+    ensemble is trained again (afresh from SFT or continued from round 1's, `opts.reward_init`);
+    PPO runs again (from the round-1 policy or SFT, KL to the SFT model) against it. Records gold
+    and win rate per round in summary["rounds"]."""
+    from alignkit.eval.winrate import pairwise_outcomes, sign_test, win_rate_entry
+    from alignkit.train import ppo
+
     def stage() -> dict:
-        rows, counts = label_policy_samples(policy, str(d.world_dir), 64 if d.quick else ONPOLICY_PROMPTS, d.seed + 1)
-        keep = ("prompt", "chosen", "rejected", "category")
-        path = d.out / "reward_data_r2.jsonl"
-        write_text_atomic(path, Path(data_path).read_text() + "".join(
-            json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in rows))
-        rms = train_reward_ensemble(d, sft_model, path, "reward_r2")
-        cfg = d.config(ppo, "ppo", [f"model.path={policy}", f"reference={sft_model}", f"world={d.world_dir}",
+        new, counts = rows if rows is not None else round2_pairs(d, sft_model, policy, opts)
+        path = round2_reward_data(d, data_path, new, opts)
+        if opts.reward_init == "sft":
+            rms = train_reward_ensemble(d, sft_model, path, "reward_r2")
+        else:
+            r1 = d.summary["stages"]["reward"]
+            rms = train_reward_ensemble(d, r1["model"], path, "reward_r2", lr=opts.reward_lr,
+                                        member_inits=list(r1.get("ensemble", [])))
+        start = policy if opts.ppo_init == "round1" else sft_model
+        cfg = d.config(ppo, "ppo", [f"model.path={start}", f"reference={sft_model}", f"world={d.world_dir}",
                                     f"out={d.out / 'ppo_r2'}", "reward.source=model", f"reward.model={rms['model']}",
-                                    *PPO_ROUND2])
+                                    *opts.ppo])
         cfg = dataclasses.replace(cfg, reward=dataclasses.replace(
             cfg.reward, ensemble=tuple(m["model"] for m in rms["members"])))
         return {**ppo.run(cfg), "pairs": counts["pairs"], "reward_heldout_accuracy": rms.get("eval", {}).get("accuracy")}
 
     res = d.run_stage("ppo_r2", stage)
     d.summary["stages"]["ppo_r2"]["notes"] = (
-        f"iterate round 2: {res['pairs']} gold-labelled pairs of the round-1 policy's answers added, "
-        f"{REWARD_ENSEMBLE} reward models retrained, PPO continued from round 1")
+        f"iterate round 2: {res['pairs']} gold-labelled pairs of the round-1 policy's answers "
+        f"({'against the SFT model' if opts.pairs == 'cross' else 'two samples'}) added, {REWARD_ENSEMBLE} reward "
+        f"models {'continued from round 1' if opts.reward_init == 'round1' else 'retrained'}, PPO from "
+        f"{'round 1' if opts.ppo_init == 'round1' else 'the SFT model'}")
+    d.summary["stages"]["ppo_r2"]["round2"] = dataclasses.asdict(opts)
     d.evaluate("ppo_r2", res["model"])
     st = d.summary["stages"]
     outcomes = pairwise_outcomes(d.scores["ppo_r2"], d.scores["ppo"])

@@ -37,6 +37,16 @@ def test_aggregate_counts_intervals_above_half_and_keeps_common_stages():
     assert "win_rate_vs_sft" not in agg["stages"]["sft"]
     md = render_markdown({**agg, "machine": "test", "world_seed": 0, "wall_s": 60.0})
     assert "| ppo | 0.680 ± 0.028 | 0.700, 0.660 | 0.58 ± 0.05 | 0.62 [0.55, 0.69], 0.55 [0.48, 0.62] | 1 of 2 |" in md
+    assert "| ppo | 0.340 |" in md  # per category: (0.35 + 0.33) / 2; SFT has no category here, so no difference
+
+
+def test_per_category_table_gives_the_difference_to_sft():
+    runs = {s: {"stages": {"sft": {"gold_score": 0.6, "per_category": {"math": 0.5, "facts": 0.8}},
+                           "ppo": {"gold_score": 0.7, "per_category": {"math": 0.3 + s / 10, "facts": 0.9}}}}
+            for s in (0, 1)}
+    md = render_markdown({**aggregate(runs), "wall_s": 60.0})
+    assert "| stage | facts | math |" in md
+    assert "| sft | 0.800 | 0.500 |" in md and "| ppo | 0.900 (+0.100) | 0.350 (-0.150) |" in md
 
 
 def test_demo_seeds_shares_one_world_and_writes_after_each_seed(tmp_path, monkeypatch):

@@ -211,32 +211,69 @@ def binned_means(x: Sequence[float], y: Sequence[float], bins: int) -> tuple[lis
     return out_x, out_y
 
 
-def plot_reward_vs_kl(run_dir: Path, summary: dict) -> str | None:
-    """Proxy and gold reward against KL for the RL stages, one panel each (Gao et al. 2022,
-    Fig. 1: over-optimisation shows as a proxy that keeps rising while gold stalls or falls).
+def alarm_marks(rows: Sequence[dict]) -> list[dict]:
+    """The monitor's alarms in a run's metrics rows: one {"step", "kl", "rules"} per iteration whose
+    `monitor/alarm` (the number of alarm rules firing, docs/ppo.md) is above 0, in step order.
+    "kl" is that iteration's KL(policy || reference) per response, where the panel draws it."""
+    marks = [{"step": r.get("step"), "kl": r["kl"], "rules": int(r["monitor/alarm"])} for r in rows
+             if isinstance(r.get("monitor/alarm"), (int, float)) and r["monitor/alarm"] > 0 and "kl" in r]
+    return sorted(marks, key=lambda m: (m["step"] is None, m["step"] or 0))
 
-    Reads every metrics.jsonl row with "kl" and "reward" or "gold": the stages' own
-    (RUN/DIR/metrics.jsonl) and the files in summary["curves"] ({name: path}). The proxy is the
-    score the policy optimised (PPO: the normalised reward-model score), on its own axis; gold
-    is the gold judge's mean score of the same sampled responses. Points are iterations, placed
-    at the per-response KL(policy || reference) of that iteration's samples; the lines join the
-    means of about 8 consecutive groups of them by KL (`binned_means`), since one iteration's
-    rollout batch is noisy.
-    """
-    import matplotlib.pyplot as plt
 
+def reward_vs_kl_series(run_dir: Path, summary: dict) -> list[dict]:
+    """The data of the proxy/gold-vs-KL panels: one {"name", "source", "points", "alarms"} per RL
+    run with usable rows. Reads every metrics.jsonl row with "kl" and "reward" or "gold": the
+    stages' own (RUN/DIR/metrics.jsonl) and the files in summary["curves"] ({name: path});
+    "alarms" are the run's `alarm_marks`."""
     def usable(rows: list[dict]) -> list[dict]:
         return [r for r in rows if "kl" in r and ("reward" in r or "gold" in r)]
 
+    found = [(name, s.get("reward_source"), run_dir / s.get("dir", name) / "metrics.jsonl")
+             for name, s in summary["stages"].items()]
+    found += [(name, None, Path(path)) for name, path in summary.get("curves", {}).items()]
     series = []
-    for name, s in summary["stages"].items():
-        pts = usable(_read_metrics(run_dir / s.get("dir", name) / "metrics.jsonl"))
+    for name, source, path in found:
+        rows = _read_metrics(path)
+        pts = usable(rows)
         if pts:
-            series.append((name, s.get("reward_source"), pts))
-    for name, path in summary.get("curves", {}).items():
-        pts = usable(_read_metrics(Path(path)))
-        if pts:
-            series.append((name, None, pts))
+            series.append({"name": name, "source": source, "points": pts, "alarms": alarm_marks(rows)})
+    return series
+
+
+def alarm_caption(series: Sequence[dict]) -> str | None:
+    """One sentence per panel on its monitor alarms (first alarm's iteration and KL, how many
+    iterations alarmed), or None when no run logged the monitor."""
+    parts = []
+    for s in series:
+        if not any("monitor/alarm" in r for r in s["points"]):
+            continue
+        a = s["alarms"]
+        parts.append(f"{s['name']}: no alarm" if not a else
+                     f"{s['name']}: first alarm at iteration {a[0]['step']} (KL {a[0]['kl']:.2f}), "
+                     f"alarms on {len(a)} of {len(s['points'])} iterations")
+    if not parts:
+        return None
+    legend = ("the red line marks the first alarm's KL, the red ticks at the top every later alarm iteration. "
+              if any(s["alarms"] for s in series) else "")
+    return "Reward-hacking monitor (no gold judge; docs/ppo.md): " + legend + "; ".join(parts) + "."
+
+
+def plot_reward_vs_kl(run_dir: Path, summary: dict, series: Sequence[dict] | None = None) -> str | None:
+    """Proxy and gold reward against KL for the RL stages, one panel each (Gao et al. 2022,
+    Fig. 1: over-optimisation shows as a proxy that keeps rising while gold stalls or falls), with
+    the reward-hacking monitor's alarms.
+
+    The data are `reward_vs_kl_series` (read here unless given). The proxy is the score the policy
+    optimised (PPO: the normalised reward-model score), on its own axis; gold is the gold judge's
+    mean score of the same sampled responses. Points are iterations, placed at the per-response
+    KL(policy || reference) of that iteration's samples; the lines join the means of about 8
+    consecutive groups of them by KL (`binned_means`), since one iteration's rollout batch is
+    noisy. A red vertical line marks the KL of the monitor's first alarm; red ticks at the top the
+    KL of every later alarm iteration (KL is noisy, so they need not lie right of the line).
+    """
+    import matplotlib.pyplot as plt
+
+    series = reward_vs_kl_series(run_dir, summary) if series is None else series
     if not series:
         return None
     ncols = min(2, len(series))
@@ -244,12 +281,13 @@ def plot_reward_vs_kl(run_dir: Path, summary: dict) -> str | None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.6 * nrows), squeeze=False)
     for ax in axes.flat[len(series):]:
         ax.set_visible(False)
-    for ax, (name, source, pts) in zip(axes.flat, series):
+    for ax, s in zip(axes.flat, series):
+        pts = s["points"]
         kl = [r["kl"] for r in pts]
         bins = min(8, max(1, len(pts) // 4))
         handles = []
         for key, axis, marker, color, label in (
-            ("reward", ax, "o", "tab:blue", f"proxy ({source or 'reward optimised'})"),
+            ("reward", ax, "o", "tab:blue", f"proxy ({s['source'] or 'reward optimised'})"),
             ("gold", None, "s", "tab:orange", "gold score"),
         ):
             if not any(key in r for r in pts):
@@ -259,8 +297,15 @@ def plot_reward_vs_kl(run_dir: Path, summary: dict) -> str | None:
             axis.plot(kl, y, marker, ms=2.5, alpha=0.3, color=color, lw=0)
             handles += axis.plot(*binned_means(kl, y, bins), marker + "-", ms=4, lw=1.6, color=color, label=label)
             axis.set_ylabel("proxy reward" if key == "reward" else "gold score", color=color)
+        if s["alarms"]:
+            first = s["alarms"][0]
+            handles.append(ax.axvline(first["kl"], color="tab:red", lw=1.4,
+                                      label=f"monitor alarm (iteration {first['step']})"))
+            later = [m["kl"] for m in s["alarms"][1:]]
+            if later:
+                ax.plot(later, [0.97] * len(later), "|", ms=8, color="tab:red", transform=ax.get_xaxis_transform())
         ax.set_xlabel("KL(policy || reference) per response")
-        ax.set_title(f"{name}: proxy and gold against KL", fontsize=10)
+        ax.set_title(f"{s['name']}: proxy and gold against KL", fontsize=10)
         ax.legend(handles=handles, fontsize=8, loc="lower right")
     fig.tight_layout()
     return _png(fig)
@@ -293,12 +338,14 @@ def plot_beta_sweep(summary: dict) -> str | None:
 
 def render_html(summary: dict, run_dir: Path) -> str:
     md = render_markdown(summary)
+    rl = reward_vs_kl_series(run_dir, summary)
     plots = [
-        ("Gold score by category", plot_gold_by_category(summary)),
-        ("Win rate against SFT", plot_win_rates(summary)),
-        ("Training curves", plot_training_curves(run_dir, summary)),
-        ("Over-optimisation: proxy and gold reward against KL", plot_reward_vs_kl(run_dir, summary)),
-        ("DPO beta sweep", plot_beta_sweep(summary)),
+        ("Gold score by category", plot_gold_by_category(summary), None),
+        ("Win rate against SFT", plot_win_rates(summary), None),
+        ("Training curves", plot_training_curves(run_dir, summary), None),
+        ("Over-optimisation: proxy and gold reward against KL", plot_reward_vs_kl(run_dir, summary, rl),
+         alarm_caption(rl)),
+        ("DPO beta sweep", plot_beta_sweep(summary), None),
     ]
     table = _md_table_to_html(md)
     parts = [
@@ -309,9 +356,11 @@ def render_html(summary: dict, run_dir: Path) -> str:
         f"<h1>{html.escape(summary.get('title', 'alignkit demo report'))}</h1>",
         table,
     ]
-    for title, img in plots:
+    for title, img, caption in plots:
         if img:
             parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{img}'>")
+            if caption:
+                parts.append(f"<p class='alarms'>{html.escape(caption)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -85,6 +85,17 @@ def render_markdown(summary: dict) -> str:
         above = f"{win['seeds_above_half']} of {win['n']}" if win else ""
         lines.append(f"| {name} | {_cell(gold)} | {per_gold} | {_cell(win, 2)} | {per_win} | {above} | "
                      f"{_cell(s.get('kl'), 2)} | {_cell(s.get('wall_s'), 0)} |")
+    cats = sorted({c for s in summary["stages"].values() for c in s.get("per_category", {})})
+    if cats:
+        sft = summary["stages"].get("sft", {}).get("per_category", {})
+        lines += ["", "Gold score per category, mean over seeds (in brackets: minus SFT's mean):", "",
+                  "| stage | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+        for name, s in summary["stages"].items():
+            per = s.get("per_category")
+            if per:
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{per[c]:.3f}" + (f" ({per[c] - sft[c]:+.3f})" if name != "sft" and c in sft else "")
+                    if c in per else "" for c in cats) + " |")
     return "\n".join(lines) + "\n"
 
 
