@@ -490,6 +490,7 @@ def test_monitor_alarm_stops_ppo_and_keeps_the_checkpoint_before_it(tiny_dirs, m
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and [r["monitor/alarm"] for r in rows] == [0.0, 1.0]
     assert {"monitor/length_corr", "monitor/refusal_rate", "monitor/repetition_rate"} <= set(rows[0])
+    assert rows[1]["monitor/alarm/length_corr"] == 1.0 and not any(k.startswith("monitor/alarm/") for k in rows[0])
     assert result["monitor"]["first_alarm"] == 2
     assert result["monitor"]["stopped"]["restored"].endswith("step-1")
     assert "reward-hacking monitor, iteration 2: length_corr" in capsys.readouterr().err

@@ -288,13 +288,14 @@ def observe_rollout(
 ) -> list[str]:
     """Add this iteration's monitor statistics to the metrics `row`, apply the alarm rule, and
     warn on the console when rules fire. response_ids / response_mask: (B, T). Returns the rules
-    that fired (row["monitor/alarm"] counts them)."""
+    that fired (row["monitor/alarm"] counts them; row["monitor/alarm/RULE"] is 1.0 for each)."""
     mask = response_mask.bool()
     tokens = [ids[m].tolist() for ids, m in zip(response_ids, mask)]
     row.update(rollout_stats(scores, mask.sum(-1).float(), responses, tokens, member_scores,
                              mon.cfg.refusal_patterns))
     fired = mon.update(iteration, row)
     row["monitor/alarm"] = float(len(fired))
+    row.update({f"monitor/alarm/{name}": 1.0 for name in fired})  # which rules: a false alarm can be traced
     if fired:
         from alignkit.console import warn
 
