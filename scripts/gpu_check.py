@@ -140,13 +140,13 @@ def sampling(model, device, prompts: int, prompt_len: int, new: int, others: dic
     return res
 
 
-def _cli(args: list[str], torchrun: bool, env: dict) -> tuple[float, str]:
+def _cli(args: list[str], torchrun: bool, env: dict) -> float:
     pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun else [sys.executable]
     t0 = time.perf_counter()
     done = subprocess.run([*pre, "-m", "alignkit.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args[:1])} failed:\n{done.stderr[-4000:]}")
-    return time.perf_counter() - t0, done.stderr
+    return time.perf_counter() - t0
 
 
 def _rows(out: Path) -> list[dict]:
@@ -160,7 +160,8 @@ def stages(root: Path, small: bool) -> dict:
     from alignkit.world import write_world
 
     write_world(root / "world", n_pairs=256, n_sft=512, n_pretrain=64, n_eval=16, n_pairs_eval=8)
-    texts = [json.loads(x)["prompt"] + json.loads(x)["response"] for x in (root / "world" / "sft.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (root / "world" / "sft.jsonl").read_text().splitlines()]
+    texts = [r["prompt"] + r["response"] for r in rows]
     tok = train_bpe_tokenizer(texts, vocab_size=512 if small else 4096)
     dims = (1024, 64, 2, 4, 2, 256) if small else (32000, 768, 12, 12, 12, 2048)
     model = _llama(*dims, tied=False, dtype=torch.float32, device=torch.device("cpu"))
@@ -175,7 +176,7 @@ def stages(root: Path, small: bool) -> dict:
            f"train.max_steps={4 if small else 30}", "train.batch_size=16", f"train.precision={precision}",
            "train.log_every=1", "train.progress=false", "train.tensorboard=false"]
     for name, extra, tr in (("sft", [], False), ("sft_fsdp2", ["train.strategy=fsdp2"], True)):
-        wall, _ = _cli([*sft, *extra, "--out", str(root / name)], tr, env)
+        wall = _cli([*sft, *extra, "--out", str(root / name)], tr, env)
         rows = [r for r in _rows(root / name) if "loss" in r]
         res[name] = {"wall_s": round(wall, 1), "last_loss": rows[-1]["loss"],
                      "tokens_per_s": rows[-1].get("tokens_per_s", rows[-1].get("tok_per_s"))}
@@ -186,7 +187,7 @@ def stages(root: Path, small: bool) -> dict:
             f"rollout.max_new_tokens={8 if small else 64}", f"train.batch_size={8 if small else 64}",
             f"train.precision={precision}", "train.progress=false", "train.tensorboard=false", "eval_limit=8"]
     for name, extra, tr in (("grpo", [], False), ("grpo_fsdp2", ["train.strategy=fsdp2"], True)):
-        wall, _ = _cli([*grpo, *extra, "--out", str(root / name)], tr, env)
+        wall = _cli([*grpo, *extra, "--out", str(root / name)], tr, env)
         rows = _rows(root / name)
         res[name] = {"wall_s": round(wall, 1), "rollout_s": [r.get("rollout_s") for r in rows],
                      "iteration_s": [r.get("iteration_s") for r in rows], "reward": [r.get("reward") for r in rows]}
@@ -217,10 +218,8 @@ def main() -> None:
     parts = args.parts.split(",")
     if "head" in parts or "sampling" in parts:
         dims = (4096, 64, 2, 4, 2, 256) if args.small else (151936, 896, 24, 14, 2, 4864)
-        dtype = torch.float32 if args.small else torch.bfloat16
         model = _llama(*dims, tied=True, dtype=torch.float32, device=device)  # fp32 master weights, bf16 autocast
         res["model_0p5b_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
-        del dtype
         if "head" in parts:
             res["head"] = chunked_vs_full(model, device, rows=2 if args.small else 4, length=128 if args.small else 2048,
                                           steps=2 if args.small else 5,

@@ -275,8 +275,10 @@ class _HeadLogprobs(torch.autograd.Function):
             ga = ga.to(dt)
             if need_h:
                 grad_h[i : i + chunk] = (ga @ w).to(hidden.dtype)
-            if need_w:  # in the logits' dtype, as the full path's product (tensor cores for bf16); summed in fp32
-                grad_w.addmm_(ga.t(), h) if dt == torch.float32 else grad_w.add_(ga.t() @ h)
+            if need_w and dt == torch.float32:
+                grad_w.addmm_(ga.t(), h)
+            elif need_w:  # in the logits' dtype, as the full path's product (tensor cores for bf16); summed in fp32
+                grad_w.add_(ga.t() @ h)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 

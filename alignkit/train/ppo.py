@@ -202,8 +202,7 @@ class ActorCritic(nn.Module):
             values = self.head(out.hidden_states[-1][:, -(T + 1) : -1])  # (B, T)
             return logits, values
         logits = response_logits(self.policy, input_ids, attention_mask, T, self.temperature)
-        values = self.value_model(input_ids, attention_mask, per_token=True)[:, -(T + 1) : -1]  # (B, T)
-        return logits, values
+        return logits, critic_values(self.value_model, input_ids, attention_mask, T)
 
     def route(self, part: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """`fn(part, ...)`: one pass of a part (the policy, the separate value model). Under
