@@ -267,22 +267,14 @@ def label_cross_samples(policy: str, other: str, world_dir: str, n_prompts: int,
     first with first and second with second."""
     import random
 
-    from alignkit.data.load import load_records
-    from alignkit.data.tokenize import TruncationLimits, tokenize_prompts
-    from alignkit.eval import winrate
     from alignkit.models.load import load_model, load_tokenizer
-    from alignkit.train.iterate import draw_prompts, label_pairs, sample_pairs, world_noise
-    from alignkit.world import load_world
+    from alignkit.train.iterate import drawn_prompts, gold_judge, label_pairs, sample_pairs, world_noise
 
-    records = load_records(str(Path(world_dir) / "train_prompts.jsonl"), kind="prompt").records
-    idx = draw_prompts(len(records), n_prompts, random.Random(seed))
     tok = load_tokenizer(policy)
-    items, _ = tokenize_prompts(tok, [records[i] for i in idx], TruncationLimits(max_prompt_len=128, max_len=None))
-    ids = [it.prompt_ids for it in items]
+    drawn, ids = drawn_prompts(world_dir, n_prompts, seed, tok)
     mine, theirs = (sample_pairs(load_model(m), tok, ids, 24, 1.0, seed) for m in (policy, other))
     samples = [(a[j], b[j]) for j in (0, 1) for a, b in zip(mine, theirs)]
-    judge = winrate.judge_factory(winrate.Config(judge="gold", world=world_dir), load_world(world_dir))()
-    return label_pairs(judge, [records[i] for i in idx] * 2, samples, world_noise(world_dir),
+    return label_pairs(gold_judge(world_dir), drawn * 2, samples, world_noise(world_dir),
                        random.Random(f"alignkit-cross-noise:{seed}"))
 
 

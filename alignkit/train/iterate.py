@@ -315,22 +315,34 @@ def label_policy_samples(
     compared the SFT model's): `n_prompts` draws of the training prompts (`draw_prompts`, every
     prompt several times above their number), two samples each, `label_pairs`. Returns the pair
     rows and the counts of `label_pairs`."""
+    from alignkit.models.load import load_model, load_tokenizer
+
+    tok = load_tokenizer(policy_dir)
+    drawn, ids = drawn_prompts(world_dir, n_prompts, seed, tok, prompts)
+    samples = sample_pairs(load_model(policy_dir), tok, ids, max_new_tokens, temperature, seed)
+    noise = world_noise(world_dir) if label_noise is None else label_noise
+    return label_pairs(gold_judge(world_dir), drawn, samples, noise, random.Random(f"alignkit-policy-noise:{seed}"))
+
+
+def drawn_prompts(world_dir: str, n_prompts: int, seed: int, tokenizer: Any,
+                  prompts: str | None = None) -> tuple[list, list[list[int]]]:
+    """`n_prompts` draws (`draw_prompts`, seeded) of the prompt records of `prompts` (default the
+    world's training prompts) and their token ids (prompts cut to 128 tokens)."""
     from alignkit.data.load import load_records
     from alignkit.data.tokenize import TruncationLimits, tokenize_prompts
-    from alignkit.eval import winrate
-    from alignkit.models.load import load_model, load_tokenizer
-    from alignkit.world import load_world
 
     records = load_records(prompts or str(Path(world_dir) / "train_prompts.jsonl"), kind="prompt").records
-    idx = draw_prompts(len(records), n_prompts, random.Random(seed))
-    tok = load_tokenizer(policy_dir)
-    items, _ = tokenize_prompts(tok, [records[i] for i in idx], TruncationLimits(max_prompt_len=128, max_len=None))
-    samples = sample_pairs(load_model(policy_dir), tok, [it.prompt_ids for it in items], max_new_tokens,
-                           temperature, seed)
-    world = load_world(world_dir)
-    noise = world_noise(world_dir) if label_noise is None else label_noise
-    judge = winrate.judge_factory(winrate.Config(judge="gold", world=str(world_dir)), world)()
-    return label_pairs(judge, [records[i] for i in idx], samples, noise, random.Random(f"alignkit-policy-noise:{seed}"))
+    drawn = [records[i] for i in draw_prompts(len(records), n_prompts, random.Random(seed))]
+    items, _ = tokenize_prompts(tokenizer, drawn, TruncationLimits(max_prompt_len=128, max_len=None))
+    return drawn, [it.prompt_ids for it in items]
+
+
+def gold_judge(world_dir: str) -> Any:
+    """The world's gold judge as a pairwise judge (`winrate.judge_factory`)."""
+    from alignkit.eval import winrate
+    from alignkit.world import load_world
+
+    return winrate.judge_factory(winrate.Config(judge="gold", world=str(world_dir)), load_world(world_dir))()
 
 
 def world_noise(world_dir: str | Path) -> float:
