@@ -61,6 +61,10 @@ def test_kl_in_the_reward_is_subtracted_before_the_baseline():
     assert seq.tolist() == pytest.approx([0.7, 0.5])
     assert grpo.ADVANTAGES["rloo"](seq, 2).tolist() == pytest.approx([0.2, -0.2])
     assert grpo.sequence_rewards(ro, grpo.Config(kl_in="loss", kl_coef=0.5)).tolist() == [1.0, 1.0]
+    # reward.ref_logprob_coef 0.5 adds 0.5 x the mean reference log-prob: row 0 (-1.4 - 1.2) / 2 = -1.3
+    # -> -0.65, row 1 -2.0 -> -1.0 (the padding token's 0.0 is not counted)
+    bonus = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, ref_logprob_coef=0.5))
+    assert grpo.sequence_rewards(ro, bonus).tolist() == pytest.approx([0.7 - 0.65, 0.5 - 1.0])
 
 
 def test_old_logprob_pass_only_when_needed():

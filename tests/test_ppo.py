@@ -3,6 +3,7 @@ heads, one PPO update, the adaptive KL coefficient, and a tiny end-to-end run.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -30,6 +31,7 @@ from alignkit.train.rollout import (
     pad_left,
     pad_right,
     prompt_batches,
+    ref_logprob_bonus,
     response_logprobs,
 )
 
@@ -260,6 +262,27 @@ def test_kl_penalised_reward_layout_and_gae():
     valid = wb.advantages[mask.bool()]
     assert valid.mean().item() == pytest.approx(0.0, abs=1e-6) and valid.std().item() == pytest.approx(1.0, abs=1e-4)
 
+
+
+def test_ref_logprob_bonus_lands_on_the_last_token_of_each_response():
+    """reward.ref_logprob_coef = 2: the bonus is 2 x the reference's mean log-prob over the response
+    tokens, added to the score on the last token. Row 0 ref [-1.5, -2, -2.5] (mean -2) -> -4;
+    row 1 ref [-1.0] (padding ignored) -> -2. Every other per-token reward and the KL are unchanged;
+    ro.scores (what the monitor reads) is not touched."""
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    logp = torch.tensor([[-1.0, -2, -3], [-0.5, 9, 9]])
+    ref = torch.tensor([[-1.5, -2, -2.5], [-1.0, 9, 9]])
+    ro = _rollout(logp, ref, mask, torch.tensor([1.0, 2.0]))
+    plain = ppo.Config(gamma=1.0, lam=1.0, whiten_advantages=False, kl_estimator="k1")
+    bonus = dataclasses.replace(plain, reward=dataclasses.replace(plain.reward, ref_logprob_coef=2.0))
+    _, r0, kl0 = ppo.make_batch(ro, 0.1, plain)
+    _, r1, kl1 = ppo.make_batch(ro, 0.1, bonus)
+    assert torch.allclose(r1 - r0, torch.tensor([[0.0, 0, -4], [-2, 0, 0]]), atol=1e-6)
+    assert torch.equal(kl0, kl1) and ro.scores.tolist() == [1.0, 2.0]
+    empty = _rollout(logp, ref, torch.zeros(2, 3), torch.tensor([1.0, 2.0]))
+    assert ref_logprob_bonus(empty, 2.0).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="ref_logprob_coef"):
+        ref_logprob_bonus(_rollout(logp, None, mask, torch.tensor([1.0, 2.0])), 2.0)
 
 # ------------------------------------------------------------------ value heads
 def _ids():

@@ -42,6 +42,7 @@ from alignkit.train.rollout import (
     Rollout,
     RolloutConfig,
     autocast_for,
+    ref_logprob_bonus,
     response_token_stats,
 )
 
@@ -118,11 +119,13 @@ def needs_old_logprobs(cfg: Config) -> bool:
 
 
 def sequence_rewards(ro: Rollout, cfg: Config) -> torch.Tensor:
-    """(B,) the reward the baseline sees: the score, minus beta * sum_t kl_t when kl_in is 'reward'."""
+    """(B,) the reward the baseline sees: the score (plus `reward.ref_logprob_coef`'s bonus), minus
+    beta * sum_t kl_t when kl_in is 'reward'."""
+    scores = ro.scores + ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef)
     if cfg.kl_in != "reward" or cfg.kl_coef == 0:
-        return ro.scores
+        return scores
     kl = get_kl_estimator(cfg.kl_estimator)(ro.logprobs, ro.ref_logprobs) * ro.response_mask  # (B, T)
-    return ro.scores - cfg.kl_coef * kl.sum(-1)
+    return scores - cfg.kl_coef * kl.sum(-1)
 
 
 def grpo_update(

@@ -51,6 +51,7 @@ from alignkit.train.rollout import (
     RolloutConfig,
     autocast_for,
     gather_logprobs,
+    ref_logprob_bonus,
     response_logits,
 )
 
@@ -262,7 +263,8 @@ def make_batch(ro: Rollout, beta: float, cfg: Config) -> tuple[Batch, torch.Tens
     """KL-penalised rewards -> GAE -> (whitened) advantages. Returns the batch, per-token
     rewards (B, T) and per-token kl (B, T)."""
     mask = ro.response_mask
-    rewards, kl = kl_penalized_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, mask, beta, cfg.kl_estimator)
+    scores = ro.scores + ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef)
+    rewards, kl = kl_penalized_rewards(scores, ro.logprobs, ro.ref_logprobs, mask, beta, cfg.kl_estimator)
     adv, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, mask)

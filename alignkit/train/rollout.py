@@ -78,6 +78,10 @@ class RewardConfig:
     """Clip scores to [-clip, clip] after normalisation (0: no clipping)."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response that never reached EOS (0: no penalty)."""
+    ref_logprob_coef: float = 0.0
+    """Adds coef x the frozen reference's mean per-token log-prob of the response to the reward
+    the update optimises (`ref_logprob_bonus`): a second reward feature beside the reward models'
+    score (docs/reward.md, "The reference's likelihood as a reward feature"); 0: off."""
 
     def __post_init__(self):
         if self.ensemble_mode not in ENSEMBLE_MODES:
@@ -164,6 +168,18 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
+
+
+def ref_logprob_bonus(ro: Rollout, coef: float) -> torch.Tensor:
+    """(B,) coef x the reference's mean per-token log-prob of each response
+    (`reward.ref_logprob_coef`; 0 for an empty response). `ro.scores` stays the reward source's
+    score (what the monitor and the metrics' `reward` read); the stages add this to it where
+    they build the rewards they optimise."""
+    if not coef:
+        return torch.zeros_like(ro.scores)
+    if ro.ref_logprobs is None:
+        raise ValueError("reward.ref_logprob_coef needs the reference model's log-probs; this rollout has none")
+    return coef * (ro.ref_logprobs * ro.response_mask).sum(-1) / ro.response_mask.sum(-1).clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------------- padding
