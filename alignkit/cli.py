@@ -18,7 +18,7 @@ STAGES = {
     "pretrain": ("alignkit.train.pretrain", "pre-train a causal LM (and its BPE tokenizer) on a text corpus"),
     "sft": ("alignkit.train.sft", "supervised fine-tuning on (prompt, response) pairs, loss on responses only"),
     "eval": ("alignkit.eval.gold", "generate on held-out world prompts and score them with the gold judge"),
-    "reward": ("alignkit.train.reward", "train a reward model (Bradley-Terry); `alignkit reward eval ...` scores one"),
+    "reward": ("alignkit.train.reward", "train a reward model (Bradley-Terry); `alignkit reward eval ...` scores one, `alignkit reward mix ...` fits reward.ref_logprob_coef"),
     "dpo": ("alignkit.train.dpo", "DPO and its relatives (IPO, SLiC, cDPO, robust, RPO, SimPO, ORPO, KTO)"),
     "ppo": ("alignkit.train.ppo", "RLHF with PPO: reward minus a KL penalty to the reference, value head, GAE"),
     "grpo": ("alignkit.train.grpo", "GRPO: group-normalised advantages over several samples per prompt"),
@@ -51,7 +51,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # `alignkit STAGE WORD key=value ...`: a second entry point of the stage's module (config class, function)
 SUBCOMMANDS = {
-    "reward": {"eval": ("EvalConfig", "run_eval")},
+    "reward": {"eval": ("EvalConfig", "run_eval"), "mix": ("MixConfig", "run_mix")},
     "cai": {"revise": ("ReviseConfig", "revise"), "label": ("LabelConfig", "label")},
 }
 
@@ -172,8 +172,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     _quiet_libraries()
     from alignkit.runinfo import write_run_record
 
-    # `reward eval`'s out is a JSON file, not a run folder
-    out = getattr(cfg, "out", None) if args.subcommand != "eval" else None
+    # `reward eval`'s and `reward mix`'s out is a JSON file, not a run folder
+    out = getattr(cfg, "out", None) if args.subcommand not in ("eval", "mix") else None
     if out and name in OUT_STAGES:
         write_run_record(Path(out), cfg, args.command_line, rerun=_rerun_command(name, args.subcommand, out))
     result = run(cfg)

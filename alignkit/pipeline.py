@@ -40,7 +40,9 @@ QUICK = {
 # PPO against the learned reward models: configs/ppo.yaml (tuned on the gold judge) with a smaller
 # learning rate; the reward models' mismatched pairs (configs/reward.yaml) keep them from paying for
 # answers to other questions, and PPO scores with the mean of REWARD_ENSEMBLE of them (docs/ppo.md)
-PPO_RM = ["iterations=40", "kl_coef=0.05", "train.lr=5e-5", "rollout_batch=64"]
+# reward.ref_logprob_coef: the SFT model's mean per-token log-prob of each answer as a second reward
+# feature beside the ensemble (docs/reward.md, "The reference's likelihood as a reward feature")
+PPO_RM = ["iterations=40", "kl_coef=0.05", "train.lr=5e-5", "rollout_batch=64", "reward.ref_logprob_coef=6"]
 # Reward models trained for PPO (seeds seed, seed+1, ...): PPO scores with their mean (docs/ppo.md)
 REWARD_ENSEMBLE = 3
 # The SFT model's own answers, gold-labelled with the world's label noise (the stand-in for people,

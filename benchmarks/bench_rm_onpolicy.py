@@ -5,8 +5,9 @@ answers; PPO meets the policy's samples instead. This script samples two answers
 prompt from a policy (`--passes` times, temperature 1), keeps the pairs the gold judge orders
 strictly, and reports for every reward model given (and for the mean of their normalised scores,
 the ensemble PPO uses) how often it orders them as the gold judge does, per category. With
-`--lm`, the policy's own summed log-probability is scored too: whether the backbone "knows" the
-better answer (a diagnostic, not a reward model).
+`--lm`, the policy's own summed and mean per-token log-probability are scored too: whether the
+backbone "knows" the better answer. `--mix C` (repeatable) scores the ensemble plus C x the mean
+log-prob: what PPO optimises with `reward.ref_logprob_coef=C` when the policy is the reference.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_rm_onpolicy.py --policy DEMO/sft/final \
         --world DEMO/world --rm DEMO/reward/final --rm DEMO/reward_2/final --passes 3
@@ -110,6 +111,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--lm", action="store_true", help="also score pairs by the policy's own log-probability")
+    ap.add_argument("--mix", type=float, action="append", default=[],
+                    help="also score ensemble + C x the policy's mean log-prob (repeat for several C)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -129,6 +132,14 @@ def main(argv=None) -> dict:
         scorers["ensemble_mean"] = agreement(torch.stack(margins).mean(0), cats)
     if args.lm:
         scorers["policy_logprob"] = agreement(lm_margins(policy, tok, pairs), cats)
+    if args.lm or args.mix:
+        from alignkit.train.reward_mix import mean_response_logprobs
+
+        d_lp = (mean_response_logprobs(policy, tok, [(p, a) for p, a, _, _ in pairs])
+                - mean_response_logprobs(policy, tok, [(p, b) for p, _, b, _ in pairs]))
+        scorers["policy_mean_logprob"] = agreement(d_lp, cats)
+        for c in args.mix:
+            scorers[f"ensemble+{c:g}*mean_logprob"] = agreement(torch.stack(margins).mean(0) + c * d_lp, cats)
     counts = defaultdict(int)
     for c in cats:
         counts[c] += 1

@@ -90,10 +90,12 @@ def test_alarm_fires_on_a_runaway_curve_after_patience():
     slope over the last 5 KLs passes 0.5 at iteration 7 (0.2,0.2,0.2,1.2,2.2 -> 0.5 is not >0.5;
     at iteration 8 the window 0.2,0.2,1.2,2.2,3.2 has slope 0.8) and patience 2 makes it fire at 9."""
     kls = [0.2] * 5 + [1.2, 2.2, 3.2, 4.2, 5.2]
-    mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls], MonitorConfig(kl_growth_max=0.5))
+    mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls], MonitorConfig(kl_growth_max=0.5, window=5))
     assert mon.first_alarm == 9 and fired[8] == ["kl_growth"]
     assert all(f == [] for f in fired[:8])
-    # the default limit (0.12): at iteration 6 the window 0.2 x 4, 1.2 has slope 2.0 / 10 = 0.2
+    # the defaults (limit 0.12, window 8): at iteration 6 the six KLs so far, 0.2 x 5 then 1.2, have
+    # slope sum((x - 2.5) y) / sum((x - 2.5)^2) = 2.5 / 17.5 = 0.143; at 7 (0.2 x 5, 1.2, 2.2) 8 / 28
+    # = 0.286: two in a row
     mon, fired = _run([{"kl": k, "entropy": 1.0} for k in kls])
     assert mon.first_alarm == 7 and fired[6] == ["kl_growth"]
 

@@ -116,3 +116,22 @@ def test_fit_ref_logprob_coef_on_pairs_the_ensemble_orders_three_times_in_four(t
     wrong = [dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen) if v > 0 else p for p, v in zip(pairs, m)]
     with pytest.raises(ValueError, match="do not order them as labelled"):
         fit_ref_logprob_coef(dirs, str(root / "sft"), wrong)
+
+
+def test_reward_mix_command_writes_the_fit(tiny, tmp_path, capsys):
+    """`alignkit reward mix` on a pairs file gives the library's fit; a missing data.path is a
+    one-line error naming the key."""
+    from alignkit.cli import main
+
+    root, _, pairs = tiny
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                            for p in pairs))
+    args = ["reward", "mix", f"model={root / 'rm1'}", f"ensemble=[{root / 'rm2'}]", f"reference={root / 'sft'}"]
+    assert main([*args, f"data.path={data}", f"out={tmp_path / 'fit.json'}"]) == 0
+    got = json.loads((tmp_path / "fit.json").read_text())
+    want = fit_ref_logprob_coef([str(root / "rm1"), str(root / "rm2")], str(root / "sft"), pairs)
+    assert got["coef"] == pytest.approx(want["coef"]) and got["agreement"] == pytest.approx(want["agreement"])
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "'data.path' is required" in capsys.readouterr().err

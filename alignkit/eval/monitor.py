@@ -49,9 +49,9 @@ class MonitorConfig:
     """Iterations whose mean is the baseline of the relative rules; no rule fires before this."""
     patience: int = 2
     """A rule fires only when its condition holds this many iterations in a row."""
-    window: int = 5
+    window: int = 8
     """Iterations in the least-squares fit of the KL growth rate and in the window means of the judge
-    and reference-surprise rules."""
+    and reference-surprise rules (8: docs/ppo.md, "The monitor with the reference-likelihood reward")."""
     kl_growth_max: float = 0.12
     """Alarm when KL(policy || reference) grows faster than this (nats per response per iteration)."""
     length_corr_max: float = 0.8

@@ -120,6 +120,42 @@ class EvalConfig:
     """JSON file to write; default beside the model folder: OUT/eval-<data file name>.json for OUT/final."""
 
 
+
+@dataclass(frozen=True)
+class MixConfig:
+    """Fit `reward.ref_logprob_coef` on labelled pairs (`alignkit reward mix`, reward_mix.py)."""
+
+    model: str = required()
+    """The RL stage's `reward.model` (a reward model directory)."""
+    ensemble: tuple[str, ...] = ()
+    """The RL stage's `reward.ensemble` (more reward model directories)."""
+    ensemble_mode: Literal["mean", "min", "uwo"] = "mean"
+    """The RL stage's `reward.ensemble_mode`."""
+    reference: str = required()
+    """The RL stage's reference model (its SFT policy, `model.path`)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """`data.path`: preference pairs with trusted labels, ideally of the policy's own samples (required)."""
+    out: str | None = None
+    """JSON file to write (default: print only)."""
+
+
+def run_mix(cfg: MixConfig) -> dict:
+    """`alignkit reward mix`: the logistic fit of the reference log-prob feature's weight beside the
+    reward ensemble's score, and how often each orders the pairs as labelled."""
+    from alignkit.train.reward_mix import fit_ref_logprob_coef
+
+    if not cfg.model or not cfg.reference:
+        raise ConfigError("config keys 'model' (a reward model) and 'reference' (the SFT model) are required")
+    if not cfg.data.path:
+        raise ConfigError("config key 'data.path' is required (labelled preference pairs)")
+    pairs = load_records(cfg.data.path, kind="preference", on_error=cfg.data.on_error, limit=cfg.data.limit).records
+    result = fit_ref_logprob_coef([cfg.model, *cfg.ensemble], cfg.reference, pairs, cfg.ensemble_mode)
+    result.update(data=str(cfg.data.path), reference=str(cfg.reference))
+    if cfg.out:
+        _write_json(Path(cfg.out), result)
+    return result
+
+
 def add_mismatched_pairs(
     pairs: Sequence[PreferencePair], fraction: float, seed: int, tries: int = 20
 ) -> list[PreferencePair]:
