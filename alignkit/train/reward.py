@@ -120,7 +120,6 @@ class EvalConfig:
     """JSON file to write; default beside the model folder: OUT/eval-<data file name>.json for OUT/final."""
 
 
-
 @dataclass(frozen=True)
 class MixConfig:
     """Fit `reward.ref_logprob_coef` on labelled pairs (`alignkit reward mix`, reward_mix.py)."""
@@ -131,6 +130,8 @@ class MixConfig:
     """The RL stage's `reward.ensemble` (more reward model directories)."""
     ensemble_mode: Literal["mean", "min", "uwo"] = "mean"
     """The RL stage's `reward.ensemble_mode`."""
+    ensemble_coef: float = 1.0
+    """The RL stage's `reward.ensemble_coef` (uwo only)."""
     reference: str = required()
     """The RL stage's reference model (its SFT policy, `model.path`)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -149,7 +150,8 @@ def run_mix(cfg: MixConfig) -> dict:
     if not cfg.data.path:
         raise ConfigError("config key 'data.path' is required (labelled preference pairs)")
     pairs = load_records(cfg.data.path, kind="preference", on_error=cfg.data.on_error, limit=cfg.data.limit).records
-    result = fit_ref_logprob_coef([cfg.model, *cfg.ensemble], cfg.reference, pairs, cfg.ensemble_mode)
+    result = fit_ref_logprob_coef([cfg.model, *cfg.ensemble], cfg.reference, pairs, cfg.ensemble_mode,
+                                  cfg.ensemble_coef)
     result.update(data=str(cfg.data.path), reference=str(cfg.reference))
     if cfg.out:
         _write_json(Path(cfg.out), result)
