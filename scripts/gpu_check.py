@@ -9,6 +9,8 @@ runs the same code on CPU in seconds, to try the script before a GPU is spent on
    backward of the response-token loss) on 4 x 2,048 tokens, with the chunked head
    (train.logprob_chunk default) and with full logits: peak CUDA memory (max_memory_allocated
    above the model and its gradients) and median step time; loss difference.
+   `rl`: the same for the RL update's policy pass (GRPO/PPO: response log-probs with a gradient,
+   entropies without) on 4 x (512 prompt + 1,536 response) tokens.
 2. Sampling on the same model: alignkit's HF sampler (KV cache, seeded rows) vs transformers'
    `generate` (sampling, same lengths): new tokens per second.
 3. The stages through the CLI on a ~100M-parameter Llama (hidden 768, 12 layers, vocabulary
@@ -51,6 +53,40 @@ def _llama(vocab: int, hidden: int, layers: int, heads: int, kv: int, mlp: int, 
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
+def _measure(model, device, loss_of, steps: int) -> dict:
+    """Median seconds of `steps` (loss, backward) repeats after a warm-up, peak CUDA memory above
+    the model and its (kept) gradients, and the last loss; bf16 autocast on CUDA."""
+    times, loss = [], None
+    model.zero_grad(set_to_none=True)
+    base = 0
+    for i in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            value = loss_of()
+        value.backward()
+        _sync(device)
+        if i:  # the first is a warm-up
+            times.append(time.perf_counter() - t0)
+        loss = float(value.detach())
+        model.zero_grad(set_to_none=False)  # the gradients stay allocated: the peak above them
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
+    return {"step_s": statistics.median(times), "peak_mb_above_model": peak, "loss": loss}
+
+
+def _ratios(out: dict, tokens: int) -> dict:
+    for v in out.values():
+        v["tokens_per_s"] = tokens / v["step_s"]
+    out["loss_abs_diff"] = abs(out["chunked"]["loss"] - out["full"]["loss"])
+    out["peak_ratio_chunked_vs_full"] = out["chunked"]["peak_mb_above_model"] / out["full"]["peak_mb_above_model"]
+    out["speed_ratio_chunked_vs_full"] = out["full"]["step_s"] / out["chunked"]["step_s"]
+    return out
+
+
 def chunked_vs_full(model, device, rows: int, length: int, steps: int, blocks: tuple[int, ...] = ()) -> dict:
     """One SFT step (loss, backward) per repeat, chunked head vs full logits; `blocks`: more
     chunked runs with chunked.MAX_BLOCK (logit elements per chunk) set to each value."""
@@ -62,38 +98,46 @@ def chunked_vs_full(model, device, rows: int, length: int, steps: int, blocks: t
     mask = torch.ones_like(ids)
     labels = ids.clone()
     labels[:, : length // 4] = -100  # a quarter of every row is prompt
+
+    def loss_of(chunk):
+        def f():
+            loss_sum, n = sft_loss_of_model(model, ids, mask, labels, chunk)
+            return loss_sum / n
+        return f
+
     out = {}
     default_block = chunked.MAX_BLOCK
     runs = [("chunked", DEFAULT_CHUNK, default_block), ("full", 0, default_block)]
     runs += [(f"chunked_block_2e{b.bit_length() - 1}", 1 << 20, b) for b in blocks]
     for name, chunk, block in runs:
         chunked.MAX_BLOCK = block
-        times, loss = [], None
-        model.zero_grad(set_to_none=True)
-        for i in range(steps + 1):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss_sum, n = sft_loss_of_model(model, ids, mask, labels, chunk)
-            (loss_sum / n).backward()
-            _sync(device)
-            if i:  # the first is a warm-up
-                times.append(time.perf_counter() - t0)
-            loss = float(loss_sum.detach() / n)
-            model.zero_grad(set_to_none=False)  # the gradients stay allocated: the peak above them
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
-        out[name] = {"step_s": statistics.median(times), "peak_mb_above_model": peak, "loss": loss,
-                     "tokens_per_s": rows * length / statistics.median(times)}
+        out[name] = _measure(model, device, loss_of(chunk), steps)
     chunked.MAX_BLOCK = default_block
+    out = _ratios(out, rows * length)
     out["default_block"] = default_block
-    out["loss_abs_diff"] = abs(out["chunked"]["loss"] - out["full"]["loss"])
-    out["peak_ratio_chunked_vs_full"] = out["chunked"]["peak_mb_above_model"] / out["full"]["peak_mb_above_model"]
-    out["speed_ratio_chunked_vs_full"] = out["full"]["step_s"] / out["chunked"]["step_s"]
     return out
+
+
+def rl_chunked_vs_full(model, device, rows: int, prompt: int, response: int, steps: int) -> dict:
+    """The RL update's policy pass (GRPO/PPO: response log-probs with a gradient and entropies
+    without one, `rollout.response_token_stats`), loss -mean(logp * advantage), chunked head vs
+    full (B, T, V) logits."""
+    from alignkit.models.chunked import DEFAULT_CHUNK
+    from alignkit.train.rollout import response_token_stats
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, model.config.vocab_size, (rows, prompt + response), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    adv = torch.randn(rows, response, generator=g).to(device)
+
+    def loss_of(chunk):
+        def f():
+            lp, ent = response_token_stats(model, ids, mask, ids[:, prompt:], 1.0, chunk, entropy=True)
+            return -(lp * adv).mean() + 0.0 * ent.mean()
+        return f
+
+    out = {name: _measure(model, device, loss_of(chunk), steps) for name, chunk in (("chunked", DEFAULT_CHUNK), ("full", 0))}
+    return _ratios(out, rows * (prompt + response))
 
 
 def sampling(model, device, prompts: int, prompt_len: int, new: int, others: dict | None = None,
@@ -204,7 +248,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--small", action="store_true", help="CPU, tiny shapes: try the script")
-    ap.add_argument("--parts", default="head,sampling,stages")
+    ap.add_argument("--parts", default="head,rl,sampling,stages")
     ap.add_argument("--blocks", default="", help="comma-separated chunked.MAX_BLOCK values to try too, e.g. 134217728")
     ap.add_argument("--sampler-file", default="", help="another generate.py whose HFGenerator is timed too")
     args = ap.parse_args()
@@ -216,7 +260,7 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "transformers": transformers.__version__}
     parts = args.parts.split(",")
-    if "head" in parts or "sampling" in parts:
+    if "head" in parts or "sampling" in parts or "rl" in parts:
         dims = (4096, 64, 2, 4, 2, 256) if args.small else (151936, 896, 24, 14, 2, 4864)
         model = _llama(*dims, tied=True, dtype=torch.float32, device=device)  # fp32 master weights, bf16 autocast
         res["model_0p5b_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
@@ -225,6 +269,10 @@ def main() -> None:
                                           steps=2 if args.small else 5,
                                           blocks=tuple(int(x) for x in args.blocks.split(",") if x))
             print(json.dumps({"head": res["head"]}), flush=True)
+        if "rl" in parts:
+            res["rl"] = rl_chunked_vs_full(model, device, rows=2 if args.small else 4, prompt=32 if args.small else 512,
+                                           response=96 if args.small else 1536, steps=2 if args.small else 5)
+            print(json.dumps({"rl": res["rl"]}), flush=True)
         if "sampling" in parts:
             others = {}
             if args.sampler_file:
