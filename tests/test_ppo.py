@@ -549,6 +549,15 @@ def test_ppo_feeds_judge_agreement_from_fresh_pairs(tiny_dirs):
     assert row["monitor/proxy_gap"] == pytest.approx(0.0, abs=1e-5)
     assert row["monitor/judge_score"] == pytest.approx(row["reward"], abs=1e-5)
     assert 0.0 <= row["monitor/ref_surprise_tokens"] <= 1.0 and 0.0 <= row["monitor/ref_surprise"] <= 1.0
+    # reward.ref_logprob_coef: the same first rollout (same seed), the feature in the optimised
+    # total and logged apart, while `reward` and the monitor's comparison with its judge ignore it
+    out = tiny_dirs / "out-judge-bonus"
+    ppo.run(load_config(ppo.Config, None, [*base, f"out={out}", "reward.ref_logprob_coef=2"]))
+    bonus = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert bonus["ref_logprob_bonus"] < 0 and bonus["reward"] == pytest.approx(row["reward"], abs=1e-6)
+    assert bonus["total_reward"] - row["total_reward"] == pytest.approx(bonus["ref_logprob_bonus"], abs=1e-5)
+    assert bonus["monitor/proxy_gap"] == pytest.approx(0.0, abs=1e-5)
+    assert "ref_logprob_bonus" not in row
     out = tiny_dirs / "out-judge-off"
     ppo.run(load_config(ppo.Config, None, [*base, f"out={out}", "monitor.judge_pairs=0"]))
     assert "monitor/judge_agreement" not in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

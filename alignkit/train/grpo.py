@@ -325,6 +325,8 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             stats, first_logp = grpo_update(policy, ro, adv, cfg, optimizer, scheduler, gen, dist, engine)
             logp = ro.logprobs if old_fn is not None else first_logp
             row = _metrics_row(it, ro, logp, stats, cfg, scheduler.get_last_lr()[0], t_roll, time.perf_counter() - t_it)
+            if cfg.reward.ref_logprob_coef:  # the feature's share of the score the update optimised
+                row["ref_logprob_bonus"] = float(ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef).mean())
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
             if eval_due(cfg, run, it) and (ev := gold_eval(engine, reference, tokenizer, run, cfg, ref_cache)):

@@ -527,6 +527,8 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             controller.update(float(kl.sum(-1).mean()), n_steps=len(ro))
             row = _metrics_row(it, ro, batch, rewards, kl, beta, stats, schedulers[0].get_last_lr()[0], t_roll,
                                time.perf_counter() - t_it)
+            if cfg.reward.ref_logprob_coef:  # the feature's share of the score the update optimised
+                row["ref_logprob_bonus"] = float(ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef).mean())
             members = getattr(reward, "last_member_scores", None)  # before the fresh pairs reset it
             if mon is not None and cfg.monitor.judge_pairs > 0 and (judge is not None or cfg.reward.ensemble):
                 pick = global_idx[: cfg.monitor.judge_pairs]  # the same on every rank
