@@ -10,9 +10,11 @@ z0 matches.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -40,13 +42,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A rank aborted by std::terminate inside torch's C++ runtime, not by alignkit's Python (seen once in
+# CI on 2026-12-04, FSDP2 on gloo, before the first step; four reruns of the same test passed)
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 def run(args: list[str], procs: int = 1, kill_at: int = 0, hooks: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     if procs == 1:
         cmd = [sys.executable, "-m", "alignkit.cli", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
                str(WORKER), *hooks, *(["--kill-at", str(kill_at)] if kill_at else []), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    if procs > 1 and not kill_at and done.returncode != 0 and NATIVE_ABORT in done.stderr:
+        # launch once more from a clean output folder; a real fault fails again
+        warnings.warn(f"a rank aborted in torch's runtime ({NATIVE_ABORT!r}); launching once more", stacklevel=2)
+        if "--out" in args:
+            shutil.rmtree(args[args.index("--out") + 1], ignore_errors=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    return done
 
 
 def ok(done: subprocess.CompletedProcess) -> None:
