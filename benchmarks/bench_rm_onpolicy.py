@@ -44,48 +44,24 @@ def sample_gold_pairs(policy, tok, world, prompt_path: str, passes: int, seed: i
     return out
 
 
-def rm_margins(model_dir: str, pairs, normalize: bool = True) -> torch.Tensor:
+def rm_margins(model_dir: str, pairs) -> torch.Tensor:
     """(N,) r(better) - r(worse) of a reward model, on its normalised scale."""
     from alignkit.data.records import PreferencePair
-    from alignkit.data.tokenize import TruncationLimits, tokenize_preference
-    from alignkit.models.heads import load_reward_model
-    from alignkit.models.load import load_tokenizer
-    from alignkit.train.reward import score_pairs
+    from alignkit.data.tokenize import TruncationLimits
+    from alignkit.train.reward_mix import normalised_pair_scores
 
-    model, tok = load_reward_model(model_dir), load_tokenizer(model_dir)
-    limits = TruncationLimits(max_prompt_len=128, max_len=256)
     recs = [PreferencePair(prompt=p, chosen=a, rejected=b) for p, a, b, _ in pairs]
-    items, _ = tokenize_preference(tok, recs, limits)
-    if len(items) != len(recs):
-        raise ValueError(f"{model_dir}: {len(recs) - len(items)} pairs dropped by tokenisation")
-    r_a, r_b = score_pairs(model, items, tok.pad_token_id)
-    if normalize:
-        r_a, r_b = model.normalize(r_a), model.normalize(r_b)
-    return (r_a - r_b).float()
+    r_a, r_b = normalised_pair_scores(model_dir, recs, TruncationLimits(max_prompt_len=128, max_len=256))
+    return r_a - r_b
 
 
-@torch.no_grad()
-def lm_margins(policy, tok, pairs, batch: int = 64) -> torch.Tensor:
-    """(N,) log pi(a|x) - log pi(b|x) under the policy (summed over the response tokens)."""
-    from alignkit.data.tokenize import encode_pair
-    from alignkit.models.logprobs import sequence_logprobs
+def lm_margins(policy, tok, pairs, average: bool = False) -> torch.Tensor:
+    """(N,) log pi(a|x) - log pi(b|x) under the policy (summed over the response tokens, or the
+    mean per token with `average`)."""
+    from alignkit.train.reward_mix import response_logprobs
 
-    def logp(texts: list[tuple[str, str]]) -> torch.Tensor:
-        out = []
-        for s in range(0, len(texts), batch):
-            enc = [encode_pair(tok, p, r) for p, r in texts[s : s + batch]]
-            width = max(len(e.input_ids) for e in enc)
-            ids = torch.full((len(enc), width), tok.pad_token_id)
-            labels = torch.full((len(enc), width), -100)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for i, e in enumerate(enc):
-                n = len(e.input_ids)
-                ids[i, :n], mask[i, :n] = torch.tensor(e.input_ids), 1
-                labels[i, len(e.prompt_ids) : n] = torch.tensor(e.response_ids)
-            out.append(sequence_logprobs(policy, ids, mask, labels))
-        return torch.cat(out)
-
-    return logp([(p, a) for p, a, _, _ in pairs]) - logp([(p, b) for p, _, b, _ in pairs])
+    return (response_logprobs(policy, tok, [(p, a) for p, a, _, _ in pairs], average)
+            - response_logprobs(policy, tok, [(p, b) for p, _, b, _ in pairs], average))
 
 
 def agreement(margins: torch.Tensor, cats: list[str]) -> dict:
@@ -133,10 +109,7 @@ def main(argv=None) -> dict:
     if args.lm:
         scorers["policy_logprob"] = agreement(lm_margins(policy, tok, pairs), cats)
     if args.lm or args.mix:
-        from alignkit.train.reward_mix import mean_response_logprobs
-
-        d_lp = (mean_response_logprobs(policy, tok, [(p, a) for p, a, _, _ in pairs])
-                - mean_response_logprobs(policy, tok, [(p, b) for p, _, b, _ in pairs]))
+        d_lp = lm_margins(policy, tok, pairs, average=True)
         scorers["policy_mean_logprob"] = agreement(d_lp, cats)
         for c in args.mix:
             scorers[f"ensemble+{c:g}*mean_logprob"] = agreement(torch.stack(margins).mean(0) + c * d_lp, cats)

@@ -18,35 +18,26 @@ import argparse
 import json
 from pathlib import Path
 
-from alignkit.eval.monitor import Monitor, MonitorConfig
+from monitor_seeds import (  # scripts/ is on the path when run as a script
+    first_alarm,
+    peak_and_fall,
+    read_rows,
+)
 
-SMOOTH, DROP = 5, 0.10
+from alignkit.eval.monitor import MonitorConfig
 
 
 def rows(run: str) -> list[dict]:
-    return [r for r in (json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
-
-
-def first_alarm(rs: list[dict], only: set[str] | None = None, **overrides) -> tuple[int | None, list[str]]:
-    mon = Monitor(MonitorConfig(**overrides))
-    for r in rs:
-        fired = mon.update(r["step"], {k: v for k, v in r.items() if not k.startswith("monitor/alarm")})
-        fired = [f for f in fired if only is None or f in only]
-        if fired:
-            return r["step"], fired
-    return None, []
+    return [r for r in read_rows(Path(run)) if "kl" in r]
 
 
 def gold_fall(rs: list[dict]) -> tuple[int | None, int | None]:
-    """(peak iteration, first iteration after it 10% below the peak) of the smoothed gold curve."""
+    """(peak iteration, first iteration after it 10% below the peak) of the smoothed rollout gold."""
     g = [r.get("gold") for r in rs]
     if not g or any(x is None for x in g):
         return None, None
-    h = SMOOTH // 2
-    sm = [sum(g[max(0, i - h): i + h + 1]) / len(g[max(0, i - h): i + h + 1]) for i in range(len(g))]
-    peak = max(range(len(sm)), key=sm.__getitem__)
-    fell = next((rs[i]["step"] for i in range(peak, len(sm)) if sm[i] < (1 - DROP) * sm[peak]), None)
-    return rs[peak]["step"], fell
+    peak, fell = peak_and_fall(g)
+    return rs[peak]["step"], None if fell is None else rs[fell]["step"]
 
 
 def _value(v: str):
@@ -69,8 +60,9 @@ def main() -> None:
             for t in (0.08, 0.1, 0.12, 0.15, 0.18):
                 for pat in (2, 3):
                     kw = dict(window=w, kl_growth_max=t, patience=pat)
-                    oa = [first_alarm(rs, {"kl_growth"}, **kw)[0] for _, rs in over]
-                    pa = [first_alarm(rs, {"kl_growth"}, **kw)[0] for _, rs in preset]
+                    mcfg = MonitorConfig(**kw)
+                    oa = [first_alarm(rs, mcfg, {"kl_growth"})[0] for _, rs in over]
+                    pa = [first_alarm(rs, mcfg, {"kl_growth"})[0] for _, rs in preset]
                     caught = sum(x is not None and (falls[r] is None or x < falls[r]) for x, (r, _) in zip(oa, over))
                     out.append({**kw, "over_caught": caught, "over_alarms": oa,
                                 "preset_alarmed": sum(x is not None for x in pa), "preset_alarms": pa})
@@ -82,7 +74,7 @@ def main() -> None:
     res = {"over": {}, "preset": {}}
     for kind, runs in (("over", over), ("preset", preset)):
         for r, rs in runs:
-            it, rules = first_alarm(rs, **kw)
+            it, rules = first_alarm(rs, MonitorConfig(**kw))
             res[kind][r] = {"alarm": it, "rules": rules, "gold_peak_fall": gold_fall(rs) if kind == "over" else None}
             print(kind, r, "first alarm", it, rules, "gold peak/fall", res[kind][r]["gold_peak_fall"])
     print(json.dumps(res))

@@ -93,16 +93,32 @@ def gold_curve(out: Path, gold_from: Path | None = None) -> tuple[list[float], l
     return curve[: len(rows) + 1], rows
 
 
-def analyse_run(out: Path, mcfg: MonitorConfig, gold_from: Path | None = None) -> dict:
-    curve, rows = gold_curve(out, gold_from)
+def peak_and_fall(curve: list[float]) -> tuple[int, int | None]:
+    """Index of the peak of the smoothed curve and the first index after it where the smoothed
+    curve is DROP below the peak (None: never)."""
     sm = smooth(curve)
     peak = max(range(len(sm)), key=lambda i: sm[i])
-    fell = next((i for i in range(peak, len(sm)) if sm[i] <= (1 - DROP) * sm[peak]), None)
-    mon, rules = Monitor(mcfg), {}
+    return peak, next((i for i in range(peak, len(sm)) if sm[i] <= (1 - DROP) * sm[peak]), None)
+
+
+def first_alarm(rows: list[dict], mcfg: MonitorConfig, only: set[str] | None = None) -> tuple[int | None, list[str]]:
+    """The monitor's rule replayed on a run's metrics rows: the first iteration (1-based) at which a
+    rule (of `only`, default all) fired, and those rules; (None, []) when none did."""
+    mon = Monitor(mcfg)
     for it, row in enumerate(rows, 1):
-        fired = mon.update(it, {k: v for k, v in row.items() if not k.startswith("gold")})
-        if fired and not rules:
-            rules = {"iteration": it, "rules": fired}
+        fired = mon.update(it, {k: v for k, v in row.items() if not k.startswith(("gold", "monitor/alarm"))})
+        fired = [f for f in fired if only is None or f in only]
+        if fired:
+            return it, fired
+    return None, []
+
+
+def analyse_run(out: Path, mcfg: MonitorConfig, gold_from: Path | None = None) -> dict:
+    curve, rows = gold_curve(out, gold_from)
+    peak, fell = peak_and_fall(curve)
+    sm = smooth(curve)
+    it, fired = first_alarm(rows, mcfg)
+    rules = {"iteration": it, "rules": fired} if it is not None else {}
     fe = json.loads((out / "final_eval.json").read_text())
     w = fe["win_rate_vs_sft"]
     return {

@@ -14,7 +14,7 @@ from alignkit.train.reward_mix import (
     ensemble_margins,
     fit_margin_weights,
     fit_ref_logprob_coef,
-    mean_response_logprobs,
+    response_logprobs,
 )
 
 
@@ -67,7 +67,7 @@ def test_mean_response_logprob_by_hand(tiny):
 
     root, tok, pairs = tiny
     model = load_model(str(root / "sft"))
-    got = mean_response_logprobs(model, tok, [(p.prompt, p.chosen) for p in pairs[:3]])
+    got = response_logprobs(model, tok, [(p.prompt, p.chosen) for p in pairs[:3]])
     for i, p in enumerate(pairs[:3]):
         e = encode_pair(tok, p.prompt, p.chosen)
         with torch.no_grad():
@@ -109,8 +109,8 @@ def test_fit_ref_logprob_coef_on_pairs_the_ensemble_orders_three_times_in_four(t
     assert a > 0 and fit["coef"] == pytest.approx(b / a)
     from alignkit.models.load import load_model
     ref = load_model(str(root / "sft"))
-    d_lp = (mean_response_logprobs(ref, tok, [(p.prompt, p.chosen) for p in oriented])
-            - mean_response_logprobs(ref, tok, [(p.prompt, p.rejected) for p in oriented]))
+    d_lp = (response_logprobs(ref, tok, [(p.prompt, p.chosen) for p in oriented])
+            - response_logprobs(ref, tok, [(p.prompt, p.rejected) for p in oriented]))
     w = fit_margin_weights(torch.stack([ensemble_margins(dirs, oriented), d_lp], 1))
     assert w.tolist() == pytest.approx([a, b], rel=1e-6)
     wrong = [dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen) if v > 0 else p for p, v in zip(pairs, m)]

@@ -40,8 +40,10 @@ def fit_margin_weights(x: torch.Tensor, ridge: float = 1e-4, iters: int = 50) ->
 
 
 @torch.no_grad()
-def mean_response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch: int = 64) -> torch.Tensor:
-    """(N,) mean per-token log-prob of each (prompt, response)'s response tokens under `model`."""
+def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], average: bool = True,
+                      batch: int = 64) -> torch.Tensor:
+    """(N,) log-prob of each (prompt, response)'s response tokens under `model`: the mean per
+    token (`average`) or the sum."""
     from alignkit.data.tokenize import encode_pair
     from alignkit.models.logprobs import sequence_logprobs
 
@@ -59,32 +61,40 @@ def mean_response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str
             n = len(e.input_ids)
             ids[i, :n], mask[i, :n] = torch.tensor(e.input_ids), 1
             labels[i, len(e.prompt_ids) : n] = torch.tensor(e.response_ids)
-        out.append(sequence_logprobs(model, ids.to(device), mask.to(device), labels.to(device), average=True).float().cpu())
+        out.append(sequence_logprobs(model, ids.to(device), mask.to(device), labels.to(device), average=average)
+                   .float().cpu())
     return torch.cat(out)
+
+
+def normalised_pair_scores(reward_dir: str, pairs: Sequence[PreferencePair], limits: Any = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) normalised scores of the chosen and of the rejected responses by one reward model
+    directory (its reward_stats.json); `limits`: TruncationLimits (default: none)."""
+    from alignkit.data.tokenize import TruncationLimits, tokenize_preference
+    from alignkit.models.heads import load_reward_model
+    from alignkit.models.load import load_tokenizer
+    from alignkit.train.reward import score_pairs
+
+    model, tok = load_reward_model(reward_dir), load_tokenizer(reward_dir)
+    if model.stats is None:
+        raise ValueError(f"{reward_dir}: no reward_stats.json to normalise its scores with")
+    limits = limits or TruncationLimits(max_prompt_len=10**6 - 1, max_len=10**6)
+    items, _ = tokenize_preference(tok, list(pairs), limits)
+    if len(items) != len(pairs):
+        raise ValueError(f"{reward_dir}: {len(pairs) - len(items)} of {len(pairs)} pairs could not be tokenised")
+    r_c, r_r = score_pairs(model, items, tok.pad_token_id)
+    return model.normalize(r_c).float(), model.normalize(r_r).float()
 
 
 def ensemble_margins(reward_dirs: Sequence[str], pairs: Sequence[PreferencePair], mode: str = "mean",
                      coef: float = 1.0) -> torch.Tensor:
     """(N,) score(chosen) - score(rejected) of the reward ensemble as the RL stages combine it
     (each member's normalised score, `rollout.combine_ensemble`)."""
-    from alignkit.data.tokenize import TruncationLimits, tokenize_preference
-    from alignkit.models.heads import load_reward_model
-    from alignkit.models.load import load_tokenizer
-    from alignkit.train.reward import score_pairs
     from alignkit.train.rollout import combine_ensemble
 
-    chosen, rejected = [], []
-    for d in reward_dirs:
-        model, tok = load_reward_model(d), load_tokenizer(d)
-        if model.stats is None:
-            raise ValueError(f"{d}: no reward_stats.json to normalise its scores with")
-        items, _ = tokenize_preference(tok, list(pairs), TruncationLimits(max_prompt_len=10**6 - 1, max_len=10**6))
-        if len(items) != len(pairs):
-            raise ValueError(f"{d}: {len(pairs) - len(items)} of {len(pairs)} pairs could not be tokenised")
-        r_c, r_r = score_pairs(model, items, tok.pad_token_id)
-        chosen.append(model.normalize(r_c).float())
-        rejected.append(model.normalize(r_r).float())
-    return combine_ensemble(torch.stack(chosen), mode, coef) - combine_ensemble(torch.stack(rejected), mode, coef)
+    scores = [normalised_pair_scores(d, pairs) for d in reward_dirs]
+    chosen, rejected = torch.stack([c for c, _ in scores]), torch.stack([r for _, r in scores])
+    return combine_ensemble(chosen, mode, coef) - combine_ensemble(rejected, mode, coef)
 
 
 def fit_ref_logprob_coef(reward_dirs: Sequence[str], reference: str, pairs: Sequence[PreferencePair],
@@ -102,8 +112,8 @@ def fit_ref_logprob_coef(reward_dirs: Sequence[str], reference: str, pairs: Sequ
         raise ValueError("fit_ref_logprob_coef: no pairs to fit on")
     d_rm = ensemble_margins(reward_dirs, pairs, mode, coef)
     model, tok = load_model(reference), load_tokenizer(reference)
-    lp_c = mean_response_logprobs(model, tok, [(p.prompt, p.chosen) for p in pairs])
-    lp_r = mean_response_logprobs(model, tok, [(p.prompt, p.rejected) for p in pairs])
+    lp_c = response_logprobs(model, tok, [(p.prompt, p.chosen) for p in pairs])
+    lp_r = response_logprobs(model, tok, [(p.prompt, p.rejected) for p in pairs])
     d_lp = lp_c - lp_r
     a, b = fit_margin_weights(torch.stack([d_rm, d_lp], 1)).tolist()
     if a <= 0:
