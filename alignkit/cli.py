@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the other RLHF stages")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: the demo once per seed on one world, "
                                    "reported as mean, spread and every seed's figure")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="stages trained at once, each in its own process with its share of torch's threads "
+                        "(default: the cores, at most 4, and 1 with --quick, whose stages are too small for a "
+                        "worker's start-up to pay; 1: one after another in this process)")
 
     from alignkit.label.cli import add_parser as add_label_parser
 
@@ -285,16 +289,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_label(args)
     if args.command == "demo":
+        from alignkit.demo_jobs import default_jobs
         from alignkit.pipeline import demo, demo_seeds
 
+        jobs = (1 if args.quick else default_jobs()) if args.jobs is None else args.jobs
+        if jobs < 1:
+            raise UserError(f"--jobs: expected a number of stages >= 1, got {jobs}")
         if args.seeds:
             try:
                 seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
             except ValueError:
                 raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-            summary = demo_seeds(args.out, seeds, quick=args.quick, round2=args.round2)
+            summary = demo_seeds(args.out, seeds, quick=args.quick, round2=args.round2, jobs=jobs)
         else:
-            summary = demo(args.out, quick=args.quick, seed=args.seed, round2=args.round2)
+            summary = demo(args.out, quick=args.quick, seed=args.seed, round2=args.round2, jobs=jobs)
         print(f"wrote {summary['report']}")
         return 0
     raise UserError(f"unknown command {args.command}")

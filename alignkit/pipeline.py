@@ -76,6 +76,7 @@ class Demo:
         from alignkit.world import load_world, write_world
 
         self.out, self.quick, self.seed = out, quick, seed
+        self.persist = True  # False in a `--jobs` worker: the main process writes summary.json
         out.mkdir(parents=True, exist_ok=True)
         self.summary: dict = {
             "seed": seed,
@@ -110,6 +111,8 @@ class Demo:
         from alignkit.eval.gold import write_text_atomic
         from alignkit.eval.report import write_reports
 
+        if not self.persist:
+            return
         write_text_atomic(self.out / "summary.json", json.dumps(self.summary, indent=2, default=str))
         write_reports(self.out, self.summary)
 
@@ -118,7 +121,8 @@ class Demo:
         start = time.perf_counter()
         with PeakMemory() as mem:
             result = fn()
-        entry = {"wall_s": time.perf_counter() - start, "peak_mem_mb": mem.peak_mb, "dir": name}
+        entry = {"wall_s": time.perf_counter() - start, "peak_mem_mb": mem.peak_mb, "dir": name,
+                 "threads": torch.get_num_threads()}
         if isinstance(result, dict) and result.get("final_loss") is not None:
             entry["train_loss"] = result["final_loss"]
         self.summary["stages"][name] = entry
@@ -157,10 +161,12 @@ def machine() -> str:
             + (", CUDA" if torch.cuda.is_available() else ""))
 
 
-def demo_seeds(out: str | Path, seeds: Sequence[int], quick: bool = False, round2: bool = False) -> dict:
+def demo_seeds(out: str | Path, seeds: Sequence[int], quick: bool = False, round2: bool = False,
+               jobs: int = 1) -> dict:
     """The demo once per seed on one world (written with the first seed) into OUT/seed-S, and the
     means, spreads and per-seed figures in OUT/summary.json and OUT/report.{md,html}; the summary
-    is rewritten after every seed, so a stopped run still reports the seeds it finished."""
+    is rewritten after every seed, so a stopped run still reports the seeds it finished.
+    jobs > 1: the stages of all seeds share `jobs` workers (demo_jobs.run_parallel)."""
     from alignkit.eval.seeds import aggregate, write_seed_reports
     from alignkit.world import write_world
 
@@ -172,11 +178,25 @@ def demo_seeds(out: str | Path, seeds: Sequence[int], quick: bool = False, round
     write_world(world_dir, seed=seeds[0], n_pairs=2000 if quick else 10000)
     runs: dict[int, dict] = {}
     summary: dict = {}
-    for s in seeds:
-        runs[s] = demo(out / f"seed-{s}", quick, s, world_dir=world_dir, round2=round2)
-        summary = {**aggregate(runs), "world_seed": seeds[0], "quick": quick, "machine": machine(),
+
+    def finished(s: int, run: dict) -> None:
+        nonlocal summary
+        runs[s] = run
+        ordered = {k: runs[k] for k in seeds if k in runs}
+        summary = {**aggregate(ordered), "world_seed": seeds[0], "quick": quick, "machine": machine(), "jobs": jobs,
                    "wall_s": time.perf_counter() - start, "report": str(out / "report.md")}
         write_seed_reports(out, summary)
+
+    if jobs == 1:
+        for s in seeds:
+            finished(s, demo(out / f"seed-{s}", quick, s, world_dir=world_dir, round2=round2))
+    else:
+        from alignkit.demo_jobs import run_parallel
+
+        demos = [Demo(out / f"seed-{s}", quick, s, world_dir=world_dir) for s in seeds]
+        for d in demos:
+            d.summary["jobs"] = jobs
+        run_parallel(demos, jobs, round2, on_demo_done=lambda d: finished(d.seed, d.summary))
     return summary
 
 
@@ -343,28 +363,26 @@ def second_round(d: Demo, sft_model: str, policy: str, data_path: str | Path, op
     d.save()
 
 
-def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | Path | None = None,
-         round2: bool = False) -> dict:
-    """Run the pipeline; returns the summary (also written to OUT/summary.json). world_dir: an
-    existing world to use instead of writing one with `seed` (the multi-seed demo shares one).
-    round2: also run iterate round 2 (stage ppo_r2; opt-in: it costs about as much as the rest of
-    the RLHF stages and did not yet beat round 1 in the runs measured, docs/ppo.md)."""
-    from alignkit.train import pretrain, sft
-
-    out = Path(out)
-    d = Demo(out, quick, seed, world_dir=world_dir)
-    world = d.world_dir
+def _stage_base(d: Demo, round2: bool) -> None:
+    from alignkit.train import pretrain
 
     res = d.run_stage("base", lambda: pretrain.run(d.config(
-        pretrain, "pretrain", [f"corpus={world / 'pretrain.jsonl'}", f"out={out / 'base'}"])))
+        pretrain, "pretrain", [f"corpus={d.world_dir / 'pretrain.jsonl'}", f"out={d.out / 'base'}"])))
     d.evaluate("base", res["model"], kl_to_sft=False)
-    base_model = res["model"]
 
-    res = d.run_stage("sft", lambda: sft.run(d.config(
-        sft, "sft", [f"model.path={base_model}", f"data.path={world / 'sft.jsonl'}", f"out={out / 'sft'}"])))
+
+def _stage_sft(d: Demo, round2: bool) -> None:
+    from alignkit.train import sft
+
+    base_model = d.summary["stages"]["base"]["model"]
+    res = d.run_stage("sft", lambda: sft.run(d.config(sft, "sft", [
+        f"model.path={base_model}", f"data.path={d.world_dir / 'sft.jsonl'}", f"out={d.out / 'sft'}"])))
     d.summary["stages"]["sft"]["padding_fraction"] = res.get("padding_fraction")
     d.evaluate("sft", res["model"])
-    sft_model = res["model"]
+
+
+def _stage_reward(d: Demo, round2: bool) -> None:
+    sft_model = d.summary["stages"]["sft"]["model"]
 
     def train_reward_models() -> dict:
         rm_data, onpolicy = reward_data(d, sft_model)
@@ -377,6 +395,7 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | P
     d.summary["stages"]["reward"].update({
         "onpolicy_pairs": res["onpolicy_pairs"],
         "model": res["model"],
+        "data": res["data"],
         "heldout_accuracy": ev.get("accuracy"),
         "gold_agreement": ev.get("gold_agreement"),
         "ece": ev.get("ece"),
@@ -389,47 +408,104 @@ def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | P
                     if member_acc else ""),
     })
     d.save()
-    reward_model, rm_data = res["model"], res["data"]
-    ensemble = tuple(m["model"] for m in res["members"])
 
-    from alignkit.eval.compare import annotate_stage, rlhf_notes
+
+def _stage_dpo(d: Demo, round2: bool) -> None:
+    from alignkit.eval.compare import annotate_stage
     from alignkit.train import dpo
 
-    cfg = d.config(dpo, "dpo", [f"model.path={sft_model}", f"data.path={world / 'preferences.jsonl'}", f"out={out / 'dpo'}"])
+    cfg = d.config(dpo, "dpo", [f"model.path={d.summary['stages']['sft']['model']}",
+                                f"data.path={d.world_dir / 'preferences.jsonl'}", f"out={d.out / 'dpo'}"])
     res = d.run_stage("dpo", lambda: dpo.run(cfg))
     d.summary["stages"]["dpo"]["notes"] = "offline preference optimisation on the 0.1-noise gold-labelled pairs"
     d.evaluate("dpo", res["model"])
     annotate_stage(d.summary, "dpo", cfg, res)
 
-    from alignkit.train import grpo, ppo
 
-    for name, overrides, notes in (
-        ("ppo", PPO_RM, rlhf_notes(REWARD_ENSEMBLE)),
-        ("overopt", PPO_OVEROPT, "deliberate over-optimisation: PPO on the first reward model alone, beta 0.002 "
+def _ppo_stage(d: Demo, name: str) -> None:
+    """`ppo` (pipeline.PPO_RM against the reward ensemble) or `overopt` (PPO_OVEROPT on the first
+    reward model alone, the second one as the monitor's judge, docs/ppo.md)."""
+    from alignkit.eval.compare import annotate_stage, rlhf_notes
+    from alignkit.train import ppo
+
+    rm = d.summary["stages"]["reward"]
+    ensemble = tuple(rm.get("ensemble", ()))
+    overrides, notes = {
+        "ppo": (PPO_RM, rlhf_notes(REWARD_ENSEMBLE)),
+        "overopt": (PPO_OVEROPT, "deliberate over-optimisation: PPO on the first reward model alone, beta 0.002 "
                                  "and 150 iterations; proxy and gold against KL in the plot"),
-    ):
-        cfg = d.config(ppo, "ppo", [f"model.path={sft_model}", f"world={world}", f"out={out / name}",
-                                    "reward.source=model", f"reward.model={reward_model}", *overrides])
-        if name == "ppo":  # the over-optimised run keeps one reward model
-            cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, ensemble=ensemble))
-        elif ensemble:  # ... and the monitor's judge is the second one, held out of its reward (docs/ppo.md)
-            cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, judge=ensemble[0]))
-        res = d.run_stage(name, lambda cfg=cfg: ppo.run(cfg))
-        d.summary["stages"][name]["notes"] = notes
-        d.evaluate(name, res["model"])
-        annotate_stage(d.summary, name, cfg, res)
-        if name == "ppo":
-            ppo_model = res["model"]
-    if round2:
-        second_round(d, sft_model, ppo_model, rm_data)
+    }[name]
+    cfg = d.config(ppo, "ppo", [f"model.path={d.summary['stages']['sft']['model']}", f"world={d.world_dir}",
+                                f"out={d.out / name}", "reward.source=model", f"reward.model={rm['model']}", *overrides])
+    if name == "ppo":  # the over-optimised run keeps one reward model
+        cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, ensemble=ensemble))
+    elif ensemble:  # ... and the monitor's judge is the second one, held out of its reward (docs/ppo.md)
+        cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, judge=ensemble[0]))
+    res = d.run_stage(name, lambda: ppo.run(cfg))
+    d.summary["stages"][name]["notes"] = notes
+    d.evaluate(name, res["model"])
+    annotate_stage(d.summary, name, cfg, res)
+
+
+def _stage_round2(d: Demo, round2: bool) -> None:
+    st = d.summary["stages"]
+    second_round(d, st["sft"]["model"], st["ppo"]["model"], st["reward"]["data"])
+
+
+def _stage_grpo(d: Demo, round2: bool) -> None:
+    from alignkit.train import grpo
 
     res = d.run_stage("grpo", lambda: grpo.run(d.config(grpo, "grpo", [
-        f"model.path={sft_model}", f"world={world}", f"out={out / 'grpo'}"])))
+        f"model.path={d.summary['stages']['sft']['model']}", f"world={d.world_dir}", f"out={d.out / 'grpo'}"])))
     d.summary["stages"]["grpo"]["notes"] = "rewards from the world's gold judge (the machinery, not RLHF proper)"
     d.evaluate("grpo", res["model"])
 
+
+def _stage_cai(d: Demo, round2: bool) -> None:
     from alignkit.world.cai_demo import cai_stage
 
     cai_stage(d)  # Constitutional AI from the base model: SL-CAI and RL-CAI (docs/cai.md)
+
+
+# The demo's stages in report order: (the stages each needs, its function, rough minutes at one
+# thread on the 2-core machine, from the README's 3-seed run: what `--jobs` schedules by). CAI
+# starts from the base model but waits for SFT so that its win rate against SFT is reported.
+STAGES: dict[str, tuple[tuple[str, ...], Callable[[Demo, bool], None], float]] = {
+    "base": ((), _stage_base, 6.5),
+    "sft": (("base",), _stage_sft, 0.7),
+    "reward": (("sft",), _stage_reward, 4.0),
+    "dpo": (("sft",), _stage_dpo, 1.2),
+    "ppo": (("reward",), lambda d, r2: _ppo_stage(d, "ppo"), 1.8),
+    "overopt": (("reward",), lambda d, r2: _ppo_stage(d, "overopt"), 3.0),
+    "ppo_r2": (("ppo",), _stage_round2, 7.0),
+    "grpo": (("sft",), _stage_grpo, 0.8),
+    "cai": (("base", "sft"), _stage_cai, 3.4),
+}
+
+
+def stage_names(round2: bool) -> list[str]:
+    """The stages `demo` runs, in report order (ppo_r2 only with round2)."""
+    return [s for s in STAGES if round2 or s != "ppo_r2"]
+
+
+def demo(out: str | Path, quick: bool = False, seed: int = 0, world_dir: str | Path | None = None,
+         round2: bool = False, jobs: int = 1) -> dict:
+    """Run the pipeline; returns the summary (also written to OUT/summary.json). world_dir: an
+    existing world to use instead of writing one with `seed` (the multi-seed demo shares one).
+    round2: also run iterate round 2 (stage ppo_r2; opt-in: it costs about as much as the rest of
+    the RLHF stages and did not yet beat round 1 in the runs measured, docs/ppo.md).
+    jobs: stages trained at once, each in its own process (`demo_jobs`); 1 runs them one after
+    another in this process."""
+    start = time.perf_counter()
+    d = Demo(Path(out), quick, seed, world_dir=world_dir)
+    d.summary["jobs"] = jobs
+    if jobs == 1:
+        for name in stage_names(round2):
+            STAGES[name][1](d, round2)
+    else:
+        from alignkit.demo_jobs import run_parallel
+
+        run_parallel([d], jobs, round2)
+    d.summary["wall_s"] = time.perf_counter() - start
     d.save()
     return d.summary
