@@ -326,3 +326,11 @@ def test_binned_means_by_hand():
     assert binned_means(x, y, 2) == ([0.5, 3.0], [2.0, 6.0])
     assert binned_means(x, y, 1) == ([2.0], [4.0])
     assert binned_means([1.0, 2.0], [nan, 4.0], 5) == ([2.0], [4.0])  # at most one bin per point; NaN-only dropped
+
+
+def test_the_report_states_parallel_stages_and_the_total_wall_time():
+    md = render_markdown({**_summary(), "machine": "x86_64, 2 CPUs", "jobs": 2, "wall_s": 738.0})
+    assert "run on x86_64, 2 CPUs, 2 stages at a time (each in its own process), 12.3 min in all." in md
+    md = render_markdown({**_summary(), "machine": "x86_64, 2 CPUs", "jobs": 1, "wall_s": 90.0})
+    assert "run on x86_64, 2 CPUs, 1.5 min in all." in md
+    assert "run on x86_64, 2 CPUs." in render_markdown({**_summary(), "machine": "x86_64, 2 CPUs"})

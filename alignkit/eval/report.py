@@ -40,6 +40,13 @@ SMOKE_TEST = (
 )
 
 
+def _jobs_note(summary: dict) -> str:
+    """", 2 stages at a time (own processes), 12.3 min in all" when the summary has them."""
+    jobs, wall = summary.get("jobs"), summary.get("wall_s")
+    note = f", {jobs} stages at a time (each in its own process)" if isinstance(jobs, int) and jobs > 1 else ""
+    return note + (f", {wall / 60:.1f} min in all" if isinstance(wall, (int, float)) else "")
+
+
 def render_markdown(summary: dict) -> str:
     stages = summary["stages"]
     cats = sorted({c for s in stages.values() for c in s.get("per_category", {})})
@@ -48,7 +55,7 @@ def render_markdown(summary: dict) -> str:
         "",
         *([SMOKE_TEST, ""] if summary.get("quick") else []),
         f"World seed {summary['seed']}, {'quick' if summary.get('quick') else 'full'} run on "
-        f"{summary.get('machine', '?')}.",
+        f"{summary.get('machine', '?')}" + _jobs_note(summary) + ".",
         "Gold score: mean score of the world's gold judge over held-out prompts (0 worst, 1 best). "
         "Win rate: share of held-out prompts where the stage's answer beats the SFT model's "
         "(gold judge, ties count half) with a 95% interval. KL: KL(policy || SFT) per response, "
