@@ -3,9 +3,11 @@
     world -> tokenizer + pre-training (base) -> SFT -> reward models (+ the SFT model's own
     gold-labelled answers) -> DPO -> PPO -> over-optimised PPO -> iterate round 2 (ppo_r2) -> GRPO -> Constitutional AI (SL-CAI, RL-CAI) -> report
 
-Each stage reads its preset from configs/, runs in this process, and adds an entry to
-OUT/summary.json (`{"stages": {"base": {...}, "sft": {...}, ...}}`); report.md and report.html
-are re-rendered after every stage, so a run stopped half-way still leaves a readable report.
+Each stage reads its preset from configs/, runs in this process (with `jobs` > 1, in a worker
+process of its own, several at once where STAGES' graph allows: alignkit/demo_jobs.py), and adds
+an entry to OUT/summary.json (`{"stages": {"base": {...}, "sft": {...}, ...}}`); report.md and
+report.html are re-rendered after every stage, so a run stopped half-way still leaves a readable
+report.
 """
 
 from __future__ import annotations
