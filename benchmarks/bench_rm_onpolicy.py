@@ -7,7 +7,9 @@ strictly, and reports for every reward model given (and for the mean of their no
 the ensemble PPO uses) how often it orders them as the gold judge does, per category. With
 `--lm`, the policy's own summed and mean per-token log-probability are scored too: whether the
 backbone "knows" the better answer. `--mix C` (repeatable) scores the ensemble plus C x the mean
-log-prob: what PPO optimises with `reward.ref_logprob_coef=C` when the policy is the reference.
+log-prob: what PPO optimises with `reward.ref_logprob_coef=C` when the policy is the reference;
+`--mix-pmi C` the same with the mean log-prob minus its mean behind the content-free prompt
+(`reward.ref_logprob_baseline=empty_prompt`, `rollout.content_free_prompt`).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_rm_onpolicy.py --policy DEMO/sft/final \
         --world DEMO/world --rm DEMO/reward/final --rm DEMO/reward_2/final --passes 3
@@ -64,6 +66,15 @@ def lm_margins(policy, tok, pairs, average: bool = False) -> torch.Tensor:
             - response_logprobs(policy, tok, [(p, b) for p, _, b, _ in pairs], average))
 
 
+def pmi_margins(policy, tok, pairs) -> torch.Tensor:
+    """(N,) the mean-log-prob margin minus the same margin behind each prompt's content-free
+    prompt (pointwise mutual information per token between the question and the answer)."""
+    from alignkit.train.rollout import content_free_prompt
+
+    base = [(content_free_prompt(p), a, b, c) for p, a, b, c in pairs]
+    return lm_margins(policy, tok, pairs, average=True) - lm_margins(policy, tok, base, average=True)
+
+
 def agreement(margins: torch.Tensor, cats: list[str]) -> dict:
     """Share of pairs with margin > 0 (the better answer scored higher), overall and per category."""
     right = (margins > 0).double()
@@ -89,6 +100,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lm", action="store_true", help="also score pairs by the policy's own log-probability")
     ap.add_argument("--mix", type=float, action="append", default=[],
                     help="also score ensemble + C x the policy's mean log-prob (repeat for several C)")
+    ap.add_argument("--mix-pmi", type=float, action="append", default=[],
+                    help="also score ensemble + C x the mean log-prob's PMI against the content-free prompt (repeat)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -113,6 +126,11 @@ def main(argv=None) -> dict:
         scorers["policy_mean_logprob"] = agreement(d_lp, cats)
         for c in args.mix:
             scorers[f"ensemble+{c:g}*mean_logprob"] = agreement(torch.stack(margins).mean(0) + c * d_lp, cats)
+    if args.mix_pmi:
+        d_pmi = pmi_margins(policy, tok, pairs)
+        scorers["policy_pmi_mean_logprob"] = agreement(d_pmi, cats)
+        for c in args.mix_pmi:
+            scorers[f"ensemble+{c:g}*pmi_mean_logprob"] = agreement(torch.stack(margins).mean(0) + c * d_pmi, cats)
     counts = defaultdict(int)
     for c in cats:
         counts[c] += 1

@@ -132,11 +132,14 @@ def test_hyperparameters_of_known_ppo_configs():
     clip_eps_value, vf_coef, ent_coef, gamma, lam, whiten_advantages, kl_coef, kl_estimator,
     kl_target, stop_approx_kl, value_model, value_lr, loss_agg) = 24; shared: lora_r,
     max_prompt_len and 7 optimizer knobs = 9 (max_steps, epochs, max_len do not apply to RL).
-    kl_target switches kl_horizon on (+1); a gold reward switches normalize off (-1); LoRA adds
+    kl_target switches kl_horizon on (+1), reward.ref_logprob_coef > 0
+    reward.ref_logprob_baseline (+1); a gold reward switches normalize off (-1); LoRA adds
     its three details (+3) and drops the reference copy."""
     h = compare.count_hyperparameters(ppo.Config())
     assert (h["method"], h["shared"], h["changed"]) == (24, 9, 0)
     assert compare.count_hyperparameters(ppo.Config(kl_target=6.0))["method"] == 25
+    # reward.ref_logprob_baseline is a knob once the feature is on (+1)
+    assert compare.count_hyperparameters(load_config(ppo.Config, None, ["reward.ref_logprob_coef=6"]))["method"] == 25
     gold = load_config(ppo.Config, None, ["reward.source=gold"])
     assert compare.count_hyperparameters(gold)["method"] == 23
     lora = load_config(ppo.Config, None, ["model.lora_r=8", "model.path=/m", "reward.model=/r"])

@@ -65,6 +65,10 @@ def test_kl_in_the_reward_is_subtracted_before_the_baseline():
     # -> -0.65, row 1 -2.0 -> -1.0 (the padding token's 0.0 is not counted)
     bonus = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, ref_logprob_coef=0.5))
     assert grpo.sequence_rewards(ro, bonus).tolist() == pytest.approx([0.7 - 0.65, 0.5 - 1.0])
+    # with the content-free baseline [-0.4, -0.2] / [-2.5]: row 0 mean(-1.0, -1.0) = -1 -> -0.5,
+    # row 1 -2.0 + 2.5 = 0.5 -> +0.25
+    ro.ref_baseline_logprobs = torch.tensor([[-0.4, -0.2, 5.0], [-2.5, 5.0, 5.0]])
+    assert grpo.sequence_rewards(ro, bonus).tolist() == pytest.approx([0.7 - 0.5, 0.5 + 0.25])
 
 
 def test_old_logprob_pass_only_when_needed():

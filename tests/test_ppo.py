@@ -24,9 +24,11 @@ from alignkit.train.rollout import (
     RewardModelSource,
     Rollout,
     RolloutConfig,
+    baseline_prompt_ids,
     build_reward_source,
     collect_rollout,
     combine_ensemble,
+    content_free_prompt,
     gold_comparison,
     pad_left,
     pad_right,
@@ -283,6 +285,89 @@ def test_ref_logprob_bonus_lands_on_the_last_token_of_each_response():
     assert ref_logprob_bonus(empty, 2.0).tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="ref_logprob_coef"):
         ref_logprob_bonus(_rollout(logp, None, mask, torch.tensor([1.0, 2.0])), 2.0)
+
+
+def test_ref_logprob_bonus_minus_the_content_free_baseline():
+    """reward.ref_logprob_baseline: the feature is the mean of ref - baseline. Row 0: ref
+    [-1.5, -2, -2.5] - base [-0.5, -1, -1.5] = [-1, -1, -1] -> 2 x -1 = -2; row 1: -1.0 - (-3.0) = 2
+    -> +4 (padding's 9s ignored): an answer likelier behind its question than behind none earns."""
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    logp = torch.tensor([[-1.0, -2, -3], [-0.5, 9, 9]])
+    ro = _rollout(logp, torch.tensor([[-1.5, -2, -2.5], [-1.0, 9, 9]]), mask, torch.tensor([1.0, 2.0]))
+    ro.ref_baseline_logprobs = torch.tensor([[-0.5, -1, -1.5], [-3.0, 9, 9]])
+    assert ref_logprob_bonus(ro, 2.0).tolist() == pytest.approx([-2.0, 4.0])
+    plain = ppo.Config(gamma=1.0, lam=1.0, whiten_advantages=False, kl_estimator="k1")
+    bonus = dataclasses.replace(plain, reward=dataclasses.replace(plain.reward, ref_logprob_coef=2.0,
+                                                                  ref_logprob_baseline="empty_prompt"))
+    _, r0, kl0 = ppo.make_batch(ro, 0.1, plain)
+    _, r1, kl1 = ppo.make_batch(ro, 0.1, bonus)
+    assert torch.allclose(r1 - r0, torch.tensor([[0.0, 0, -2], [4, 0, 0]]), atol=1e-6) and torch.equal(kl0, kl1)
+    with pytest.raises(ConfigError, match="ref_logprob_coef > 0"):
+        RewardConfig(ref_logprob_baseline="empty_prompt")
+    with pytest.raises(ConfigError, match="reward.ref_logprob_baseline"):
+        RewardConfig(ref_logprob_coef=1.0, ref_logprob_baseline="question")
+
+
+def test_content_free_prompt_empties_the_last_human_turn_only():
+    assert content_free_prompt("Human: What is 16 minus 9?\nAssistant:") == "Human: \nAssistant:"
+    assert (content_free_prompt("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: What is 2 plus 2?\n\nAssistant:")
+            == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: \n\nAssistant:")
+    assert content_free_prompt("Human:\nAssistant:") == "Human:\nAssistant:"
+    with pytest.raises(ValueError, match="Human:"):
+        content_free_prompt("<|im_start|>user\nWhat is 2 plus 2?<|im_end|>")
+    with pytest.raises(ValueError, match="Assistant:"):
+        content_free_prompt("Human: no answer marker")
+
+
+class _IdTokenizer:
+    """Decodes any id (tiny_llama samples all of its vocabulary); encodes nothing."""
+
+    eos_token_id, pad_token_id = EOS, PAD
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if i not in (PAD, EOS))
+
+
+def test_rollout_baseline_logprobs_are_the_reference_behind_the_content_free_prompt():
+    """ref_baseline_logprobs[r, t] = log softmax(ref(baseline + response)[len(baseline) - 1 + t])[response[t]],
+    computed per row without padding; rows of one prompt's group share its baseline, and the
+    sampled tokens, the policy's and the reference's log-probs are those of a rollout without it."""
+    policy = tiny_llama("nano", vocab_size=40, seed=1).eval()
+    ref = tiny_llama("nano", vocab_size=40, seed=2).eval()
+    source = FunctionSource(lambda p, r: [0.0] * len(r))
+    def ref_fn(ids, mask, r_ids):
+        return response_logprobs(ref, ids, mask, r_ids)
+
+    kw = dict(logprob_fn=_lp(policy), ref_logprob_fn=ref_fn, group_size=2, seed=3)
+    prompts, baselines = [[5, 6, 7], [8]], [[5, 9], [10, 11, 12]]
+    plain = collect_rollout(policy, _IdTokenizer(), prompts, ["a", "b"], source, RolloutConfig(max_new_tokens=4), **kw)
+    ro = collect_rollout(policy, _IdTokenizer(), prompts, ["a", "b"], source, RolloutConfig(max_new_tokens=4),
+                         baseline_ids=baselines, **kw)
+    assert plain.ref_baseline_logprobs is None
+    assert torch.equal(ro.response_ids, plain.response_ids) and torch.equal(ro.ref_logprobs, plain.ref_logprobs)
+    for r in range(4):
+        n = int(ro.response_mask[r].sum())
+        resp, base = ro.response_ids[r, :n].tolist(), baselines[r // 2]
+        logits = ref(torch.tensor([base + resp])).logits[0].log_softmax(-1)
+        want = torch.stack([logits[len(base) - 1 + t, tok] for t, tok in enumerate(resp)])
+        assert torch.allclose(ro.ref_baseline_logprobs[r, :n], want, atol=1e-5)
+        assert ro.ref_baseline_logprobs[r, n:].abs().sum() == 0
+    with pytest.raises(ValueError, match="ref_logprob_baseline"):
+        collect_rollout(policy, _IdTokenizer(), prompts, ["a", "b"], source, RolloutConfig(max_new_tokens=4),
+                        logprob_fn=None, baseline_ids=baselines)
+
+
+def test_baseline_prompt_ids_tokenise_each_content_free_prompt():
+    from alignkit.models.bpe import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["Human: What is one plus two?\nAssistant: three"] * 5, vocab_size=300)
+    texts = ["Human: What is one plus two?\nAssistant:", "Human: What is two plus two?\nAssistant:"]
+    assert baseline_prompt_ids(tok, texts, "none") is None
+    from alignkit.data.tokenize import encode_prompt
+
+    want = encode_prompt(tok, "Human: \nAssistant:")[0]
+    assert baseline_prompt_ids(tok, texts, "empty_prompt") == [want, want]
+    assert tok.decode(want, skip_special_tokens=True) == "Human: \nAssistant:"
 
 # ------------------------------------------------------------------ value heads
 def _ids():
@@ -558,6 +643,13 @@ def test_ppo_feeds_judge_agreement_from_fresh_pairs(tiny_dirs):
     assert bonus["total_reward"] - row["total_reward"] == pytest.approx(bonus["ref_logprob_bonus"], abs=1e-5)
     assert bonus["monitor/proxy_gap"] == pytest.approx(0.0, abs=1e-5)
     assert "ref_logprob_bonus" not in row
+    # reward.ref_logprob_baseline=empty_prompt: the same rollout, a different feature (its PMI form)
+    out = tiny_dirs / "out-judge-pmi"
+    ppo.run(load_config(ppo.Config, None, [*base, f"out={out}", "reward.ref_logprob_coef=2",
+                                           "reward.ref_logprob_baseline=empty_prompt"]))
+    pmi = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert pmi["reward"] == pytest.approx(row["reward"], abs=1e-6) and pmi["ref_logprob_bonus"] != bonus["ref_logprob_bonus"]
+    assert pmi["total_reward"] - row["total_reward"] == pytest.approx(pmi["ref_logprob_bonus"], abs=1e-5)
     out = tiny_dirs / "out-judge-off"
     ppo.run(load_config(ppo.Config, None, [*base, f"out={out}", "monitor.judge_pairs=0"]))
     assert "monitor/judge_agreement" not in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

@@ -178,6 +178,8 @@ def _inactive(name: str, cfg: Any) -> bool:
         return rl
     if name == "kl_horizon":
         return getattr(cfg, "kl_target", None) is None
+    if name == "reward.ref_logprob_baseline":  # a detail of the reference-likelihood feature
+        return not cfg.reward.ref_logprob_coef
     if name == "reward.normalize":
         return cfg.reward.source != "model"
     if name in ("reward.ensemble_mode", "reward.ensemble_coef"):  # a knob once there are two members

@@ -439,6 +439,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
     from alignkit.train.loop import build_optimizer, build_scheduler
     from alignkit.train.rl_run import eval_due, finish_run, gold_eval, load_policy_and_prompts, start_run
     from alignkit.train.rollout import (
+        baseline_prompt_ids,
         build_monitor_judge,
         build_reference,
         build_reward_source,
@@ -496,6 +497,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             return reference.logprobs(ids, mask, r_ids, cfg.rollout.temperature, chunk)
 
         trainable = {id(p) for p in ac.policy_parameters() + ac.value_parameters()}
+        base_ids = baseline_prompt_ids(tokenizer, prompt_texts, cfg.reward.ref_logprob_baseline)
         done, evals, ref_cache = 0, [], {}  # ref_cache: the reference's greedy eval responses
         mon, stopped = (Monitor(cfg.monitor) if cfg.monitor.enabled else None), None
         if resume_from is not None:
@@ -515,6 +517,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
                 ro = collect_rollout(
                     sampler, tokenizer, [prompt_ids[i] for i in idx], [prompt_texts[i] for i in idx], reward,
                     cfg.rollout, logprob_fn=logprob_fn, ref_logprob_fn=ref_fn,
+                    baseline_ids=None if base_ids is None else [base_ids[i] for i in idx],
                     missing_eos_penalty=cfg.reward.missing_eos_penalty,
                     row_seeds=row_seeds(cfg.train.seed, it, first, len(idx)),
                     autocast=autocast_for(cfg.train.precision, device),

@@ -54,6 +54,7 @@ from alignkit.train.strategy import SHARDS
 from alignkit.train.trackers import MetricsLog
 
 ENSEMBLE_MODES = ("mean", "min", "uwo")
+REF_LOGPROB_BASELINES = ("none", "empty_prompt")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class RewardConfig:
     """Adds coef x the frozen reference's mean per-token log-prob of the response to the reward
     the update optimises (`ref_logprob_bonus`): a second reward feature beside the reward models'
     score (docs/reward.md, "The reference's likelihood as a reward feature"); 0: off."""
+    ref_logprob_baseline: Literal["none", "empty_prompt"] = "none"
+    """'empty_prompt': the feature becomes mean_t [log pi_ref(y_t | x) - log pi_ref(y_t | x0)], x0 the
+    prompt with its last question emptied (`content_free_prompt`), so answers likely under any prompt
+    (a memorised refusal) earn nothing; 'none': the plain mean log-prob."""
 
     def __post_init__(self):
         if self.ensemble_mode not in ENSEMBLE_MODES:
@@ -95,6 +100,12 @@ class RewardConfig:
         paths = [self.model, *self.ensemble]
         if self.ensemble and len(set(paths)) < len(paths):
             raise ConfigError(f"config key 'reward.ensemble' names a reward model twice (with reward.model): {paths}")
+        if self.ref_logprob_baseline not in REF_LOGPROB_BASELINES:
+            raise ConfigError(f"config key 'reward.ref_logprob_baseline': expected one of {list(REF_LOGPROB_BASELINES)}, "
+                              f"got {self.ref_logprob_baseline!r}")
+        if self.ref_logprob_baseline != "none" and not self.ref_logprob_coef:
+            raise ConfigError(f"config key 'reward.ref_logprob_baseline={self.ref_logprob_baseline}' needs "
+                              "reward.ref_logprob_coef > 0 (the feature it changes is off)")
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,9 @@ class Rollout:
     """(B,) decoded responses, special tokens removed."""
     group_size: int = 1
     """Responses per prompt (G); B is a multiple of it."""
+    ref_baseline_logprobs: torch.Tensor | None = None
+    """(B, T) the reference's log-probs of the same tokens behind the content-free prompt
+    (`reward.ref_logprob_baseline`), or None."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -170,16 +184,54 @@ class Rollout:
         return self.response_ids.shape[0]
 
 
+def content_free_prompt(prompt: str) -> str:
+    """`prompt` with its last human turn emptied: the baseline of `reward.ref_logprob_baseline`.
+
+    The text between the last "Human:" and the "Assistant:" after it loses everything but its
+    leading and trailing whitespace ("Human: What is 2 plus 2?\\nAssistant:" becomes
+    "Human: \\nAssistant:"); earlier turns stay. Raises ValueError for a prompt without these
+    markers (a chat template's rendering: give such prompts in the HH form)."""
+    h = prompt.rfind("Human:")
+    a = prompt.find("Assistant:", h + 6) if h >= 0 else -1
+    if a < 0:
+        raise ValueError("reward.ref_logprob_baseline=empty_prompt needs prompts with 'Human: ...' followed by "
+                         f"'Assistant:' (the HH form); got {prompt[:80]!r}")
+    body = prompt[h + 6 : a]
+    lead, trail = body[: len(body) - len(body.lstrip())], body[len(body.rstrip()) :]
+    if not body.strip():
+        lead, trail = body, ""
+    return prompt[: h + 6] + lead + trail + prompt[a:]
+
+
 def ref_logprob_bonus(ro: Rollout, coef: float) -> torch.Tensor:
     """(B,) coef x the reference's mean per-token log-prob of each response
-    (`reward.ref_logprob_coef`; 0 for an empty response). `ro.scores` stays the reward source's
-    score (what the monitor and the metrics' `reward` read); the stages add this to it where
-    they build the rewards they optimise."""
+    (`reward.ref_logprob_coef`; 0 for an empty response), minus the same mean behind the
+    content-free prompt when the rollout has `ref_baseline_logprobs` (`reward.ref_logprob_baseline`).
+    `ro.scores` stays the reward source's score (what the monitor and the metrics' `reward`
+    read); the stages add this to it where they build the rewards they optimise."""
     if not coef:
         return torch.zeros_like(ro.scores)
     if ro.ref_logprobs is None:
         raise ValueError("reward.ref_logprob_coef needs the reference model's log-probs; this rollout has none")
-    return coef * (ro.ref_logprobs * ro.response_mask).sum(-1) / ro.response_mask.sum(-1).clamp(min=1.0)
+    lp = ro.ref_logprobs if ro.ref_baseline_logprobs is None else ro.ref_logprobs - ro.ref_baseline_logprobs
+    return coef * (lp * ro.response_mask).sum(-1) / ro.response_mask.sum(-1).clamp(min=1.0)
+
+
+def baseline_prompt_ids(tokenizer: Any, prompt_texts: Sequence[str], baseline: str) -> list[list[int]] | None:
+    """The ids of each prompt's content-free prompt (`content_free_prompt`, BOS first when the
+    tokenizer adds one) for `reward.ref_logprob_baseline`, or None when it is 'none'."""
+    if baseline == "none":
+        return None
+    from alignkit.data.tokenize import encode_prompt
+
+    cache: dict[str, list[int]] = {}
+    out = []
+    for t in prompt_texts:
+        b = content_free_prompt(t)
+        if b not in cache:
+            cache[b] = encode_prompt(tokenizer, b)[0]
+        out.append(cache[b])
+    return out
 
 
 # ---------------------------------------------------------------------------------- padding
@@ -534,6 +586,7 @@ def collect_rollout(
     *,
     logprob_fn: LogprobFn | None,
     ref_logprob_fn: RefLogprobFn | None = None,
+    baseline_ids: Sequence[Sequence[int]] | None = None,
     group_size: int = 1,
     missing_eos_penalty: float = 0.0,
     seed: int | None = None,
@@ -547,6 +600,8 @@ def collect_rollout(
         update's forward exactly. None skips it (logprobs are then zeros: the caller fills them
         from its first update, as GRPO does with one update per rollout).
     ref_logprob_fn: the frozen reference's log-probs, or None.
+    baseline_ids: one content-free prompt per prompt (`baseline_prompt_ids`): the reference's
+        log-probs of the same response tokens behind it fill `ref_baseline_logprobs`; None: none.
     missing_eos_penalty: subtracted from `scores` where a response has no EOS.
     row_seeds: one sampling seed per response row (prompts x group_size, overrides `seed`), so a
         row's tokens do not depend on the rank or batch that samples it (distributed.row_seeds).
@@ -581,6 +636,14 @@ def collect_rollout(
             ref = None
             if ref_logprob_fn is not None:
                 ref = in_chunks(ref_logprob_fn, cfg.forward_batch_size, input_ids, attention_mask, r_ids) * mask
+            base = None
+            if baseline_ids is not None:
+                if ref_logprob_fn is None:
+                    raise ValueError("reward.ref_logprob_baseline needs the reference model's log-probs (ref_logprob_fn)")
+                b_ids, b_mask = pad_left([list(b) for b in baseline_ids for _ in range(group_size)], pad_id)
+                b_ids, b_mask = b_ids.to(device), b_mask.to(device)
+                base = in_chunks(ref_logprob_fn, cfg.forward_batch_size, torch.cat([b_ids, r_ids], dim=1),
+                                 torch.cat([b_mask, r_mask], dim=1), r_ids) * mask
         values = None if values is None else values.float()
     finally:
         policy.train(was_training)
@@ -593,6 +656,7 @@ def collect_rollout(
         response_mask=mask,
         logprobs=logp * mask,
         ref_logprobs=ref,
+        ref_baseline_logprobs=base,
         values=None if values is None else values * mask,
         scores=scores,
         raw_scores=raw.to(device).float(),
