@@ -265,3 +265,18 @@ def test_missing_vllm_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError even if installed
     with pytest.raises(ImportError, match="setup_vllm_venv.sh"):
         vllm_engine.import_vllm()
+
+
+def test_the_weight_folder_keeps_one_copy_of_tied_weights(tmp_path):
+    """The folder an engine reloads from: a tied head (lm_head = embed_tokens) is written once."""
+    from safetensors.torch import load_file
+
+    from alignkit.models.vllm_engine import ModelSpec, _write_model_dir
+
+    emb, other = torch.arange(6.0).reshape(3, 2), torch.ones(2)
+    spec = ModelSpec(config_json="{}", generation_json=None, dtype="float32", eos_ids=(0,))
+    _write_model_dir(str(tmp_path), spec, [("embed_tokens.weight", emb), ("norm.weight", other),
+                                           ("lm_head.weight", emb), ("copy.weight", emb.clone())])
+    out = load_file(tmp_path / "model.safetensors")
+    assert sorted(out) == ["copy.weight", "embed_tokens.weight", "norm.weight"]
+    assert torch.equal(out["embed_tokens.weight"], emb) and torch.equal(out["copy.weight"], emb)

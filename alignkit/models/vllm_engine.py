@@ -109,9 +109,11 @@ def _write_model_dir(path: str, spec: ModelSpec, weights: Iterable[tuple[str, to
     if spec.generation_json is not None:
         Path(path, "generation_config.json").write_text(spec.generation_json)
     tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     for name, t in weights:
-        if t.data_ptr() in {v.data_ptr() for v in tensors.values()}:
+        if t.data_ptr() in seen:
             continue  # tied weights (lm_head = embed_tokens): vLLM ties them from the config
+        seen.add(t.data_ptr())
         tensors[name] = t
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
               os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
