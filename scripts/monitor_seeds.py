@@ -130,6 +130,22 @@ def analyse_run(out: Path, mcfg: MonitorConfig, gold_from: Path | None = None) -
     }
 
 
+def summarise(rs: list[dict]) -> dict:
+    """Over seeds (`analyse_run` results): alarms, falls, win rate mean and sample std, intervals
+    above one half, gold and gold per category."""
+    return {
+        "alarms": sum(r["alarm"] is not None for r in rs),
+        "alarms_before_fall": sum(r["alarm_before_fall"] for r in rs),
+        "falls": sum(r["gold_fell_10pct_it"] is not None for r in rs),
+        "win_mean": statistics.fmean(r["win"] for r in rs),
+        "win_std": statistics.stdev(r["win"] for r in rs) if len(rs) > 1 else 0.0,
+        "cis_above_half": sum(r["win_ci"][0] > 0.5 for r in rs),
+        "gold_mean": statistics.fmean(r["gold_final"] for r in rs),
+        "per_category_mean": {c: statistics.fmean(r["per_category"][c] for r in rs)
+                              for c in (rs[0]["per_category"] or {})},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", required=True, type=Path, help="a finished alignkit demo folder")
@@ -164,20 +180,7 @@ def main() -> None:
             print(f"| {run} | {s} | {r['alarm'] or 'none'} | {', '.join(r['rules']) or '-'} | {r['gold_peak_it']} "
                   f"({r['gold_peak']:.3f}) | {r['gold_fell_10pct_it'] or 'never'} | {r['gold_final']:.3f} | "
                   f"{r['win']:.3f} [{r['win_ci'][0]:.2f}, {r['win_ci'][1]:.2f}] |")
-    summary = {}
-    for run in runs:
-        rs = list(res[run].values())
-        summary[run] = {
-            "alarms": sum(r["alarm"] is not None for r in rs),
-            "alarms_before_fall": sum(r["alarm_before_fall"] for r in rs),
-            "falls": sum(r["gold_fell_10pct_it"] is not None for r in rs),
-            "win_mean": statistics.fmean(r["win"] for r in rs),
-            "win_std": statistics.stdev(r["win"] for r in rs) if len(rs) > 1 else 0.0,
-            "cis_above_half": sum(r["win_ci"][0] > 0.5 for r in rs),
-            "gold_mean": statistics.fmean(r["gold_final"] for r in rs),
-            "per_category_mean": {c: statistics.fmean(r["per_category"][c] for r in rs)
-                                  for c in (rs[0]["per_category"] or {})},
-        }
+    summary = {run: summarise(list(res[run].values())) for run in runs}
     sft = json.loads((a.out / "sft_eval.json").read_text())
     for run in runs:
         print(f"{run}: win {summary[run]['win_mean']:.3f} ± {summary[run]['win_std']:.3f}, "

@@ -8,7 +8,8 @@ many-core machine (docs/ppo.md, docs/reward.md):
 Each run is scripts/monitor_seeds.py's `preset` run (pipeline.PPO_RM against D's three reward
 models, the monitor's judge D/reward_2/final) with the variant's extra overrides (comma-separated
 key=value), in O/VARIANT/sSEED. Prints per variant: win rate against SFT per seed and its mean and
-sample std, intervals above one half, gold, and gold per category against SFT; then one JSON
+sample std, intervals above one half, gold, gold per category against SFT and the monitor's alarms
+(monitor_seeds.analyse_run, the current MonitorConfig); then one JSON
 object as its last line.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -40,26 +40,29 @@ def run_one(demo: Path, out: Path, seed: int, overrides: list[str]) -> int:
 
 
 def table(out: Path, variants: dict[str, list[str]], seeds: list[int]) -> dict:
+    """Per variant, over the seeds that finished: monitor_seeds.summarise of each run's
+    monitor_seeds.analyse_run (alarms of the current MonitorConfig included), plus every seed's
+    win rate and gold per category against SFT."""
+    from alignkit.eval.monitor import MonitorConfig
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from monitor_seeds import analyse_run, summarise
+
     res: dict = {}
     for name in variants:
-        runs = [(s, out / name / f"s{s}") for s in seeds]
-        evals = {s: json.loads((d / f"preset-s{s}" / "final_eval.json").read_text())
-                 for s, d in runs if (d / f"preset-s{s}" / "final_eval.json").is_file()}
-        if not evals:
+        runs = {s: out / name / f"s{s}" / f"preset-s{s}" for s in seeds}
+        done = {s: analyse_run(r, MonitorConfig()) for s, r in runs.items() if (r / "final_eval.json").is_file()}
+        if not done:
             continue
-        sft = json.loads((runs[0][1] / "sft_eval.json").read_text())
-        wins = [e["win_rate_vs_sft"]["rate"] for e in evals.values()]
-        cats = {c: statistics.fmean(e["per_category"][c] for e in evals.values()) - sft["per_category"][c]
-                for c in sft["per_category"]}
-        res[name] = {"seeds": list(evals), "win": wins, "win_mean": statistics.fmean(wins),
-                     "win_std": statistics.stdev(wins) if len(wins) > 1 else 0.0,
-                     "cis_above_half": sum(e["win_rate_vs_sft"]["lo"] > 0.5 for e in evals.values()),
-                     "gold_mean": statistics.fmean(e["gold_score"] for e in evals.values()),
-                     "sft_gold": sft["gold_score"], "per_category_vs_sft": cats, "overrides": variants[name]}
-        r = res[name]
-        print(f"{name}: win {r['win_mean']:.3f} ± {r['win_std']:.3f} ({', '.join(f'{w:.3f}' for w in wins)}), "
-              f"{r['cis_above_half']}/{len(wins)} intervals above 0.5, gold {r['gold_mean']:.3f} (SFT {sft['gold_score']:.3f})")
-        print("  per category vs SFT: " + ", ".join(f"{c} {v:+.3f}" for c, v in cats.items()))
+        sft = json.loads((out / name / f"s{next(iter(done))}" / "sft_eval.json").read_text())
+        r = {**summarise(list(done.values())), "seeds": list(done), "win": [x["win"] for x in done.values()],
+             "sft_gold": sft["gold_score"], "overrides": variants[name]}
+        r["per_category_vs_sft"] = {c: v - sft["per_category"][c] for c, v in r.pop("per_category_mean").items()}
+        res[name] = r
+        print(f"{name}: win {r['win_mean']:.3f} ± {r['win_std']:.3f} ({', '.join(f'{w:.3f}' for w in r['win'])}), "
+              f"{r['cis_above_half']}/{len(done)} intervals above 0.5, gold {r['gold_mean']:.3f} "
+              f"(SFT {sft['gold_score']:.3f}), monitor alarms {r['alarms']}/{len(done)}")
+        print("  per category vs SFT: " + ", ".join(f"{c} {v:+.3f}" for c, v in r["per_category_vs_sft"].items()))
     return res
 
 
