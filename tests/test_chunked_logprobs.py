@@ -254,7 +254,7 @@ def test_block_cap_splits_large_vocabularies(monkeypatch):
     y = torch.randint(0, V, (10,), generator=g)
     calls = []
     monkeypatch.setattr(chunked, "MAX_BLOCK", 3 * V)
-    monkeypatch.setattr(Head, "logits", lambda self, x: calls.append(len(x)) or F.linear(x, self.weight))
+    monkeypatch.setattr(Head, "logits", lambda self, x, out=None: calls.append(len(x)) or F.linear(x, self.weight))
     got = chunked_logprobs(h, y, Head(w, None), chunk=1024)
     want = F.log_softmax(h @ w.T, -1).gather(-1, y[:, None])[:, 0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -263,3 +263,25 @@ def test_block_cap_splits_large_vocabularies(monkeypatch):
     gb = torch.autograd.grad(want.sum(), (h, w))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_logsumexp_is_torch_logsumexp_and_entropy_is_exact():
+    """`_lse_stats` (one pass of exponentials kept for the entropy) gives bitwise
+    `torch.logsumexp` and the plain gather - logsumexp log-probs, and entropies equal to a
+    float64 computation, on flat, peaked (one logit 40 above the rest: entropy ~1e-13) and
+    large-offset rows, where lse - E[z] would cancel."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 5000, generator=g) * torch.tensor([0.1, 1.0, 3.0, 1.0, 1.0, 1.0])[:, None]
+    z[3, 17] += 40.0  # peaked
+    z[4] = z[1] + 1000.0  # row 1 offset: the same distribution up to float32 rounding of the logits
+    z[5, :2500] = -30.0
+    y = torch.randint(0, 5000, (6,), generator=g)
+    lp, lse, ent = chunked._lse_stats(z.clone(), y, True)
+    assert torch.equal(lse, z.logsumexp(-1))
+    assert torch.equal(lp, z.gather(-1, y[:, None])[:, 0] - z.logsumexp(-1))
+    q = z.double().log_softmax(-1)
+    want = -(q.exp() * q).sum(-1)
+    torch.testing.assert_close(ent.double(), want, rtol=1e-5, atol=1e-6)
+    assert ent[3] < 1e-5 and abs(ent[4] - ent[1]) < 1e-3  # peaked ~0; the offset changes nothing
+    lp2, lse2, none = chunked._lse_stats(z.clone(), y, False)
+    assert torch.equal(lp2, lp) and torch.equal(lse2, lse) and none is None

@@ -53,8 +53,14 @@ class Head:
     temperature: float = 1.0
     """Logits are divided by this last (the RL stages' sampling temperature), as the full path does."""
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, H) -> (n, V) exactly as the model's own head computes them."""
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, H) -> (n, V) exactly as the model's own head computes them; with `out` ((>= n, V),
+        the dtype of `hidden`) into its first n rows, unless autocast is on. The arithmetic is the
+        same (`linear` is addmm, or mm without a bias, and the post-processing runs in place); a
+        reused block saves a fresh (n, V) allocation, whose pages a CPU faults in anew each time
+        (~60 ms per 128 MiB here)."""
+        if out is not None and out.dtype == hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            return self._logits_into(hidden, out[: len(hidden)])
         z = nn.functional.linear(hidden, self.weight, self.bias)
         if self.scale != 1.0:
             z = z * self.scale
@@ -62,6 +68,19 @@ class Head:
             z = torch.tanh(z / self.softcap) * self.softcap
         if self.temperature != 1.0:
             z = z / self.temperature
+        return z
+
+    def _logits_into(self, hidden: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            torch.mm(hidden, self.weight.t(), out=z)
+        else:
+            torch.addmm(self.bias, hidden, self.weight.t(), out=z)
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        if self.temperature != 1.0:
+            z.div_(self.temperature)
         return z
 
 
@@ -215,6 +234,41 @@ def _entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return -(logq.exp() * logq).sum(-1)
 
 
+def _lse_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool, spare: torch.Tensor | None = None):
+    """(n,) log-probs of `targets`, (n,) logsumexp and, with `want_entropy`, (n,) entropies of
+    float32 logits z (n, V), which it overwrites. The logsumexp is `torch.logsumexp`'s own
+    arithmetic (amax, exp(z - max), sum, log, + max: bitwise the same, tested), with its
+    exponentials kept for the entropy, log s - sum_v e_v d_v / s (d = z - max, e = exp(d),
+    s = sum e): one (n, V) temporary (`spare`'s first n rows when given) instead of logsumexp's
+    one plus the entropy's three, and no cancellation of large logits."""
+    picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (n,)
+    m = z.amax(-1, keepdim=True)  # (n, 1)
+    m.masked_fill_(m.abs() == float("inf"), 0)
+    d = z.sub_(m)  # (n, V) in place: z - max
+    if not want_entropy:
+        e = d.exp_()
+    else:
+        e = d.exp() if spare is None else torch.exp(d, out=spare[: len(d)])
+    s = e.sum(-1)  # (n,)
+    log_s = s.log()
+    lse = log_s + m.squeeze(-1)
+    ent = None
+    if want_entropy:
+        ent = log_s - (e.unsqueeze(-2) @ d.unsqueeze(-1)).view(-1) / s
+    return picked - lse, lse, ent
+
+
+def _blocks(hidden: torch.Tensor, head: Head, chunk: int, dtype: torch.dtype, spare: bool) -> tuple:
+    """A reusable (min(chunk, N), V) block in `dtype` for the chunks' logits (None under
+    autocast, where the head's matmul picks its own dtype) and, with `spare`, a float32 one for
+    the entropy's exponentials: a large vocabulary's blocks are allocated once per pass, not per
+    chunk."""
+    n, V = min(chunk, len(hidden)), head.weight.shape[0]
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    block = None if autocast else hidden.new_empty((n, V), dtype=dtype)
+    return block, hidden.new_empty((n, V), dtype=torch.float32) if spare else None
+
+
 class _HeadLogprobs(torch.autograd.Function):
     """Chunked log-probs (and, as a metric, entropies) with a hand-written backward.
 
@@ -225,24 +279,28 @@ class _HeadLogprobs(torch.autograd.Function):
         dlp/dz = onehot(y) - softmax(z),   dz/da = scale / temperature * (1 - (v / cap)^2)
 
     (v = z * temperature, the capped value; the last factor only with soft-capping), then
-    grad_h = g_a W and grad_W = g_a^T h: three head matmuls a step, as the full path does, where
-    `torch.utils.checkpoint` would run four. The matmuls run in the dtype the forward's logits
-    had (bf16 under autocast), so the recomputed logits are the forward's; grad_W's per-chunk
-    products are summed in float32.
+    grad_h = g_a W and grad_W = g_a^T h: four head matmuls a step against the full path's three
+    (which keeps the (N, V) logits for its backward), and no autograd graph per chunk. The matmuls
+    run in the dtype the forward's logits had (bf16 under autocast), so the recomputed logits are
+    the forward's; grad_W's per-chunk products are summed in float32. At a large vocabulary the
+    elementwise passes over each (chunk, V) block cost as much as its matmul, so both directions
+    reuse one block per pass (`_blocks`) and work in place (`_lse_stats`; the backward's
+    exp / scale on the recomputed logits).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, head: Head, chunk: int, want_entropy: bool):
         lps, lses, ents = [], [], []
+        block, spare = _blocks(hidden, head, chunk, hidden.dtype, want_entropy)
         for h, y in zip(hidden.split(chunk), targets.split(chunk)):
-            logits = head.logits(h)  # (n, V)
-            z = logits.float()
-            lse = z.logsumexp(-1)  # (n,)
-            lps.append(logits.gather(-1, y.unsqueeze(-1)).squeeze(-1).float() - lse)
+            logits = head.logits(h, block)  # (n, V)
+            ctx.mm_dtype = logits.dtype
+            z = logits.float() if logits.dtype != torch.float32 else logits  # overwritten below
+            lp, lse, ent = _lse_stats(z, y, want_entropy, spare)
+            lps.append(lp)
             lses.append(lse)
             if want_entropy:
-                ents.append(_entropy(z, lse))
-            ctx.mm_dtype = logits.dtype
+                ents.append(ent)
         ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses))
         ctx.head, ctx.chunk = head, chunk
         ent = torch.cat(ents) if want_entropy else hidden.new_zeros(0, dtype=torch.float32)
@@ -260,14 +318,16 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        block, _ = _blocks(hidden, low, chunk, dt, spare=False)
         for i in range(0, len(hidden), chunk):
             h, y, g = hidden[i : i + chunk].to(dt), targets[i : i + chunk], g_lp[i : i + chunk].float()
-            z = low.logits(h).float()  # (n, V)
-            ga = -(z - lse[i : i + chunk].unsqueeze(-1)).exp_() * g.unsqueeze(-1)  # -g * softmax
+            z = low.logits(h, block).float()  # (n, V), overwritten below
+            cap = 1 - (z * (head.temperature / head.softcap)).square_() if head.softcap else None
+            ga = z.sub_(lse[i : i + chunk].unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))  # -g * softmax
             ga.scatter_add_(-1, y.unsqueeze(-1), g.unsqueeze(-1))  # + g * onehot
             factor = head.scale / head.temperature
-            if head.softcap:
-                ga.mul_(1 - (z * (head.temperature / head.softcap)).square_())
+            if cap is not None:
+                ga.mul_(cap)
             if factor != 1.0:
                 ga.mul_(factor)
             if need_b:
@@ -461,7 +521,10 @@ def response_stats(
     if temperature != 1.0:
         head = dataclasses.replace(head, temperature=temperature)
     keep = r_mask.bool()  # (B, T)
-    lp, ent = chunked_stats(hidden[keep], response_ids[keep], head, chunk, entropy_grad)
+    if entropy:
+        lp, ent = chunked_stats(hidden[keep], response_ids[keep], head, chunk, entropy_grad)
+    else:  # no (n, V) entropy arithmetic for a pass that drops it (the reference's)
+        lp, ent = chunked_logprobs(hidden[keep], response_ids[keep], head, chunk), None
     zeros = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device)
     return ResponseStats(
         logprobs=zeros.index_put((keep,), lp),
