@@ -42,7 +42,10 @@ Measured per worker: peak memory = the kernel's RSS high-water mark of the proce
 the model, optimizer state, activations and every temporary); step time = median of the
 steps after the first (warm-up), in wall time and in CPU time of the process (one torch thread:
 CPU time is the work done, which other processes on a shared machine disturb far less); loss =
-the first step's loss, at the initial weights.
+the first step's loss, at the initial weights. For SFT and DPO a third worker, `exact`, computes that
+loss in float64 with plain PyTorch (both models cast to float64, the head and log-softmax over
+256-token chunks, float64 sums): the table then gives each side's distance to it, which says
+whose float32 rounding a difference between the sides is (`--no-exact` skips it).
 `--rounds` rounds alternate which side runs first (alignkit, TRL, TRL, alignkit, ...):
 throughput ratio = median over rounds of the per-round ratio alignkit / TRL of tokens per
 second (and of tokens per CPU-second); memory = median over rounds. The last line is one JSON object with every figure.
@@ -75,6 +78,7 @@ def parse_args(argv=None):
     ap.add_argument("--tokens", type=int, default=2048, help="rows per step = max(1, tokens // len)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--with-full", action="store_true", help="also alignkit with full logits (sft, dpo)")
+    ap.add_argument("--no-exact", action="store_true", help="skip the float64 reference loss (sft, dpo)")
     ap.add_argument("--quick", action="store_true", help="vocab 4096, 128 tokens, 256 tokens a step, 2 steps, 2 rounds")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stage", default="", help=argparse.SUPPRESS)
@@ -270,6 +274,41 @@ def ak_grpo(args, sh):
     return model, step
 
 
+# ---------------------------------------------------------------------- the float64 reference
+def _response_logp_sums(model, ids, P: int):
+    """(R,) float64 sums of log p(ids[r, t] | ids[r, :t]) over t >= P: the model in float64, the
+    head and log-softmax over 256 positions at a time."""
+    import torch
+
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, P - 1 : -1]  # (R, T, H)
+        targets = ids[:, P:]  # (R, T)
+        sums = torch.zeros(len(ids), dtype=torch.float64)
+        for r in range(len(ids)):
+            for h, y in zip(hidden[r].split(256), targets[r].split(256)):
+                lp = model.lm_head(h).log_softmax(-1).gather(-1, y[:, None])
+                sums[r] += lp.sum()
+    return sums
+
+
+def exact_loss(args, sh) -> float:
+    """The first-step loss of `args.stage` (sft, dpo) at the initial weights, in float64."""
+    import torch
+
+    P = sh["P"]
+    if args.stage == "sft":
+        ids = rows(args.vocab, sh["n"], args.len, 1)
+        sums = _response_logp_sums(build_model(args.vocab).double(), ids, P)
+        return float(-sums.sum() / (sh["n"] * sh["T"]))
+    prompts, chosen, rejected = (torch.tensor(x) for x in pair_data(args, sh))
+    ids = torch.cat([torch.cat([prompts, chosen], 1), torch.cat([prompts, rejected], 1)])  # (2n, L)
+    policy = _response_logp_sums(build_model(args.vocab, noise=0.01).double(), ids, P)
+    ref = _response_logp_sums(build_model(args.vocab).double(), ids, P)
+    n = sh["n"]
+    margin = (policy[:n] - ref[:n]) - (policy[n:] - ref[n:])
+    return float(-torch.nn.functional.logsigmoid(BETA_DPO * margin).mean())
+
+
 # ---------------------------------------------------------------------- TRL sides
 def trl_step(args, sh, out: str):
     """(model, loss closure, optimizer) of TRL's trainer on this case."""
@@ -368,6 +407,8 @@ def worker(args) -> dict:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     sh = shape_of(args.stage, args.len, args.tokens)
+    if args.worker == "exact":
+        return {"side": "exact", "loss": exact_loss(args, sh)}
     base = _rss_mb()
     side = args.worker
     with tempfile.TemporaryDirectory() as out:
@@ -436,6 +477,17 @@ def run_case(args, stage: str, vocab: int, length: int) -> dict:
             print(f"  {stage:6s} V={vocab:<6d} L={length:<5d} round {r} {side:13s} {msg}", file=sys.stderr, flush=True)
     sh = shape_of(stage, length, args.tokens)
     row = {"stage": stage, "vocab": vocab, "len": length, "rows_per_step": sh["rows"], "tokens_per_step": sh["tokens"]}
+    if stage in ("sft", "dpo") and not args.no_exact:
+        got = spawn(args, stage, "exact", vocab, length)
+        if "error" in got:
+            row["exact"] = got
+        else:
+            row["exact"] = {"loss": got["loss"]}
+            for side, rs in runs.items():
+                ok = [x for x in rs if "error" not in x]
+                if ok:
+                    row["exact"][f"{side}_abs_err"] = abs(ok[0]["loss"] - got["loss"])
+            print(f"  {stage:6s} V={vocab:<6d} L={length:<5d} float64 loss {got['loss']:.9f}", file=sys.stderr, flush=True)
     for side, rs in runs.items():
         ok = [x for x in rs if "error" not in x]
         if not ok:
@@ -463,7 +515,7 @@ def run_case(args, stage: str, vocab: int, length: int) -> dict:
 
 def print_table(results: list[dict]) -> None:
     print(f"{'stage':7s} {'vocab':>7s} {'len':>5s} {'ak tok/s':>9s} {'trl tok/s':>9s} {'speed x':>8s} {'cpu x':>6s} "
-          f"{'ak MB':>7s} {'trl MB':>7s} {'mem x':>6s} {'|dloss|':>9s}")
+          f"{'ak MB':>7s} {'trl MB':>7s} {'mem x':>6s} {'|dloss|':>9s} {'ak-f64':>9s} {'trl-f64':>9s}")
     for r in results:
         a, t, v = r.get("alignkit", {}), r.get("trl", {}), r.get("alignkit_vs_trl")
         if v is None:
@@ -471,7 +523,13 @@ def print_table(results: list[dict]) -> None:
             continue
         print(f"{r['stage']:7s} {r['vocab']:>7d} {r['len']:>5d} {a['tokens_per_s']:>9.1f} {t['tokens_per_s']:>9.1f} "
               f"{v['throughput_ratio']:>8.2f} {v['cpu_throughput_ratio']:>6.2f} {a['peak_mb']:>7.0f} {t['peak_mb']:>7.0f} {v['peak_mem_ratio']:>6.2f} "
-              f"{v['loss_abs_diff']:>9.1e}")
+              f"{v['loss_abs_diff']:>9.1e} {_err(r, 'alignkit')} {_err(r, 'trl')}")
+
+
+def _err(row: dict, side: str) -> str:
+    """|side's loss - the float64 loss| for the table, or '-'."""
+    err = row.get("exact", {}).get(f"{side}_abs_err")
+    return f"{err:>9.1e}" if err is not None else f"{'-':>9s}"
 
 
 def main() -> None:
