@@ -240,7 +240,8 @@ def _lse_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool, spare
     arithmetic (amax, exp(z - max), sum, log, + max: bitwise the same, tested), with its
     exponentials kept for the entropy, log s - sum_v e_v d_v / s (d = z - max, e = exp(d),
     s = sum e): one (n, V) temporary (`spare`'s first n rows when given) instead of logsumexp's
-    one plus the entropy's three, and no cancellation of large logits."""
+    one plus the entropy's three, no cancellation of large logits, and float32 throughout (no
+    matmul that autocast or TF32 would run in lower precision)."""
     picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (n,)
     m = z.amax(-1, keepdim=True)  # (n, 1)
     m.masked_fill_(m.abs() == float("inf"), 0)
@@ -254,7 +255,9 @@ def _lse_stats(z: torch.Tensor, targets: torch.Tensor, want_entropy: bool, spare
     lse = log_s + m.squeeze(-1)
     ent = None
     if want_entropy:
-        ent = log_s - (e.unsqueeze(-2) @ d.unsqueeze(-1)).view(-1) / s
+        # sum_v e_v d_v elementwise in place (a matmul would run in bf16 under autocast, in
+        # TF32 where it is on); e is spent after this
+        ent = log_s - e.mul_(d).sum(-1) / s
     return picked - lse, lse, ent
 
 
