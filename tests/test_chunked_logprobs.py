@@ -300,3 +300,20 @@ def test_entropy_under_bf16_autocast_is_float32_accurate():
         _, ent = chunked_stats(h, y, Head(w, None), chunk=16)
     q = F.linear(h.bfloat16(), w.bfloat16()).double().log_softmax(-1)
     torch.testing.assert_close(ent.double(), -(q.exp() * q).sum(-1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias, scale, softcap, temperature", [(False, 1.0, None, 1.0), (True, 0.5, 3.0, 0.7)])
+def test_logits_into_a_reused_block_are_the_out_of_place_logits(bias, scale, softcap, temperature):
+    """`Head.logits(h, out=block)` (mm / addmm into the block, post-processing in place) is bitwise
+    the plain path, for a short last chunk too; under autocast the block is not used."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 8, generator=g), (torch.randn(40, generator=g) if bias else None)
+    head = Head(w, b, scale, softcap, temperature)
+    block = torch.full((6, 40), float("nan"))
+    for n in (6, 3):
+        h = torch.randn(n, 8, generator=g)
+        got = head.logits(h, block)
+        assert got.data_ptr() == block.data_ptr() and torch.equal(got, head.logits(h))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = head.logits(h, block)
+    assert low.dtype == torch.bfloat16 and low.data_ptr() != block.data_ptr()
