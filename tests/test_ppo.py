@@ -287,6 +287,32 @@ def test_ref_logprob_bonus_lands_on_the_last_token_of_each_response():
         ref_logprob_bonus(_rollout(logp, None, mask, torch.tensor([1.0, 2.0])), 2.0)
 
 
+def test_ref_surprise_penalty_counts_tokens_below_the_probability():
+    """reward.ref_surprise_coef = 0.5 at prob 0.01 (log 0.01 = -4.605): row 0's reference
+    log-probs [-1, -5, -4.6] hold one token below it -> -0.5; row 1's [-6, pad -9, pad -9] one
+    real token below (padding ignored) -> -0.5; with prob 0.1 (log -2.303) row 0 counts two ->
+    -1.0. It lands on the last token like the bonus and adds to it; the KL is unchanged."""
+    from alignkit.train.rollout import ref_surprise_penalty
+
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    logp = torch.tensor([[-1.0, -2, -3], [-0.5, 9, 9]])
+    ref = torch.tensor([[-1.0, -5, -4.6], [-6.0, -9, -9]])
+    ro = _rollout(logp, ref, mask, torch.tensor([1.0, 2.0]))
+    assert ref_surprise_penalty(ro, 0.5, 0.01).tolist() == pytest.approx([-0.5, -0.5])
+    assert ref_surprise_penalty(ro, 0.5, 0.1).tolist() == pytest.approx([-1.0, -0.5])
+    assert ref_surprise_penalty(ro, 0.0, 0.01).tolist() == [0.0, 0.0]
+    plain = ppo.Config(gamma=1.0, lam=1.0, whiten_advantages=False, kl_estimator="k1")
+    both = dataclasses.replace(plain, reward=dataclasses.replace(plain.reward, ref_surprise_coef=0.5,
+                                                                 ref_logprob_coef=1.0))
+    _, r0, kl0 = ppo.make_batch(ro, 0.1, plain)
+    _, r1, kl1 = ppo.make_batch(ro, 0.1, both)
+    bonus = ref_logprob_bonus(ro, 1.0)  # [-3.533, -6]
+    assert torch.allclose(r1 - r0, torch.tensor([[0.0, 0, bonus[0] - 0.5], [bonus[1] - 0.5, 0, 0]]), atol=1e-6)
+    assert torch.equal(kl0, kl1)
+    with pytest.raises(ValueError, match="ref_surprise_coef"):
+        ref_surprise_penalty(_rollout(logp, None, mask, torch.tensor([1.0, 2.0])), 0.5, 0.01)
+
+
 def test_ref_logprob_bonus_minus_the_content_free_baseline():
     """reward.ref_logprob_baseline: the feature is the mean of ref - baseline. Row 0: ref
     [-1.5, -2, -2.5] - base [-0.5, -1, -1.5] = [-1, -1, -1] -> 2 x -1 = -2; row 1: -1.0 - (-3.0) = 2

@@ -43,6 +43,8 @@ from alignkit.train.rollout import (
     RolloutConfig,
     autocast_for,
     ref_logprob_bonus,
+    ref_surprise_penalty,
+    reference_features,
     response_token_stats,
 )
 
@@ -119,9 +121,9 @@ def needs_old_logprobs(cfg: Config) -> bool:
 
 
 def sequence_rewards(ro: Rollout, cfg: Config) -> torch.Tensor:
-    """(B,) the reward the baseline sees: the score (plus `reward.ref_logprob_coef`'s bonus), minus
+    """(B,) the reward the baseline sees: the score (plus the reference's features, `reference_features`), minus
     beta * sum_t kl_t when kl_in is 'reward'."""
-    scores = ro.scores + ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef)
+    scores = ro.scores + reference_features(ro, cfg.reward)
     if cfg.kl_in != "reward" or cfg.kl_coef == 0:
         return scores
     kl = get_kl_estimator(cfg.kl_estimator)(ro.logprobs, ro.ref_logprobs) * ro.response_mask  # (B, T)
@@ -330,6 +332,9 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             row = _metrics_row(it, ro, logp, stats, cfg, scheduler.get_last_lr()[0], t_roll, time.perf_counter() - t_it)
             if cfg.reward.ref_logprob_coef:  # the feature's share of the score the update optimised
                 row["ref_logprob_bonus"] = float(ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef).mean())
+            if cfg.reward.ref_surprise_coef:  # the same for the surprise penalty
+                row["ref_surprise_penalty"] = float(ref_surprise_penalty(
+                    ro, cfg.reward.ref_surprise_coef, cfg.reward.ref_surprise_prob).mean())
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
             if eval_due(cfg, run, it) and (ev := gold_eval(engine, reference, tokenizer, run, cfg, ref_cache)):

@@ -52,6 +52,8 @@ from alignkit.train.rollout import (
     autocast_for,
     gather_logprobs,
     ref_logprob_bonus,
+    ref_surprise_penalty,
+    reference_features,
     response_logits,
 )
 
@@ -263,7 +265,7 @@ def make_batch(ro: Rollout, beta: float, cfg: Config) -> tuple[Batch, torch.Tens
     """KL-penalised rewards -> GAE -> (whitened) advantages. Returns the batch, per-token
     rewards (B, T) and per-token kl (B, T)."""
     mask = ro.response_mask
-    scores = ro.scores + ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef)
+    scores = ro.scores + reference_features(ro, cfg.reward)
     rewards, kl = kl_penalized_rewards(scores, ro.logprobs, ro.ref_logprobs, mask, beta, cfg.kl_estimator)
     adv, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
@@ -532,6 +534,9 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
                                time.perf_counter() - t_it)
             if cfg.reward.ref_logprob_coef:  # the feature's share of the score the update optimised
                 row["ref_logprob_bonus"] = float(ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef).mean())
+            if cfg.reward.ref_surprise_coef:  # the same for the surprise penalty
+                row["ref_surprise_penalty"] = float(ref_surprise_penalty(
+                    ro, cfg.reward.ref_surprise_coef, cfg.reward.ref_surprise_prob).mean())
             members = getattr(reward, "last_member_scores", None)  # before the fresh pairs reset it
             if mon is not None and cfg.monitor.judge_pairs > 0 and (judge is not None or cfg.reward.ensemble):
                 pick = global_idx[: cfg.monitor.judge_pairs]  # the same on every rank

@@ -87,6 +87,12 @@ class RewardConfig:
     """'empty_prompt': the feature becomes mean_t [log pi_ref(y_t | x) - log pi_ref(y_t | x0)], x0 the
     prompt with its last question emptied (`content_free_prompt`), so answers likely under any prompt
     (a memorised refusal) earn nothing; 'none': the plain mean log-prob."""
+    ref_surprise_coef: float = 0.0
+    """Subtracts coef x the number of response tokens the frozen reference gives probability below
+    `ref_surprise_prob` from the reward the update optimises (`ref_surprise_penalty`): a word the
+    SFT model would almost never write there (docs/reward.md); 0: off."""
+    ref_surprise_prob: float = 0.01
+    """The probability under which `ref_surprise_coef` counts a token as surprising."""
 
     def __post_init__(self):
         if self.ensemble_mode not in ENSEMBLE_MODES:
@@ -103,6 +109,10 @@ class RewardConfig:
         if self.ref_logprob_baseline not in REF_LOGPROB_BASELINES:
             raise ConfigError(f"config key 'reward.ref_logprob_baseline': expected one of {list(REF_LOGPROB_BASELINES)}, "
                               f"got {self.ref_logprob_baseline!r}")
+        if self.ref_surprise_coef < 0:
+            raise ConfigError(f"config key 'reward.ref_surprise_coef' must be >= 0, got {self.ref_surprise_coef}")
+        if not 0 < self.ref_surprise_prob < 1:
+            raise ConfigError(f"config key 'reward.ref_surprise_prob' must be in (0, 1), got {self.ref_surprise_prob}")
         if self.ref_logprob_baseline != "none" and not self.ref_logprob_coef:
             raise ConfigError(f"config key 'reward.ref_logprob_baseline={self.ref_logprob_baseline}' needs "
                               "reward.ref_logprob_coef > 0 (the feature it changes is off)")
@@ -215,6 +225,24 @@ def ref_logprob_bonus(ro: Rollout, coef: float) -> torch.Tensor:
         raise ValueError("reward.ref_logprob_coef needs the reference model's log-probs; this rollout has none")
     lp = ro.ref_logprobs if ro.ref_baseline_logprobs is None else ro.ref_logprobs - ro.ref_baseline_logprobs
     return coef * (lp * ro.response_mask).sum(-1) / ro.response_mask.sum(-1).clamp(min=1.0)
+
+
+def ref_surprise_penalty(ro: Rollout, coef: float, prob: float) -> torch.Tensor:
+    """(B,) -coef x the number of response tokens with pi_ref(y_t | x, y_<t) < prob
+    (`reward.ref_surprise_coef`); zeros when coef is 0."""
+    if not coef:
+        return torch.zeros_like(ro.scores)
+    if ro.ref_logprobs is None:
+        raise ValueError("reward.ref_surprise_coef needs the reference model's log-probs; this rollout has none")
+    surprising = (ro.ref_logprobs < math.log(prob)).to(ro.scores.dtype) * ro.response_mask  # (B, T)
+    return -coef * surprising.sum(-1)
+
+
+def reference_features(ro: Rollout, reward: RewardConfig) -> torch.Tensor:
+    """(B,) what the reference model adds to the reward sources' score in the reward the update
+    optimises: `ref_logprob_bonus` plus `ref_surprise_penalty` (zeros when both are off)."""
+    return (ref_logprob_bonus(ro, reward.ref_logprob_coef)
+            + ref_surprise_penalty(ro, reward.ref_surprise_coef, reward.ref_surprise_prob))
 
 
 def baseline_prompt_ids(tokenizer: Any, prompt_texts: Sequence[str], baseline: str) -> list[list[int]] | None:
