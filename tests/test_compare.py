@@ -127,21 +127,22 @@ def test_hyperparameters_of_a_known_dpo_config():
 
 
 def test_hyperparameters_of_known_ppo_configs():
-    """ppo.Config(): 7 reward/rollout knobs (source, normalize, clip, missing_eos_penalty,
-    ref_logprob_coef, max_new_tokens, temperature) + 17 top-level (iterations, rollout_batch, ppo_epochs, clip_eps,
-    clip_eps_value, vf_coef, ent_coef, gamma, lam, whiten_advantages, kl_coef, kl_estimator,
-    kl_target, stop_approx_kl, value_model, value_lr, loss_agg) = 24; shared: lora_r,
+    """ppo.Config(): 8 reward/rollout knobs (source, normalize, clip, missing_eos_penalty,
+    ref_logprob_coef, ref_surprise_coef, max_new_tokens, temperature) + 17 top-level (iterations, rollout_batch,
+    ppo_epochs, clip_eps, clip_eps_value, vf_coef, ent_coef, gamma, lam, whiten_advantages, kl_coef, kl_estimator,
+    kl_target, stop_approx_kl, value_model, value_lr, loss_agg) = 25; shared: lora_r,
     max_prompt_len and 7 optimizer knobs = 9 (max_steps, epochs, max_len do not apply to RL).
     kl_target switches kl_horizon on (+1), reward.ref_logprob_coef > 0
-    reward.ref_logprob_baseline (+1); a gold reward switches normalize off (-1); LoRA adds
+    reward.ref_logprob_baseline (+1), reward.ref_surprise_coef > 0 reward.ref_surprise_prob (+1); a gold reward switches normalize off (-1); LoRA adds
     its three details (+3) and drops the reference copy."""
     h = compare.count_hyperparameters(ppo.Config())
-    assert (h["method"], h["shared"], h["changed"]) == (24, 9, 0)
-    assert compare.count_hyperparameters(ppo.Config(kl_target=6.0))["method"] == 25
+    assert (h["method"], h["shared"], h["changed"]) == (25, 9, 0)
+    assert compare.count_hyperparameters(ppo.Config(kl_target=6.0))["method"] == 26
     # reward.ref_logprob_baseline is a knob once the feature is on (+1)
-    assert compare.count_hyperparameters(load_config(ppo.Config, None, ["reward.ref_logprob_coef=6"]))["method"] == 25
+    assert compare.count_hyperparameters(load_config(ppo.Config, None, ["reward.ref_logprob_coef=6"]))["method"] == 26
+    assert compare.count_hyperparameters(load_config(ppo.Config, None, ["reward.ref_surprise_coef=2"]))["method"] == 26
     gold = load_config(ppo.Config, None, ["reward.source=gold"])
-    assert compare.count_hyperparameters(gold)["method"] == 23
+    assert compare.count_hyperparameters(gold)["method"] == 24
     lora = load_config(ppo.Config, None, ["model.lora_r=8", "model.path=/m", "reward.model=/r"])
     assert compare.count_hyperparameters(lora)["shared"] == 12
     assert compare.models_in_memory(lora) == [("policy", "/m", False), ("value model", "/r", True),
@@ -152,8 +153,8 @@ def test_hyperparameters_of_known_ppo_configs():
     assert compare.models_in_memory(load_config(ppo.Config, None, ens))[-3:] == [
         ("reward model", "/r", False), ("reward model 2", "/r2", False), ("reward model 3", "/r3", False)]
     # an ensemble adds its mode (+1), and uwo its coefficient (+1); the member paths are not knobs
-    assert compare.count_hyperparameters(load_config(ppo.Config, None, ens))["method"] == 25
-    assert compare.count_hyperparameters(load_config(ppo.Config, None, [*ens, "reward.ensemble_mode=uwo"]))["method"] == 26
+    assert compare.count_hyperparameters(load_config(ppo.Config, None, ens))["method"] == 26
+    assert compare.count_hyperparameters(load_config(ppo.Config, None, [*ens, "reward.ensemble_mode=uwo"]))["method"] == 27
 
 
 def test_proxy_gold_gap_by_hand():

@@ -180,6 +180,8 @@ def _inactive(name: str, cfg: Any) -> bool:
         return getattr(cfg, "kl_target", None) is None
     if name == "reward.ref_logprob_baseline":  # a detail of the reference-likelihood feature
         return not cfg.reward.ref_logprob_coef
+    if name == "reward.ref_surprise_prob":  # a detail of the surprise penalty
+        return not cfg.reward.ref_surprise_coef
     if name == "reward.normalize":
         return cfg.reward.source != "model"
     if name in ("reward.ensemble_mode", "reward.ensemble_coef"):  # a knob once there are two members
