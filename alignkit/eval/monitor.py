@@ -177,13 +177,19 @@ def member_agreement(scores_a: torch.Tensor, scores_b: torch.Tensor) -> tuple[fl
     return (sum(values) / len(values) if values else float("nan")), counted
 
 
+def surprising_tokens(ref_logprobs: torch.Tensor, mask: torch.Tensor, min_prob: float = 0.01) -> torch.Tensor:
+    """(B, T) bool: the real tokens (mask) to which the reference gives probability below `min_prob`
+    (ref_logprobs: (B, T) its log-probabilities of the sampled response tokens)."""
+    return (ref_logprobs.float() < math.log(min_prob)) & mask.bool()
+
+
 def reference_surprise(ref_logprobs: torch.Tensor, mask: torch.Tensor, min_prob: float = 0.01) -> dict[str, float]:
     """How often the policy writes what the reference model would almost never write.
     ref_logprobs: (B, T) the reference's log-probabilities of the sampled response tokens; mask:
     (B, T) real tokens. `monitor/ref_surprise`: share of responses with at least one token the
     reference gives probability below `min_prob`; `monitor/ref_surprise_tokens`: share of tokens."""
     m = mask.bool()
-    low = (ref_logprobs.float() < math.log(min_prob)) & m
+    low = surprising_tokens(ref_logprobs, m, min_prob)
     rows = m.any(-1)
     return {
         "monitor/ref_surprise": float(low.any(-1)[rows].float().mean()) if bool(rows.any()) else 0.0,

@@ -42,8 +42,7 @@ from alignkit.train.rollout import (
     Rollout,
     RolloutConfig,
     autocast_for,
-    ref_logprob_bonus,
-    ref_surprise_penalty,
+    reference_feature_metrics,
     reference_features,
     response_token_stats,
 )
@@ -330,11 +329,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             stats, first_logp = grpo_update(policy, ro, adv, cfg, optimizer, scheduler, gen, dist, engine)
             logp = ro.logprobs if old_fn is not None else first_logp
             row = _metrics_row(it, ro, logp, stats, cfg, scheduler.get_last_lr()[0], t_roll, time.perf_counter() - t_it)
-            if cfg.reward.ref_logprob_coef:  # the feature's share of the score the update optimised
-                row["ref_logprob_bonus"] = float(ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef).mean())
-            if cfg.reward.ref_surprise_coef:  # the same for the surprise penalty
-                row["ref_surprise_penalty"] = float(ref_surprise_penalty(
-                    ro, cfg.reward.ref_surprise_coef, cfg.reward.ref_surprise_prob).mean())
+            row.update(reference_feature_metrics(ro, cfg.reward))
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
             if eval_due(cfg, run, it) and (ev := gold_eval(engine, reference, tokenizer, run, cfg, ref_cache)):

@@ -51,8 +51,7 @@ from alignkit.train.rollout import (
     RolloutConfig,
     autocast_for,
     gather_logprobs,
-    ref_logprob_bonus,
-    ref_surprise_penalty,
+    reference_feature_metrics,
     reference_features,
     response_logits,
 )
@@ -532,11 +531,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             controller.update(float(kl.sum(-1).mean()), n_steps=len(ro))
             row = _metrics_row(it, ro, batch, rewards, kl, beta, stats, schedulers[0].get_last_lr()[0], t_roll,
                                time.perf_counter() - t_it)
-            if cfg.reward.ref_logprob_coef:  # the feature's share of the score the update optimised
-                row["ref_logprob_bonus"] = float(ref_logprob_bonus(ro, cfg.reward.ref_logprob_coef).mean())
-            if cfg.reward.ref_surprise_coef:  # the same for the surprise penalty
-                row["ref_surprise_penalty"] = float(ref_surprise_penalty(
-                    ro, cfg.reward.ref_surprise_coef, cfg.reward.ref_surprise_prob).mean())
+            row.update(reference_feature_metrics(ro, cfg.reward))
             members = getattr(reward, "last_member_scores", None)  # before the fresh pairs reset it
             if mon is not None and cfg.monitor.judge_pairs > 0 and (judge is not None or cfg.reward.ensemble):
                 pick = global_idx[: cfg.monitor.judge_pairs]  # the same on every rank

@@ -36,6 +36,7 @@ import torch
 from alignkit.config import ConfigError, TrainConfig, to_dict
 from alignkit.console import Progress, header, warn
 from alignkit.data.tokenize import decode_response
+from alignkit.eval.monitor import surprising_tokens
 from alignkit.losses.policy import entropy_from_logits
 from alignkit.models.chunked import DEFAULT_CHUNK, response_stats
 from alignkit.models.generate import (
@@ -234,8 +235,7 @@ def ref_surprise_penalty(ro: Rollout, coef: float, prob: float) -> torch.Tensor:
         return torch.zeros_like(ro.scores)
     if ro.ref_logprobs is None:
         raise ValueError("reward.ref_surprise_coef needs the reference model's log-probs; this rollout has none")
-    surprising = (ro.ref_logprobs < math.log(prob)).to(ro.scores.dtype) * ro.response_mask  # (B, T)
-    return -coef * surprising.sum(-1)
+    return -coef * surprising_tokens(ro.ref_logprobs, ro.response_mask, prob).sum(-1).to(ro.scores.dtype)
 
 
 def reference_features(ro: Rollout, reward: RewardConfig) -> torch.Tensor:
@@ -243,6 +243,18 @@ def reference_features(ro: Rollout, reward: RewardConfig) -> torch.Tensor:
     optimises: `ref_logprob_bonus` plus `ref_surprise_penalty` (zeros when both are off)."""
     return (ref_logprob_bonus(ro, reward.ref_logprob_coef)
             + ref_surprise_penalty(ro, reward.ref_surprise_coef, reward.ref_surprise_prob))
+
+
+def reference_feature_metrics(ro: Rollout, reward: RewardConfig) -> dict[str, float]:
+    """The batch means of the reference's features that are on (`ref_logprob_bonus`,
+    `ref_surprise_penalty`): their share of the score the update optimised, for the metrics row."""
+    row = {}
+    if reward.ref_logprob_coef:
+        row["ref_logprob_bonus"] = float(ref_logprob_bonus(ro, reward.ref_logprob_coef).mean())
+    if reward.ref_surprise_coef:
+        row["ref_surprise_penalty"] = float(ref_surprise_penalty(ro, reward.ref_surprise_coef,
+                                                                 reward.ref_surprise_prob).mean())
+    return row
 
 
 def baseline_prompt_ids(tokenizer: Any, prompt_texts: Sequence[str], baseline: str) -> list[list[int]] | None:
