@@ -80,19 +80,14 @@ def tokenise(sets: dict, max_len: int):
 
 def build(vocab: int, noise: float = 0.0):
     import torch
+    from bench_real_shapes import perturb
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                       tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).float()
-    if noise:
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=g), alpha=noise)
-    return model.train()
+    return perturb(LlamaForCausalLM(cfg).float(), noise).train()  # bench_real_shapes' seeded noise
 
 
 def batches(pairs, stage: str, batch: int, steps: int, seed: int) -> dict[str, list[list[int]]]:

@@ -117,13 +117,19 @@ def build_model(vocab: int, kind: str = "lm", noise: float = 0.0):
 
     torch.manual_seed(0)
     cls = LlamaForCausalLM if kind == "lm" else LlamaForSequenceClassification
-    model = cls(llama_config(vocab)).float()
+    return perturb(cls(llama_config(vocab)).float(), noise).train()
+
+
+def perturb(model, noise: float):
+    """`model` with every weight plus noise * N(0, 1) from a generator seeded 1 (no-op at 0)."""
+    import torch
+
     if noise:
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=g), alpha=noise)
-    return model.train()
+    return model
 
 
 def rows(vocab: int, n: int, length: int, seed: int):
