@@ -13,6 +13,7 @@ from alignkit.config import ModelConfig
 from alignkit.models.bpe import CHAT_TEMPLATE, train_bpe_tokenizer
 from alignkit.models.generate import (
     HFGenerator,
+    RowNoise,
     SamplingParams,
     filter_logits,
     generate_text,
@@ -337,6 +338,20 @@ def test_sample_rows_draws_what_per_row_multinomial_draws(vocab):
     probs[1, 0] = float("nan")
     with pytest.raises(RuntimeError, match="inf, nan or element < 0"):
         sample_rows(probs, mine)
+
+
+@pytest.mark.parametrize("budget", [1, 3 * 6 * 300, 1 << 22])
+def test_row_noise_draws_what_per_step_sample_rows_draws(budget):
+    """RowNoise's pre-drawn blocks (1 step, 3 steps and all 7 steps per block) give, step after
+    step, bitwise the tokens of sample_rows drawing each step from the rows' generators."""
+    g = torch.Generator().manual_seed(0)
+    steps = [(torch.randn(6, 300, generator=g) * 2).softmax(-1) for _ in range(7)]
+    noise = RowNoise([torch.Generator().manual_seed(50 + r) for r in range(6)], steps=7, budget=budget)
+    per_step = [torch.Generator().manual_seed(50 + r) for r in range(6)]
+    got = torch.stack([sample_rows(p, noise) for p in steps])
+    want = torch.stack([sample_rows(p, per_step) for p in steps])
+    assert torch.equal(got, want)
+    assert len(set(got.flatten().tolist())) > 10
 
 
 def test_preallocated_kv_cache_gives_the_concatenated_cache_logits():

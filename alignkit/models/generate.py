@@ -159,17 +159,52 @@ def preallocate_kv_cache(cache: Any, extra: int) -> Any:
     return cache
 
 
-def sample_rows(probs: torch.Tensor, rngs: list[torch.Generator]) -> torch.Tensor:
+def sample_rows(probs: torch.Tensor, rngs: list[torch.Generator] | RowNoise) -> torch.Tensor:
     """(B, V) probabilities, one generator per row -> (B,) token ids, each row's draw identical to
     `torch.multinomial(probs[r], 1, generator=rngs[r])`: that call (one sample) is the
     exponential race argmax(p / q), q ~ Exp(1) drawn from the row's generator; here the q rows
-    are still drawn one generator at a time, but the division and argmax run once for the batch."""
+    come one generator at a time (or pre-drawn by a `RowNoise`), and the division and argmax run
+    once for the batch."""
     if not bool(((probs >= 0) & torch.isfinite(probs)).all()):  # multinomial's own check
         raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-    q = torch.empty_like(probs)
-    for row, g in zip(q, rngs):
-        row.exponential_(1.0, generator=g)
+    if isinstance(rngs, RowNoise):
+        q = rngs.next(probs)
+    else:
+        q = torch.empty_like(probs)
+        for row, g in zip(q, rngs):
+            row.exponential_(1.0, generator=g)
     return (probs / q).argmax(dim=-1)
+
+
+class RowNoise:
+    """The Exp(1) draws of `sample_rows` for several decode steps at once: each row's generator
+    fills a (steps, V) block in one call, which on the CPU is bit for bit the same stream as
+    `steps` calls of V (tests/test_models.py), without a Python call per row and step. Blocks
+    hold at most `budget` floats for the batch (at least one step); on other devices (whose
+    generators count offsets per call) every step draws as `sample_rows` does."""
+
+    def __init__(self, rngs: list[torch.Generator], steps: int, budget: int = 1 << 22):
+        self.rngs, self.steps, self.budget = rngs, steps, budget
+        self.block: torch.Tensor | None = None  # (B, k, V)
+        self.used = 0
+
+    def next(self, probs: torch.Tensor) -> torch.Tensor:
+        """(B, V) Exp(1) draws for this step, row r from rngs[r]."""
+        B, V = probs.shape
+        if probs.device.type != "cpu":
+            q = torch.empty_like(probs)
+            for row, g in zip(q, self.rngs):
+                row.exponential_(1.0, generator=g)
+            return q
+        if self.block is None or self.used == self.block.shape[1]:
+            k = max(1, min(self.steps, self.budget // max(1, B * V)))
+            self.block = torch.empty((B, k, V), dtype=probs.dtype)
+            for row, g in zip(self.block, self.rngs):
+                row.exponential_(1.0, generator=g)
+            self.steps -= k
+            self.used = 0
+        self.used += 1
+        return self.block[:, self.used - 1]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -258,13 +293,13 @@ class HFGenerator:
         return Generations(ids, finished)
 
     def _next_token(
-        self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | list[torch.Generator] | None
+        self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | RowNoise | None
     ) -> torch.Tensor:
-        """logits: (B, V) float -> (B,) token ids; `rng` is one generator or one per row."""
+        """logits: (B, V) float -> (B,) token ids; `rng` is one generator or the rows' noise."""
         if params.greedy or params.temperature == 0:
             return logits.argmax(dim=-1)
         probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(dim=-1)
-        if isinstance(rng, list):
+        if isinstance(rng, RowNoise):
             return sample_rows(probs, rng)
         return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
@@ -303,6 +338,8 @@ class HFGenerator:
         new_tokens = []
         cache = new_kv_cache(self.model) if self.use_cache else None
         step_ids = seq
+        if isinstance(rng, list):  # one generator per row: its draws for many steps at once
+            rng = RowNoise(rng, params.max_new_tokens)
         for step in range(params.max_new_tokens):
             if cache is not None and step == 0:
                 logits = self._prefill(seq, mask, cache)
