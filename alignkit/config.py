@@ -332,7 +332,7 @@ RANGES: dict[str, tuple] = {
                      "vf_coef", "warmup_steps", "weight_decay", "warmup", "kl_growth_max", "num_gpus",
                      "reward_num_cpus", "reward_num_gpus", "reference_num_cpus", "reference_num_gpus", "judge_pairs",
                      "vllm_engines", "vllm_num_cpus", "vllm_num_gpus",
-                     "judge_drop_max", "proxy_gap_rise_max", "number_negatives", "ref_logprob_coef",
+                     "judge_drop_max", "proxy_gap_rise_max", "number_negatives", "copy_negatives", "ref_logprob_coef",
                      "ref_surprise_coef"), _NONNEG),
     **dict.fromkeys(("label_noise", "max_no_signal", "lam", "gamma", "entropy_ratio_min", "refusal_rise_max",
                      "repetition_rise_max", "judge_agreement_min", "ref_surprise_rise_max"), _UNIT),

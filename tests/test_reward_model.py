@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
 from alignkit.data.batching import collate_preference
 from alignkit.data.load import load_records
-from alignkit.data.records import prompt_text
+from alignkit.data.records import Message, prompt_text
 from alignkit.data.tokenize import TokenizedPair, TruncationLimits, tokenize_preference
 from alignkit.models.bpe import train_bpe_tokenizer
 from alignkit.models.heads import (
@@ -523,6 +523,63 @@ def test_mismatched_pairs_count_and_impossible_partners():
     assert reward.add_mismatched_pairs(same_prompt, 1.0, seed=0) == []  # no other prompt to borrow from
     with pytest.raises(ConfigError, match="mismatched_pairs"):
         reward.Config(mismatched_pairs=-0.1)
+
+
+class _Fixed:
+    """A stand-in for random.Random: choice() gives `mode`, random() gives `u`."""
+
+    def __init__(self, mode: str, u: float = 0.0):
+        self.mode, self.u = mode, u
+
+    def choice(self, seq):
+        return self.mode
+
+    def random(self):
+        return self.u
+
+
+@pytest.mark.parametrize("text, mode, u, want", [
+    (" Here is window two times: window window.", "rest", 0, " Here is window two times: lamp lamp."),
+    (" Here is window two times: window window.", "all", 0, " Here is lamp two times: lamp lamp."),
+    (" Here is window two times: window window.", "run", 0.2, " Here is window two times: window window window."),
+    (" Here is window two times: window window.", "run", 0.8, " Here is window two times: window."),
+    (" Here is window two times: window window.", "count", 0.2, " Here is window three times: window window window."),
+    (" Here is window two times: window window.", "count", 0.8, " Here is window one times: window."),
+    (" window window window. Three!", "count", 0.8, " window window. Two!"),
+    (" The word window in uppercase is WINDOW.", "rest", 0, " The word window in uppercase is LAMP."),
+    (" Window, then window.", "all", 0, " Lamp, then lamp."),
+])
+def test_miscopy_alters_the_copies_as_each_mode_says(text, mode, u, want):
+    assert reward._miscopy(text, "window", "lamp", _Fixed(mode, u)) == want
+
+
+def test_copy_negatives_alter_the_copied_prompt_word_of_distinct_chosen_answers():
+    """Anchors are the distinct chosen answers that repeat a word of their prompt; template words
+    ("the", "word": in more than one of these few prompts) never count."""
+    pairs = [
+        _pair("Human: Repeat the word window two times.\nAssistant:", " Here is window two times: window window.",
+              category="format"),
+        _pair("Human: Say the word lamp in uppercase.\nAssistant:", " The word lamp in uppercase is LAMP."),
+        _pair("Human: Say the word lamp in uppercase.\nAssistant:", " The word lamp in uppercase is LAMP.", " lamp."),
+        _pair("Human: What is the capital of Xland?\nAssistant:", " The capital of Xland is the city."),  # "the" twice
+        _pair("Human: Say the word kite in uppercase.\nAssistant:", " KITE."),  # copied once: no anchor
+    ]
+    extra = reward.add_copy_negatives(pairs, fraction=1.0, seed=0)
+    assert sorted(p.chosen for p in extra) == sorted([pairs[0].chosen, pairs[1].chosen])
+    for p in extra:
+        assert p.rejected != p.chosen and p.rejected in {
+            reward._miscopy(p.chosen, w, o, _Fixed(m, u)) for w, o in (("window", "lamp"), ("lamp", "window"))
+            for m in ("rest", "all", "run", "count") for u in (0.2, 0.8)}
+    assert next(p for p in extra if "window" in p.prompt).category == "format"
+    assert extra == reward.add_copy_negatives(pairs, 1.0, seed=0)  # deterministic
+    assert len(reward.add_copy_negatives(pairs, 2.5, seed=0)) == 5  # with replacement above 1
+    assert reward.add_copy_negatives(pairs, 0.0, seed=0) == []
+    assert reward.add_copy_negatives(pairs[:1], 1.0, seed=0) == []  # one copied word: nothing to swap in
+    chat = (Message("system", "Be brief."), Message("user", "Repeat the word rope two times."))
+    extra = reward.add_copy_negatives([*pairs, _pair(chat, " rope rope.")], 1.0, seed=0)  # a conversation prompt
+    assert len(extra) == 3 and sum(p.prompt == chat for p in extra) == 1
+    with pytest.raises(ConfigError, match="copy_negatives"):
+        reward.Config(copy_negatives=-1.0)
 
 
 def test_number_negatives_change_only_the_last_number_of_distinct_chosen_answers():

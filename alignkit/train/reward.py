@@ -35,7 +35,7 @@ from alignkit.data.batching import PreferenceBatch, bucketed_batches, collate_pr
 from alignkit.data.lint import check_signal
 from alignkit.data.load import load_records
 from alignkit.data.packing import SharedPromptPairs, collate_shared_prompt, shared_prompt_is_cheaper
-from alignkit.data.records import PreferencePair
+from alignkit.data.records import PreferencePair, prompt_text
 from alignkit.data.tokenize import TokenizedPair, TruncationLimits, tokenize_preference
 from alignkit.losses.reward import bradley_terry_loss, expected_calibration_error
 from alignkit.models.heads import MODES, RewardModel, RewardStats, write_reward_dir
@@ -70,6 +70,10 @@ class Config:
     number_negatives: float = 0.0
     """Extra hard-negative pairs, as a fraction of the data's distinct (prompt, chosen) answers that hold
     a number: the chosen answer above itself with its last number changed (`add_number_negatives`). 0: none."""
+    copy_negatives: float = 0.0
+    """Extra hard-negative pairs, as a fraction of the data's distinct (prompt, chosen) answers that repeat
+    a word of their prompt: the chosen answer above itself with the repeats of that word replaced by
+    another answer's (`add_copy_negatives`). 0: none."""
     stats_pairs: int = 1000
     """Training pairs (both responses) scored after training for reward_stats.json (0: all)."""
     eval_batch_size: int = 64
@@ -98,6 +102,8 @@ class Config:
             raise ConfigError(f"config key 'mismatched_pairs' must be >= 0, got {self.mismatched_pairs}")
         if self.number_negatives < 0:
             raise ConfigError(f"config key 'number_negatives' must be >= 0, got {self.number_negatives}")
+        if self.copy_negatives < 0:
+            raise ConfigError(f"config key 'copy_negatives' must be >= 0, got {self.copy_negatives}")
         if self.stats_pairs < 0 or self.eval_batch_size < 1:
             raise ConfigError(
                 "config keys 'stats_pairs' (>= 0) and 'eval_batch_size' (>= 1) are out of range"
@@ -193,6 +199,12 @@ def add_mismatched_pairs(
     return out
 
 
+def _draw_anchors(n: int, fraction: float, rng: random.Random) -> list[int]:
+    """round(fraction * n) indices of n anchors: without replacement while fraction <= 1."""
+    want = round(fraction * n)
+    return rng.sample(range(n), want) if want <= n else [rng.randrange(n) for _ in range(want)]
+
+
 _INT = re.compile(r"(?<![\w.])\d+(?![\w])")
 
 
@@ -213,12 +225,8 @@ def add_number_negatives(pairs: Sequence[PreferencePair], fraction: float, seed:
         if (p.prompt, p.chosen) not in seen and _INT.search(p.chosen):
             seen.add((p.prompt, p.chosen))
             anchors.append(p)
-    want = round(fraction * len(anchors))
-    if want == 0:
-        return []
     rng = random.Random(f"alignkit-number-negatives:{seed}")
-    picks = rng.sample(range(len(anchors)), want) if want <= len(anchors) else \
-        [rng.randrange(len(anchors)) for _ in range(want)]
+    picks = _draw_anchors(len(anchors), fraction, rng)
     out = []
     for i in picks:
         a = anchors[i]
@@ -228,6 +236,102 @@ def add_number_negatives(pairs: Sequence[PreferencePair], fraction: float, seed:
         rejected = a.chosen[: m.start()] + str(wrong) + a.chosen[m.end():]
         out.append(PreferencePair(prompt=a.prompt, chosen=a.chosen, rejected=rejected, category=a.category))
     return out
+
+
+_WORD = re.compile(r"[A-Za-z]{3,}")
+
+
+def _copied_word(prompt: str, chosen: str, common: set[str]) -> str | None:
+    """The prompt word (3+ letters, any case, not in `common`) that `chosen` repeats most, at least
+    twice; None when the answer repeats no such word of its prompt."""
+    counts: dict[str, int] = {}
+    for w in _WORD.findall(chosen):
+        counts[w.lower()] = counts.get(w.lower(), 0) + 1
+    in_prompt = {w.lower() for w in _WORD.findall(prompt)} - common
+    best = max(sorted(in_prompt), key=lambda w: counts.get(w, 0), default=None)
+    return best if best is not None and counts.get(best, 0) >= 2 else None
+
+
+def _common_words(prompts: set[str], share: float = 0.02) -> set[str]:
+    """Words (lower case) in more than max(1, share x N) of the N distinct prompts: the template's
+    and the language's own ("the", "what", "word", "times"), not a prompt's subject."""
+    df: dict[str, int] = {}
+    for p in prompts:
+        for w in {x.lower() for x in _WORD.findall(p)}:
+            df[w] = df.get(w, 0) + 1
+    limit = max(1.0, share * len(prompts))
+    return {w for w, n in df.items() if n > limit}
+
+
+def _same_case(template: str, word: str) -> str:
+    return word.upper() if template.isupper() else word.capitalize() if template[0].isupper() else word
+
+
+def add_copy_negatives(pairs: Sequence[PreferencePair], fraction: float, seed: int) -> list[PreferencePair]:
+    """Hard negatives of the right form with the wrong copy: for round(fraction * M) of the M
+    distinct (prompt, chosen) answers that repeat a word of their prompt (`_copied_word`; words in more
+    than 2% of the prompts do not count, `_common_words`: "Here is
+    window two times: window window." for "Repeat the word window two times."), a pair (prompt,
+    chosen, chosen with every occurrence of that word after its first replaced by another answer's
+    copied word, in the same case: "Here is window two times: wagon wagon.").
+
+    The answer restates the instruction and then must carry it out on the prompt's own word; pairs
+    in which only the carried-out copy is wrong are rare in template data, while a policy's samples
+    (and PPO's drift) change exactly that. The assumption (the chosen answer's copy is the right
+    one) fails on mislabelled pairs; docs/reward.md measures how often the world's gold judge
+    agrees. Deterministic in `seed`; anchors without replacement while fraction <= 1.
+    """
+    if fraction <= 0:
+        return []
+    seen, anchors = set(), []
+    common = _common_words({prompt_text(p.prompt) for p in pairs})
+    for p in pairs:
+        if (p.prompt, p.chosen) in seen:
+            continue
+        seen.add((p.prompt, p.chosen))
+        w = _copied_word(prompt_text(p.prompt), p.chosen, common)
+        if w is not None:
+            anchors.append((p, w))
+    pool = sorted({w for _, w in anchors})
+    if len(pool) < 2:
+        return []
+    rng = random.Random(f"alignkit-copy-negatives:{seed}")
+    picks = _draw_anchors(len(anchors), fraction, rng)
+    out = []
+    for i in picks:
+        a, w = anchors[i]
+        rejected = _miscopy(a.chosen, w, rng.choice([x for x in pool if x != w]), rng)
+        out.append(PreferencePair(prompt=a.prompt, chosen=a.chosen, rejected=rejected, category=a.category))
+    return out
+
+
+_NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def _miscopy(text: str, w: str, other: str, rng: random.Random) -> str:
+    """`text` with its copies of `w` altered one of four ways (drawn among those that apply): the
+    repeats after the first become `other` ("rest"), every copy becomes `other` ("all"), the
+    longest run of consecutive copies ("w w w") gains or loses one copy ("run"), or that, and the
+    number word that states the run's length ("three") says the new length ("count")."""
+    hits = [m for m in _WORD.finditer(text) if m.group().lower() == w]
+    runs = list(re.finditer(rf"\b({re.escape(hits[0].group())})(?: \1\b)+", text)) if hits else []
+    run = max(runs, key=lambda m: len(m.group())) if runs else None
+    k = len(run.group().split(" ")) if run else 0  # two copies or more
+    said = _NUMBER_WORDS[k - 1] if 2 <= k <= len(_NUMBER_WORDS) else None
+    said = said if said and re.search(rf"\b{said}\b", text, re.IGNORECASE) else None
+    mode = rng.choice(["rest", "all"] + (["run"] if run else []) + (["count"] if said else []))
+    if mode in ("run", "count") and run:
+        longer = rng.random() < 0.5 and k < len(_NUMBER_WORDS)
+        words = run.group().split(" ")
+        words = words + words[:1] if longer else words[:-1]
+        text = text[: run.start()] + " ".join(words) + text[run.end():]
+        if mode == "count" and said:
+            now = _NUMBER_WORDS[len(words) - 1]
+            text = re.sub(rf"\b{said}\b", lambda m: _same_case(m.group(), now), text, flags=re.IGNORECASE)
+        return text
+    for m in reversed(hits if mode == "all" else hits[1:]):
+        text = text[: m.start()] + _same_case(m.group(), other) + text[m.end():]
+    return text
 
 
 def reward_step(
@@ -453,6 +557,11 @@ def run(cfg: Config) -> dict:
         items = items + tokenize_preference(tokenizer, negatives, limits)[0]
         warn(f"number_negatives={cfg.number_negatives} adds {len(negatives)} hard negatives (a chosen answer "
              "above itself with another number) to the data's pairs")
+    copies = add_copy_negatives(loaded.records, cfg.copy_negatives, cfg.train.seed)
+    if copies:
+        items = items + tokenize_preference(tokenizer, copies, limits)[0]
+        warn(f"copy_negatives={cfg.copy_negatives} adds {len(copies)} hard negatives (a chosen answer above "
+             "itself with the word it copies from the prompt replaced) to the data's pairs")
 
     torch.manual_seed(cfg.train.seed)
     model = RewardModel.from_pretrained(
@@ -494,8 +603,9 @@ def run(cfg: Config) -> dict:
         "model": str(result.final_dir),
         "mode": cfg.mode,
         "records": len(loaded.records),
-        "mismatched_pairs": len(items) - n_data - len(negatives),
+        "mismatched_pairs": len(items) - n_data - len(negatives) - len(copies),
         "number_negatives": len(negatives),
+        "copy_negatives": len(copies),
         "skipped": len(loaded.skipped),
         "format": loaded.format,
         "truncation": trunc.report(),
