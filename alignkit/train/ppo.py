@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -426,6 +427,48 @@ def _judge_agreement(engine: Replicated, tokenizer: Any, prompt_ids: list, promp
     return {"monitor/judge_agreement": agreement[0], "monitor/judge_pairs": float(agreement[1])}
 
 
+def _optimizers(cfg: Config, ac: ActorCritic, engine: Replicated, modules: tuple[nn.Module, nn.Module],
+                total_steps: int) -> tuple[list, list]:
+    """([policy's, value's] AdamW, their schedulers), attached to the engine with their `modules`
+    (the policy; the value model or the shared head); the value side takes `value_lr` when given."""
+    from alignkit.train.loop import build_optimizer, build_scheduler
+
+    opt_p = build_optimizer(ac.policy_parameters(), cfg.train)
+    vtrain = dataclasses.replace(cfg.train, lr=cfg.value_lr if cfg.value_lr is not None else cfg.train.lr)
+    opt_v = build_optimizer(ac.value_parameters(), vtrain)
+    engine.attach([(modules[0], opt_p), (modules[1], opt_v)])
+    return [opt_p, opt_v], [build_scheduler(opt_p, cfg.train, total_steps), build_scheduler(opt_v, vtrain, total_steps)]
+
+
+def _observe(mon: Monitor, it: int, row: dict, ro: Rollout, reward: RewardSource, judge: RewardSource | None,
+             engine: Replicated, tokenizer: Any, picked: tuple[list, list], cfg: Config) -> list[str]:
+    """The monitor's statistics of iteration `it` into `row` (judge agreement on fresh pairs of the
+    `picked` (ids, texts) prompts, the reference's surprise, the held-out judge's scores), then its
+    alarm rules; returns the rules that fired."""
+    from alignkit.train.rollout import judge_scores
+
+    members = getattr(reward, "last_member_scores", None)  # before the fresh pairs reset it
+    if cfg.monitor.judge_pairs > 0 and (judge is not None or cfg.reward.ensemble):
+        row.update(_judge_agreement(engine, tokenizer, *picked, reward, judge, cfg, it))
+    if ro.ref_logprobs is not None:
+        row.update(reference_surprise(ro.ref_logprobs, ro.response_mask))
+    if judge is not None:  # the held-out judge's view of this rollout
+        row.update(judge_scores(judge, ro, cfg.reward.missing_eos_penalty))
+    return observe_rollout(mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses, members)
+
+
+def _stop_at_alarm(out: Path, it: int, fired: list[str], ac: ActorCritic, optimizers: list, engine: Replicated) -> dict:
+    """monitor.stop: the policy goes back to the last checkpoint before the alarm (when there is one)."""
+    from alignkit.train.rollout import restore_weights
+
+    stopped: dict[str, Any] = {"iteration": it, "rules": fired, "restored": None}
+    before = ckpt.latest(out / ckpt.CHECKPOINTS)
+    if before is not None:
+        restore_weights(before, ac, optimizers, engine)
+        stopped["restored"] = str(before)
+    return stopped
+
+
 def run(cfg: Config) -> dict:
     """Train, here (one process or a torchrun rank) or, with launcher=ray, on Ray actors."""
     return run_here_or_on_ray(train, cfg)
@@ -437,7 +480,6 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
     actor, ray_launch.RemoteReference); None builds it here (rollout.build_reference)."""
     from alignkit.memory import PeakMemory
     from alignkit.train.distributed import barrier, gather_rollout, row_seeds, shard
-    from alignkit.train.loop import build_optimizer, build_scheduler
     from alignkit.train.rl_run import eval_due, finish_run, gold_eval, load_policy_and_prompts, start_run
     from alignkit.train.rollout import (
         baseline_prompt_ids,
@@ -446,11 +488,9 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
         build_reward_source,
         collect_rollout,
         gold_fn,
-        judge_scores,
         load_iteration,
         open_reports,
         prompt_batches,
-        restore_weights,
         save_due,
         save_iteration,
     )
@@ -474,12 +514,8 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
 
         n_mb = -(-cfg.rollout_batch // max(1, min(cfg.train.batch_size, cfg.rollout_batch)))
         total_steps = cfg.iterations * cfg.ppo_epochs * n_mb
-        opt_p = build_optimizer(ac.policy_parameters(), cfg.train)
-        vtrain = dataclasses.replace(cfg.train, lr=cfg.value_lr if cfg.value_lr is not None else cfg.train.lr)
-        opt_v = build_optimizer(ac.value_parameters(), vtrain)
-        optimizers = [opt_p, opt_v]
-        engine.attach([(policy, opt_p), (value_model if value_model is not None else head, opt_v)])
-        schedulers = [build_scheduler(opt_p, cfg.train, total_steps), build_scheduler(opt_v, vtrain, total_steps)]
+        value_module = value_model if value_model is not None else head
+        optimizers, schedulers = _optimizers(cfg, ac, engine, (policy, value_module), total_steps)
         controller = (
             AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
             if cfg.kl_target is not None else FixedKLController(cfg.kl_coef)
@@ -532,17 +568,10 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             row = _metrics_row(it, ro, batch, rewards, kl, beta, stats, schedulers[0].get_last_lr()[0], t_roll,
                                time.perf_counter() - t_it)
             row.update(reference_feature_metrics(ro, cfg.reward))
-            members = getattr(reward, "last_member_scores", None)  # before the fresh pairs reset it
-            if mon is not None and cfg.monitor.judge_pairs > 0 and (judge is not None or cfg.reward.ensemble):
-                pick = global_idx[: cfg.monitor.judge_pairs]  # the same on every rank
-                row.update(_judge_agreement(engine, tokenizer, [prompt_ids[i] for i in pick],
-                                            [prompt_texts[i] for i in pick], reward, judge, cfg, it))
-            if mon is not None and ro.ref_logprobs is not None:
-                row.update(reference_surprise(ro.ref_logprobs, ro.response_mask))
-            if mon is not None and judge is not None:  # the held-out judge's view of this rollout
-                row.update(judge_scores(judge, ro, cfg.reward.missing_eos_penalty))
-            fired = [] if mon is None else observe_rollout(
-                mon, it, row, ro.scores, ro.response_ids, ro.response_mask, ro.responses, members)
+            pick = global_idx[: cfg.monitor.judge_pairs]  # the same on every rank
+            fired = [] if mon is None else _observe(
+                mon, it, row, ro, reward, judge, engine, tokenizer,
+                ([prompt_ids[i] for i in pick], [prompt_texts[i] for i in pick]), cfg)
             if gold is not None and dist.main:
                 row["gold"] = sum(gold(ro.prompts, ro.responses)) / len(ro)
             if eval_due(cfg, run, it) and (ev := gold_eval(engine, reference, tokenizer, run, cfg, ref_cache)):
@@ -552,11 +581,7 @@ def train(cfg: Config, reward: RewardSource | None = None, reference: Any = None
             bar.update(1, reward=row["reward"], kl=row["kl"], s_per_it=f"{row['iteration_s']:.1f}")
             last = row
             if fired and cfg.monitor.stop:
-                stopped = {"iteration": it, "rules": fired, "restored": None}
-                before = ckpt.latest(out / ckpt.CHECKPOINTS)
-                if before is not None:  # the policy as it was at the last checkpoint before the alarm
-                    restore_weights(before, ac, optimizers, engine)
-                    stopped["restored"] = str(before)
+                stopped = _stop_at_alarm(out, it, fired, ac, optimizers, engine)
                 break
             if save_due(it, cfg.iterations, cfg.train):
                 save_iteration(out, it, ac, trainable, optimizers, schedulers, gen, {
