@@ -221,6 +221,52 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
+@dataclass
+class _Position:
+    """Where a run is: saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0  # the next batch of `epoch`
+    items_seen: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass
+class _Run:
+    """What the loop's helpers share."""
+
+    acc: Any
+    strat: Any
+    raw: nn.Module
+    optimizer: Any
+    scheduler: Any
+    cfg: TrainConfig
+    total: int
+    trainable_ids: set[int]
+    ckpt_root: Path
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+
+@dataclass
+class _Sums:
+    """This rank's micro-batches of one optimizer step, summed."""
+
+    loss: torch.Tensor
+    weight: float = 0.0
+    items: int = 0
+    tokens: int = 0
+    tok_known: bool = True
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 def train(
     model: nn.Module,
     step: Callable[[nn.Module, Any], StepOutput],
@@ -257,19 +303,8 @@ def train(
     acc = accelerator if accelerator is not None else _make_accelerator(cfg)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     accum = max(1, cfg.grad_accum)
-    ckpt_root = out_dir / ckpt.CHECKPOINTS
     metrics_path = out_dir / "metrics.jsonl"
-
-    per_epoch = len(plan(0))
-    if cfg.max_steps > 0:
-        total = cfg.max_steps
-    else:
-        total = sum(len(plan(e)) for e in range(cfg.epochs))
-    epochs = total / max(per_epoch, 1)
-    if cfg.max_steps > 0 and epochs > 3 and main:
-        warn(f"train.max_steps={cfg.max_steps} with train.batch_size={cfg.batch_size} is {epochs:.1f} passes over "
-             f"the {len(dataset)} examples; more than 3 usually overfits: set train.max_steps=0 and "
-             f"train.epochs (or fewer steps)")
+    total, epochs = _total_steps(plan, cfg, len(dataset), main)
     _seed(cfg.seed + rank)
 
     params = (
@@ -282,159 +317,48 @@ def train(
         raise ValueError(f"train.strategy={cfg.strategy} needs the stage to give weight_fn (its batches' weights)")
     model, optimizer = strat.prepare(model, params, lambda ps: build_optimizer(ps, cfg))
     params = strat.params or params
-    scheduler = build_scheduler(optimizer, cfg, total)
-    raw = strat.raw()
-    trainable_ids = {id(p) for p in params}
+    run = _Run(acc, strat, strat.raw(), optimizer, build_scheduler(optimizer, cfg, total), cfg, total,
+               {id(p) for p in params}, out_dir / ckpt.CHECKPOINTS)
     model.train()
 
-    step_n, epoch, pos, items_seen, tokens_seen = 0, 0, 0, 0, 0
+    at = _Position()
     last_ckpt = ckpt.prepare_run_dir(out_dir, cfg.resume, cfg.overwrite, main)
     if last_ckpt is not None:
-        if strat.sharded:
-            strat.load_shards(last_ckpt)
-            state = ckpt.read_checkpoint(last_ckpt, None)
-        else:
-            state = ckpt.read_checkpoint(last_ckpt, raw)
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        reshape_schedule(scheduler, cfg, total)
-        rngs = state["rng"]
-        # a different world size keeps the fresh per-rank seed for ranks without a saved state
-        if rank < len(rngs):
-            ckpt.set_rng_state(rngs[rank])
-        ts = state["trainer_state"]
-        step_n, epoch, pos = ts["step"], ts["epoch"], ts["batch_in_epoch"]
-        items_seen, tokens_seen = ts["items_seen"], ts["tokens_seen"]
-        if main:
-            truncate_metrics(metrics_path, step_n)
-            print(f"alignkit: resumed from {last_ckpt} (step {step_n})", file=sys.stderr)
+        at = _resume(run, last_ckpt, metrics_path)
     acc.wait_for_everyone()
 
     header(name, [f"{len(dataset)} examples", f"{total} steps ({epochs:.1f} epochs)",
                   f"batch {cfg.batch_size} ({world} process{'es' if world > 1 else ''} x {accum} micro-batches)",
                   f"lr {cfg.lr:g}", f"{acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'} on "
-                  f"{acc.device.type}", *([f"resuming at step {step_n}"] if step_n else [])], out=out_dir)
-    log = MetricsLog(out_dir, cfg, name=name, resume_step=step_n, main=main, config={"train": to_dict(cfg)})
-    bar = Progress(total, initial=step_n, enabled=cfg.progress and main)
-
-    def save(n: int) -> Path:
-        rngs = [ckpt.rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            torch.distributed.all_gather_object(rngs, ckpt.rng_state())
-        path = ckpt_root / f"step-{n}"
-        tmp = ckpt.shard_tmp(path)
-        if strat.sharded:  # every rank writes its shard into one temporary directory
-            if main:
-                ckpt.remove_tmp(tmp)
-            acc.wait_for_everyone()
-            strat.save_shards(tmp)
-            acc.wait_for_everyone()
-        if main:
-            trainer_state = {
-                "step": n,
-                "epoch": epoch,
-                "batch_in_epoch": pos,
-                "items_seen": items_seen,
-                "tokens_seen": tokens_seen,
-                "total_steps": total,
-                "world_size": world,
-                "config": to_dict(cfg),
-                "strategy": strat.name,
-            }
-            ckpt.write_checkpoint(
-                path,
-                model=None if strat.sharded else raw,
-                optimizer=None if strat.sharded else optimizer,
-                shards=tmp if strat.sharded else None,
-                scheduler=scheduler,
-                rng_states=rngs,
-                trainer_state=trainer_state,
-                trainable=trainable_ids,
-            )
-            ckpt.prune(ckpt_root, cfg.keep_checkpoints)
-        acc.wait_for_everyone()
-        return path
+                  f"{acc.device.type}", *([f"resuming at step {at.step}"] if at.step else [])], out=out_dir)
+    log = MetricsLog(out_dir, cfg, name=name, resume_step=at.step, main=main, config={"train": to_dict(cfg)})
+    bar = Progress(total, initial=at.step, enabled=cfg.progress and main)
 
     def diverged(what: str, value: float) -> TrainingDiverged:
         good = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-        return TrainingDiverged(f"step {step_n + 1}: {what} is {value}; {good}")
+        return TrainingDiverged(f"step {at.step + 1}: {what} is {value}; {good}")
 
-    batches = plan(epoch) if step_n < total else []
+    def load(idx: list[int]) -> Any:
+        return to_device(collate([dataset[j] for j in idx]), acc.device)
+
+    batches = plan(at.epoch) if at.step < total else []
     last_metrics: dict[str, float] = {}
     window_t, window_items, window_tokens, window_tok_known = time.perf_counter(), 0, 0, True
     try:
-        while step_n < total:
-            if pos >= len(batches):
-                if pos:
-                    epoch, pos = epoch + 1, 0
-                batches = plan(epoch)
+        while at.step < total:
+            if at.pos >= len(batches):
+                if at.pos:
+                    at.epoch, at.pos = at.epoch + 1, 0
+                batches = plan(at.epoch)
                 if not batches:
-                    raise ValueError(f"plan({epoch}) returned no batches")
-            global_batch = batches[pos]
+                    raise ValueError(f"plan({at.epoch}) returned no batches")
+            global_batch = batches[at.pos]
             if not global_batch:
-                raise ValueError(f"plan({epoch}) batch {pos} is empty")
-            mine = split_batch(global_batch, world * accum)[rank * accum : (rank + 1) * accum]
-            if world > 1:
-                # every rank runs `accum` forward/backward passes, a zero-weight copy where its
-                # share of a short batch is empty: DDP syncs in the last backward, and FSDP2 and
-                # ZeRO-3 gather weights in every pass, so the collectives must pair up across ranks
-                runs = [(idx, True) if idx else ([global_batch[0]], False) for idx in mine]
-            else:
-                runs = [(idx, True) for idx in mine if idx]
-
-            loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
-            weight, items, tokens, tok_known = 0.0, 0, 0, True
-            msum: dict[str, float] = {}
-            def load(idx: list[int]) -> Any:
-                return to_device(collate([dataset[j] for j in idx]), acc.device)
-
-            # collated ahead (all micro-batches at once) only when something must see them first
-            ahead = strat.needs_weight_fn or before_step is not None
-            batches_here: list[Any] = [load(idx) for idx, _ in runs] if ahead else []
-            if before_step is not None:
-                before_step(model, [(b, real) for b, (_, real) in zip(batches_here, runs)])
-            loss_scale = None
-            if strat.needs_weight_fn:  # the engine scales the loss before backward
-                pre = sum(float(weight_fn(b)) for b, (_, real) in zip(batches_here, runs) if real)
-                pre_t = torch.tensor([pre], dtype=torch.float64, device=acc.device)
-                torch.distributed.all_reduce(pre_t)
-                loss_scale = world / float(pre_t) if float(pre_t) > 0 else 0.0
-            for i, (idx, real) in enumerate(runs):
-                batch = batches_here[i] if batches_here else load(idx)
-                with strat.sync(i == len(runs) - 1):
-                    with acc.autocast():
-                        out = step(model, batch)
-                    strat.backward(out.loss if real else out.loss * 0.0, loss_scale)
-                metrics = dict(out.metrics)
-                ntok = metrics.pop("ntokens", None)
-                if not real:
-                    for k in metrics:
-                        msum.setdefault(k, 0.0)
-                    continue
-                w = float(out.weight)
-                loss_sum += out.loss.detach().to(torch.float64)
-                weight += w
-                items += len(idx)
-                ntok = count_tokens(batch) if ntok is None else ntok
-                if ntok is None:
-                    tok_known = False
-                else:
-                    tokens += int(ntok)
-                for k, v in metrics.items():
-                    msum[k] = msum.get(k, 0.0) + float(v) * w
-
-            keys = sorted(msum)
-            stats = torch.tensor(
-                [0.0, weight, items, tokens, 0.0 if tok_known else 1.0] + [msum[k] for k in keys],
-                dtype=torch.float64,
-                device=acc.device,
-            )
-            stats[0] = loss_sum
-            if world > 1:
-                torch.distributed.all_reduce(stats)
-            g_loss, g_weight, g_items, g_tokens, tok_missing = stats[:5].tolist()
-            extra = stats[5:].tolist()
+                raise ValueError(f"plan({at.epoch}) batch {at.pos} is empty")
+            runs = _rank_runs(global_batch, world, accum, rank)
+            batches_here, loss_scale = _ahead(run, model, runs, load, before_step, weight_fn)
+            sums = _accumulate(run, model, step, runs, batches_here, load, loss_scale)
+            (g_loss, g_weight, g_items, g_tokens, tok_missing), extra = _reduce(run, sums)
             if not math.isfinite(g_loss):
                 raise diverged("loss", g_loss)
             if g_weight <= 0:
@@ -446,63 +370,44 @@ def train(
             grad_norm = strat.step(world / g_weight, max_norm)
             if not math.isfinite(grad_norm):
                 raise diverged("grad_norm", grad_norm)
-            scheduler.step()
+            run.scheduler.step()
 
-            step_n += 1
-            pos += 1
-            items_seen += int(g_items)
-            tokens_seen += int(g_tokens)
+            at.step += 1
+            at.pos += 1
+            at.items_seen += int(g_items)
+            at.tokens_seen += int(g_tokens)
             window_items += int(g_items)
             window_tokens += int(g_tokens)
             window_tok_known = window_tok_known and tok_missing == 0
             loss = g_loss / g_weight
-            now = time.perf_counter()
-            dt = max(now - window_t, 1e-9)
-            rate = (
-                {"tok_s": f"{window_tokens / dt:.0f}"}
-                if window_tok_known
-                else {"it_s": f"{window_items / dt:.1f}"}
-            )
+            dt = max(time.perf_counter() - window_t, 1e-9)
+            rate = {"tok_s": f"{window_tokens / dt:.0f}"} if window_tok_known else {"it_s": f"{window_items / dt:.1f}"}
             bar.update(1, loss=f"{loss:.4f}", **rate)
 
-            last = step_n == total
-            if last or (cfg.log_every > 0 and step_n % cfg.log_every == 0):
-                line = {
-                    "step": step_n,
-                    "epoch": epoch + pos / len(batches),
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "items_per_s": window_items / dt,
-                }
+            last = at.step == total
+            if last or (cfg.log_every > 0 and at.step % cfg.log_every == 0):
+                line = {"step": at.step, "epoch": at.epoch + at.pos / len(batches), "loss": loss, "lr": lr,
+                        "grad_norm": grad_norm, "items_per_s": window_items / dt}
                 if window_tok_known:
                     line["tokens_per_s"] = window_tokens / dt
-                line.update({k: v / g_weight for k, v in zip(keys, extra)})
+                line.update({k: v / g_weight for k, v in extra.items()})
                 last_metrics = line
                 log.write(line)
                 window_t, window_items, window_tokens, window_tok_known = time.perf_counter(), 0, 0, True
-            if last or (cfg.save_every > 0 and step_n % cfg.save_every == 0):
-                last_ckpt = save(step_n)
-            if main and on_log is not None and last_metrics.get("step") == step_n:
-                on_log(step_n, last_metrics)
+            if last or (cfg.save_every > 0 and at.step % cfg.save_every == 0):
+                last_ckpt = _save(run, at)
+            if main and on_log is not None and last_metrics.get("step") == at.step:
+                on_log(at.step, last_metrics)
 
-        if last_ckpt is None or last_ckpt.name != f"step-{step_n}":
-            last_ckpt = save(step_n)
-        final_dir = out_dir / "final"
-        whole = strat.export_module() if strat.sharded else raw  # gathering is collective
-        if main:
-            with ckpt.atomic_dir(final_dir) as tmp:
-                if save_fn is not None:
-                    save_fn(whole, tmp)
-                else:
-                    ckpt.save_weights(whole, tmp / "model.safetensors")
-        acc.wait_for_everyone()
+        if last_ckpt is None or last_ckpt.name != f"step-{at.step}":
+            last_ckpt = _save(run, at)
+        final_dir = _export_final(run, out_dir, save_fn)
     finally:
         bar.close()
         log.close()
 
     return TrainResult(
-        step=step_n,
+        step=at.step,
         metrics=last_metrics,
         wall_time_s=time.perf_counter() - t_start,
         peak_memory_mb=_peak_memory_mb(),
@@ -510,3 +415,169 @@ def train(
         checkpoint=last_ckpt,
         final_dir=final_dir,
     )
+
+
+def _total_steps(plan: Callable[[int], list[list[int]]], cfg: TrainConfig, n_examples: int,
+                 main: bool) -> tuple[int, float]:
+    """(optimizer steps of the run, the passes over the data they make); warns (rank 0) when
+    max_steps makes more than 3 passes."""
+    per_epoch = len(plan(0))
+    total = cfg.max_steps if cfg.max_steps > 0 else sum(len(plan(e)) for e in range(cfg.epochs))
+    epochs = total / max(per_epoch, 1)
+    if cfg.max_steps > 0 and epochs > 3 and main:
+        warn(f"train.max_steps={cfg.max_steps} with train.batch_size={cfg.batch_size} is {epochs:.1f} passes over "
+             f"the {n_examples} examples; more than 3 usually overfits: set train.max_steps=0 and "
+             f"train.epochs (or fewer steps)")
+    return total, epochs
+
+
+def _resume(run: _Run, last_ckpt: Path, metrics_path: Path) -> _Position:
+    """Weights, optimizer, schedule and this rank's RNG state from `last_ckpt`; the position saved
+    there (metrics lines after it are dropped)."""
+    if run.strat.sharded:
+        run.strat.load_shards(last_ckpt)
+        state = ckpt.read_checkpoint(last_ckpt, None)
+    else:
+        state = ckpt.read_checkpoint(last_ckpt, run.raw)
+        run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    reshape_schedule(run.scheduler, run.cfg, run.total)
+    rngs = state["rng"]
+    # a different world size keeps the fresh per-rank seed for ranks without a saved state
+    if run.acc.process_index < len(rngs):
+        ckpt.set_rng_state(rngs[run.acc.process_index])
+    ts = state["trainer_state"]
+    at = _Position(ts["step"], ts["epoch"], ts["batch_in_epoch"], ts["items_seen"], ts["tokens_seen"])
+    if run.main:
+        truncate_metrics(metrics_path, at.step)
+        print(f"alignkit: resumed from {last_ckpt} (step {at.step})", file=sys.stderr)
+    return at
+
+
+def _save(run: _Run, at: _Position) -> Path:
+    """Checkpoint step `at.step` (collective: every rank's RNG state, and its shard when sharded)."""
+    acc, strat, world, main = run.acc, run.strat, run.world, run.main
+    rngs = [ckpt.rng_state()]
+    if world > 1:
+        rngs = [None] * world
+        torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+    path = run.ckpt_root / f"step-{at.step}"
+    tmp = ckpt.shard_tmp(path)
+    if strat.sharded:  # every rank writes its shard into one temporary directory
+        if main:
+            ckpt.remove_tmp(tmp)
+        acc.wait_for_everyone()
+        strat.save_shards(tmp)
+        acc.wait_for_everyone()
+    if main:
+        trainer_state = {
+            "step": at.step,
+            "epoch": at.epoch,
+            "batch_in_epoch": at.pos,
+            "items_seen": at.items_seen,
+            "tokens_seen": at.tokens_seen,
+            "total_steps": run.total,
+            "world_size": world,
+            "config": to_dict(run.cfg),
+            "strategy": strat.name,
+        }
+        ckpt.write_checkpoint(
+            path,
+            model=None if strat.sharded else run.raw,
+            optimizer=None if strat.sharded else run.optimizer,
+            shards=tmp if strat.sharded else None,
+            scheduler=run.scheduler,
+            rng_states=rngs,
+            trainer_state=trainer_state,
+            trainable=run.trainable_ids,
+        )
+        ckpt.prune(run.ckpt_root, run.cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+    return path
+
+
+def _rank_runs(global_batch: list[int], world: int, accum: int, rank: int) -> list[tuple[list[int], bool]]:
+    """This rank's `accum` micro-batches of a global batch, as (indices, real)."""
+    mine = split_batch(global_batch, world * accum)[rank * accum : (rank + 1) * accum]
+    if world > 1:
+        # every rank runs `accum` forward/backward passes, a zero-weight copy where its
+        # share of a short batch is empty: DDP syncs in the last backward, and FSDP2 and
+        # ZeRO-3 gather weights in every pass, so the collectives must pair up across ranks
+        return [(idx, True) if idx else ([global_batch[0]], False) for idx in mine]
+    return [(idx, True) for idx in mine if idx]
+
+
+def _ahead(run: _Run, model: nn.Module, runs: list, load: Callable[[list[int]], Any],
+           before_step: Callable | None, weight_fn: Callable | None) -> tuple[list[Any], float | None]:
+    """The micro-batches collated ahead (all at once, only when something must see them first:
+    `before_step`, or the strategy's loss scale from `weight_fn`) and that scale (None: not used)."""
+    ahead = run.strat.needs_weight_fn or before_step is not None
+    batches_here: list[Any] = [load(idx) for idx, _ in runs] if ahead else []
+    if before_step is not None:
+        before_step(model, [(b, real) for b, (_, real) in zip(batches_here, runs)])
+    loss_scale = None
+    if run.strat.needs_weight_fn:  # the engine scales the loss before backward
+        pre = sum(float(weight_fn(b)) for b, (_, real) in zip(batches_here, runs) if real)
+        pre_t = torch.tensor([pre], dtype=torch.float64, device=run.acc.device)
+        torch.distributed.all_reduce(pre_t)
+        loss_scale = run.world / float(pre_t) if float(pre_t) > 0 else 0.0
+    return batches_here, loss_scale
+
+
+def _accumulate(run: _Run, model: nn.Module, step: Callable[[nn.Module, Any], StepOutput], runs: list,
+                batches_here: list[Any], load: Callable[[list[int]], Any], loss_scale: float | None) -> _Sums:
+    """Forward and backward of this rank's micro-batches (gradients synced in the last); their sums."""
+    sums = _Sums(torch.zeros((), dtype=torch.float64, device=run.acc.device))
+    for i, (idx, real) in enumerate(runs):
+        batch = batches_here[i] if batches_here else load(idx)
+        with run.strat.sync(i == len(runs) - 1):
+            with run.acc.autocast():
+                out = step(model, batch)
+            run.strat.backward(out.loss if real else out.loss * 0.0, loss_scale)
+        metrics = dict(out.metrics)
+        ntok = metrics.pop("ntokens", None)
+        if not real:
+            for k in metrics:
+                sums.metrics.setdefault(k, 0.0)
+            continue
+        w = float(out.weight)
+        sums.loss += out.loss.detach().to(torch.float64)
+        sums.weight += w
+        sums.items += len(idx)
+        ntok = count_tokens(batch) if ntok is None else ntok
+        if ntok is None:
+            sums.tok_known = False
+        else:
+            sums.tokens += int(ntok)
+        for k, v in metrics.items():
+            sums.metrics[k] = sums.metrics.get(k, 0.0) + float(v) * w
+    return sums
+
+
+def _reduce(run: _Run, sums: _Sums) -> tuple[list[float], dict[str, float]]:
+    """([loss, weight, items, tokens, ranks missing a token count] summed over ranks, the metrics'
+    weighted sums by name)."""
+    keys = sorted(sums.metrics)
+    stats = torch.tensor(
+        [0.0, sums.weight, sums.items, sums.tokens, 0.0 if sums.tok_known else 1.0] + [sums.metrics[k] for k in keys],
+        dtype=torch.float64,
+        device=run.acc.device,
+    )
+    stats[0] = sums.loss
+    if run.world > 1:
+        torch.distributed.all_reduce(stats)
+    return stats[:5].tolist(), dict(zip(keys, stats[5:].tolist()))
+
+
+def _export_final(run: _Run, out_dir: Path, save_fn: Callable[[nn.Module, Path], None] | None) -> Path:
+    """The trained model to OUT/final, atomically (rank 0; gathering a sharded model is collective)."""
+    final_dir = out_dir / "final"
+    whole = run.strat.export_module() if run.strat.sharded else run.raw
+    if run.main:
+        with ckpt.atomic_dir(final_dir) as tmp:
+            if save_fn is not None:
+                save_fn(whole, tmp)
+            else:
+                ckpt.save_weights(whole, tmp / "model.safetensors")
+    run.acc.wait_for_everyone()
+    return final_dir
