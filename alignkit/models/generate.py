@@ -180,8 +180,9 @@ class RowNoise:
     """The Exp(1) draws of `sample_rows` for several decode steps at once: each row's generator
     fills a (steps, V) block in one call, which on the CPU is bit for bit the same stream as
     `steps` calls of V (tests/test_models.py), without a Python call per row and step. Blocks
-    hold at most `budget` floats for the batch (at least one step); on other devices (whose
-    generators count offsets per call) every step draws as `sample_rows` does."""
+    hold at most `budget` floats for the batch (at least one step). CPU only: other devices'
+    generators count offsets per call, so there the rows draw every step (`sample_rows` with the
+    generators themselves)."""
 
     def __init__(self, rngs: list[torch.Generator], steps: int, budget: int = 1 << 22):
         self.rngs, self.steps, self.budget = rngs, steps, budget
@@ -191,11 +192,6 @@ class RowNoise:
     def next(self, probs: torch.Tensor) -> torch.Tensor:
         """(B, V) Exp(1) draws for this step, row r from rngs[r]."""
         B, V = probs.shape
-        if probs.device.type != "cpu":
-            q = torch.empty_like(probs)
-            for row, g in zip(q, self.rngs):
-                row.exponential_(1.0, generator=g)
-            return q
         if self.block is None or self.used == self.block.shape[1]:
             k = max(1, min(self.steps, self.budget // max(1, B * V)))
             self.block = torch.empty((B, k, V), dtype=probs.dtype)
@@ -293,13 +289,15 @@ class HFGenerator:
         return Generations(ids, finished)
 
     def _next_token(
-        self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | RowNoise | None
+        self, logits: torch.Tensor, params: SamplingParams,
+        rng: torch.Generator | list[torch.Generator] | RowNoise | None,
     ) -> torch.Tensor:
-        """logits: (B, V) float -> (B,) token ids; `rng` is one generator or the rows' noise."""
+        """logits: (B, V) float -> (B,) token ids; `rng` is one generator, or one per row (a list,
+        or their pre-drawn `RowNoise`)."""
         if params.greedy or params.temperature == 0:
             return logits.argmax(dim=-1)
         probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(dim=-1)
-        if isinstance(rng, RowNoise):
+        if isinstance(rng, (list, RowNoise)):
             return sample_rows(probs, rng)
         return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
@@ -338,7 +336,7 @@ class HFGenerator:
         new_tokens = []
         cache = new_kv_cache(self.model) if self.use_cache else None
         step_ids = seq
-        if isinstance(rng, list):  # one generator per row: its draws for many steps at once
+        if isinstance(rng, list) and device.type == "cpu":  # one generator per row: many steps' draws at once
             rng = RowNoise(rng, params.max_new_tokens)
         for step in range(params.max_new_tokens):
             if cache is not None and step == 0:

@@ -72,8 +72,8 @@ class Config:
     a number: the chosen answer above itself with its last number changed (`add_number_negatives`). 0: none."""
     copy_negatives: float = 0.0
     """Extra hard-negative pairs, as a fraction of the data's distinct (prompt, chosen) answers that repeat
-    a word of their prompt: the chosen answer above itself with the repeats of that word replaced by
-    another answer's (`add_copy_negatives`). 0: none."""
+    a word of their prompt: the chosen answer above itself with its copies of that word altered (another
+    answer's word, one copy more or less; `add_copy_negatives`). 0: none."""
     stats_pairs: int = 1000
     """Training pairs (both responses) scored after training for reward_stats.json (0: all)."""
     eval_batch_size: int = 64
@@ -272,8 +272,8 @@ def add_copy_negatives(pairs: Sequence[PreferencePair], fraction: float, seed: i
     distinct (prompt, chosen) answers that repeat a word of their prompt (`_copied_word`; words in more
     than 2% of the prompts do not count, `_common_words`: "Here is
     window two times: window window." for "Repeat the word window two times."), a pair (prompt,
-    chosen, chosen with every occurrence of that word after its first replaced by another answer's
-    copied word, in the same case: "Here is window two times: wagon wagon.").
+    chosen, a miscopy of chosen, `_miscopy`: e.g. "Here is window two times: wagon wagon.", with
+    another answer's copied word).
 
     The answer restates the instruction and then must carry it out on the prompt's own word; pairs
     in which only the carried-out copy is wrong are rare in template data, while a policy's samples
